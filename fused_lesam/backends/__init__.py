@@ -1,0 +1,63 @@
+"""Backends: who runs the three bucket ops (``sq_norm``, ``perturb_``, ``restore_``).
+
+Every backend is a module exposing those three functions with the signatures of
+``fused_lesam.backends.reference`` (the "torch" backend, the specification). A backend knows
+nothing of optimizers; the optimizer knows nothing of kernels. ``backend="auto"`` tries, in order,
+cuda -> triton -> torch on CUDA tensors and cpp -> torch on CPU tensors (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+# name -> (module that implements the ops, device types it runs on; None: any device)
+_MODULES: dict[str, tuple[str, Optional[frozenset[str]]]] = {
+    "torch": ("fused_lesam.backends.reference", None),
+    "cpp": ("fused_lesam.backends.cpp", frozenset({"cpu"})),
+    "cuda": ("fused_lesam.backends.cuda", frozenset({"cuda"})),
+    "triton": ("fused_lesam.backends.triton", frozenset({"cuda"})),
+}
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+NAMES = tuple(_MODULES)
+
+
+def _load(name: str) -> tuple[Optional[ModuleType], str]:
+    """(module, "") when the backend can be used, else (None, why not)."""
+    module_name, _ = _MODULES[name]
+    try:
+        return importlib.import_module(module_name), ""
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            return None, f"{module_name} is not part of this build of fused_lesam"
+        return None, f"{module_name} could not be imported: {err}"
+    except (ImportError, OSError, RuntimeError) as err:
+        return None, f"{module_name} could not be loaded: {err}"
+
+
+def available_backends() -> dict[str, str]:
+    """Every backend name mapped to "" when it is usable here, else the reason it is not."""
+    return {name: _load(name)[1] for name in NAMES}
+
+
+def resolve(name: str, device: torch.device) -> ModuleType:
+    """The backend module for ``name`` ("auto" or one of `NAMES`) on ``device``; a clear error if unusable."""
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            module, _ = _load(candidate)
+            if module is not None:
+                return module
+        raise RuntimeError("no backend could be loaded, not even the torch reference")
+    if name not in _MODULES:
+        raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
+    devices = _MODULES[name][1]
+    if devices is not None and device.type not in devices:
+        raise ValueError(f"backend {name!r} runs on {sorted(devices)} tensors, but parameters are on {device}")
+    module, why = _load(name)
+    if module is None:
+        raise RuntimeError(f"backend {name!r} is not available: {why}")
+    return module

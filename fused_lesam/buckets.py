@@ -1,0 +1,150 @@
+"""Flat parameter buckets: the storage the fused ops work on.
+
+The parameters of one param group that share a (device, dtype) are copied into one contiguous
+1-D buffer, and each ``param.data`` becomes a view into it; gradients become views into a second
+buffer of the same layout. A kernel then sees one tensor per bucket instead of hundreds.
+
+Layout rules (what the kernels may rely on):
+- every parameter starts at an offset that is a multiple of ``ALIGN`` elements (vector loads);
+- the gaps and the tail are zero in both buffers, and stay zero, so they never change a norm;
+- the grad region of a parameter whose ``.grad`` is None is zero, so it is neither counted in the
+  norm nor perturbed (w + 0 * s = w exactly).
+
+Gradients are bound lazily: a parameter gets a grad view the first time it has a gradient, so
+frozen or unused parameters keep ``.grad = None`` exactly as torch's optimizers expect. After
+that, backward accumulates into the view in place. If the user replaces or drops a ``.grad``
+(``model.zero_grad(set_to_none=True)``), `bind_grads` notices and copies it back in: slower,
+never wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+ALIGN = 16
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _is_dense(t: Tensor) -> bool:
+    """True when t's strides are a permutation of contiguous strides (e.g. channels_last)."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _view(flat: Tensor, offset: int, like: Tensor) -> Tensor:
+    """A view of flat[offset : offset + like.numel()] shaped like ``like``, keeping its memory format."""
+    if _is_dense(like):
+        return flat.as_strided(like.shape, like.stride(), offset)
+    return flat[offset : offset + like.numel()].view(like.shape)
+
+
+class ParamBucket:
+    """The parameters of one param group on one (device, dtype), flattened.
+
+    Attributes: ``param`` and ``grad`` (the flat buffers), ``backup`` (the exact copy of ``param``
+    taken by the perturb op) and ``center`` (the first gradient, kept for LE-SAM+) allocated on
+    first use, and ``group_index`` (which param group it belongs to).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], group_index: int):
+        first = params[0]
+        self.group_index = group_index
+        self.params = params
+        self.offsets = []
+        total = 0
+        for p in params:
+            self.offsets.append(total)
+            total += _aligned(p.numel())
+        self.param = torch.zeros(total, device=first.device, dtype=first.dtype)
+        self.grad = torch.zeros_like(self.param)
+        self.backup: Optional[Tensor] = None
+        self.center: Optional[Tensor] = None
+        self.param_views = []
+        self.grad_views = []
+        self._bound = [False] * len(params)
+        with torch.no_grad():
+            for p, offset in zip(params, self.offsets):
+                view = _view(self.param, offset, p)
+                view.copy_(p)
+                p.data = view
+                self.param_views.append(view)
+                self.grad_views.append(_view(self.grad, offset, p))
+        self.bind_grads()
+
+    @property
+    def device(self) -> torch.device:
+        return self.param.device
+
+    def check_storage(self) -> None:
+        """RuntimeError if a parameter no longer lives in this bucket (e.g. ``model.to()`` after the optimizer)."""
+        for i, (p, view) in enumerate(zip(self.params, self.param_views)):
+            if p.data_ptr() != view.data_ptr() or p.dtype != view.dtype or p.device != view.device:
+                raise RuntimeError(
+                    f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) no longer "
+                    f"lives in the optimizer's flat bucket: it was moved or replaced after the optimizer "
+                    f"was built (model.to(), .half(), load_state_dict(assign=True), ...). Build the "
+                    f"optimizer after the model is on its final device and dtype."
+                )
+
+    @torch.no_grad()
+    def bind_grads(self) -> None:
+        """Make every existing ``.grad`` a view into ``self.grad``; zero the regions of dropped ones."""
+        for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
+            g = p.grad
+            if g is view:
+                continue
+            if g is None:
+                if self._bound[i]:  # dropped since last time: its region must read as "no gradient"
+                    view.zero_()
+                    self._bound[i] = False
+                continue
+            if g.is_sparse:
+                raise RuntimeError("fused_lesam does not support sparse gradients")
+            view.copy_(g)
+            p.grad = view
+            self._bound[i] = True
+
+    @torch.no_grad()
+    def zero_grad(self) -> None:
+        """Zero the grad buffer in place; grads stay bound, so the next backward writes straight into it."""
+        self.grad.zero_()
+
+    def drop_grads(self) -> None:
+        """``.grad = None`` for every parameter, as torch's ``zero_grad(set_to_none=True)`` does."""
+        self.grad.zero_()
+        for p in self.params:
+            p.grad = None
+        self._bound = [False] * len(self.params)
+
+    def ensure_backup(self) -> Tensor:
+        if self.backup is None:
+            self.backup = torch.empty_like(self.param)
+        return self.backup
+
+    def ensure_center(self) -> Tensor:
+        if self.center is None:
+            self.center = torch.empty_like(self.grad)
+        return self.center
+
+
+def build_buckets(param_groups: list[dict]) -> list[ParamBucket]:
+    """One bucket per (param group, device, dtype), in param-group order."""
+    buckets = []
+    for index, group in enumerate(param_groups):
+        by_key: dict[tuple[torch.device, torch.dtype], list] = {}
+        for p in group["params"]:
+            if p.is_sparse or not p.is_floating_point():
+                raise TypeError(f"fused_lesam needs dense floating-point parameters, got {p.dtype} {p.layout}")
+            by_key.setdefault((p.device, p.dtype), []).append(p)
+        buckets.extend(ParamBucket(params, index) for params in by_key.values())
+    return buckets

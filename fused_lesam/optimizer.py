@@ -1,0 +1,364 @@
+"""The optimizer front-end: FusedLESAM and FusedSAM.
+
+Both are one engine (`SharpnessAware`) that differs only in how the radius is found each step:
+LE-SAM back-solves it from a loss budget, SAM keeps it fixed. The engine owns the flat buckets
+(`fused_lesam.buckets`), calls the three bucket ops of a backend (`fused_lesam.backends`), and
+delegates the actual update to an ordinary torch optimizer (``base``) built on the same param
+groups, so LR schedulers, per-group settings and the base optimizer's state work as usual.
+
+One step (DESIGN.md §1)::
+
+    first_step:  n = ||g|| over every bucket; per bucket: backup <- w; w <- w + eps(n, group)
+    (caller)     second forward/backward at w + eps
+    second_step: per bucket: w <- backup (bit-exact), LE-SAM+ combine; base.step() unless non-finite
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .buckets import ParamBucket, build_buckets
+from .schedule import check_schedule, sigma_at
+
+__all__ = ["SharpnessAware", "FusedLESAM", "FusedSAM"]
+
+_STATE_KEY = "fused_lesam"
+
+
+def _check(name: str, value: Any, ok: bool, need: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class SharpnessAware(torch.optim.Optimizer):
+    """The engine shared by FusedLESAM and FusedSAM; subclasses define `_radius_args` and `_check_group`.
+
+    Telemetry, all device tensors updated without a host sync (read them with ``.item()`` when
+    you log, which syncs then and there):
+
+    - ``last_grad_norm``: ||g|| (or ||T g|| in adaptive groups) of the last first step, 0-d;
+    - ``last_rho``, ``last_sigma``: rho_t and sigma_t of the last first step, one entry per param
+      group (sigma_t is inf for FusedSAM, whose radius is fixed);
+    - ``skipped_steps``: how many steps were skipped because a gradient was not finite, 0-d int64.
+    """
+
+    # Hyperparameter names of this kind of optimizer; they live in each param group.
+    _hyper_names: tuple[str, ...] = ()
+
+    def __init__(self, params, base: type[torch.optim.Optimizer], hyper: dict[str, Any], backend: str, **base_kwargs):
+        if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
+            raise TypeError(f"base must be a torch.optim.Optimizer class such as torch.optim.SGD, got {base!r}")
+        if not isinstance(backend, str):
+            raise ValueError(f"backend must be a string, got {backend!r}")
+        self._check_group(hyper)
+        super().__init__(params, hyper)
+        for group in self.param_groups:
+            self._check_group(group)
+        # The base optimizer shares our param-group dicts, so edits to opt.param_groups (an LR
+        # scheduler on either optimizer, a SigmaAnnealing) reach both.
+        self.base = base(self.param_groups, **base_kwargs)
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        self.defaults.update(self.base.defaults)
+        self.backend = backend
+        self._step_count_host = 0  # completed steps: t of the schedule
+        self._perturbed = False
+        self._first_sq: Optional[Tensor] = None
+        self._build()
+
+    # ------------------------------------------------------------------ set-up
+    def _build(self) -> None:
+        self._buckets: list[ParamBucket] = build_buckets(self.param_groups)
+        devices = list(dict.fromkeys(b.device for b in self._buckets))
+        self._ops = {d: backends.resolve(self.backend, d) for d in devices}
+        main = devices[0] if devices else torch.device("cpu")
+        self._main_device = main
+        n_groups = len(self.param_groups)
+        old = getattr(self, "skipped_steps", None)
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=main) if old is None else old.to(main)
+        self.last_grad_norm = torch.zeros((), device=main)
+        self.last_rho = torch.zeros(n_groups, device=main)
+        self.last_sigma = torch.zeros(n_groups, device=main)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "base"):  # during our own __init__
+            super().add_param_group(param_group)
+            return
+        if self._perturbed:
+            raise RuntimeError("add_param_group() between first_step() and second_step(): finish the step first")
+        for name in self._hyper_names:
+            param_group.setdefault(name, self.defaults[name])
+        self._check_group(param_group)
+        self.base.add_param_group(param_group)  # appends to the shared list, fills the base's defaults
+        self._build()
+
+    @property
+    def backend_names(self) -> dict[str, str]:
+        """Which backend runs on each device, e.g. {"cpu": "torch"}."""
+        return {str(d): ops.NAME for d, ops in self._ops.items()}
+
+    # ------------------------------------------------------------------ per-kind hooks
+    def _check_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _radius_args(self, group: dict[str, Any]) -> tuple[float, float, float]:
+        """(sigma_t, rho_max, varrho) for the perturb op; sigma_t = inf means the fixed radius rho_max."""
+        raise NotImplementedError
+
+    def _center_coefs(self, group: dict[str, Any]) -> Optional[tuple[float, float]]:
+        """(ghat_coef, center_coef) when the group combines with the first gradient, else None."""
+        return None
+
+    # ------------------------------------------------------------------ the step
+    def _global_sq_norm(self, adaptive_aware: bool) -> Tensor:
+        """Squared norm over every bucket of every device, as one 0-d tensor on the main device."""
+        partials = []
+        for device, ops in self._ops.items():
+            mine = [b for b in self._buckets if b.device == device]
+            weights = [b.param if adaptive_aware and self.param_groups[b.group_index]["adaptive"] else None for b in mine]
+            partials.append(ops.sq_norm([b.grad for b in mine], weights).to(self._main_device))
+        return partials[0] if len(partials) == 1 else torch.stack([p.to(partials[0].dtype) for p in partials]).sum()
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Perturb the parameters to w + eps using the gradient at w (the caller's first backward)."""
+        if self._perturbed:
+            raise RuntimeError(
+                "first_step() called twice without second_step(): the parameters are already perturbed "
+                "(a second perturbation would overwrite the exact backup of w)"
+            )
+        for group in self.param_groups:
+            self._check_group(group)
+        for bucket in self._buckets:
+            bucket.check_storage()
+        for bucket in self._buckets:
+            bucket.bind_grads()
+        sq = self._global_sq_norm(adaptive_aware=True)
+        sq_on = {d: sq if d == self._main_device else sq.to(d) for d in self._ops}
+        radius_args = [self._radius_args(group) for group in self.param_groups]
+        rho_of_group: dict[int, Tensor] = {}
+        for bucket in self._buckets:
+            group = self.param_groups[bucket.group_index]
+            sigma, rho_max, varrho = radius_args[bucket.group_index]
+            center = bucket.ensure_center() if self._center_coefs(group) is not None else None
+            rho_of_group[bucket.group_index] = self._ops[bucket.device].perturb_(
+                bucket.param, bucket.grad, bucket.ensure_backup(), sq_on[bucket.device],
+                sigma, rho_max, varrho, bool(group["adaptive"]), center,
+            )
+        self._perturbed = True
+        self._first_sq = sq
+        self.last_grad_norm.copy_(sq.sqrt())
+        for index, rho in rho_of_group.items():
+            self.last_rho[index].copy_(rho)
+        for index, (sigma, _, _) in enumerate(radius_args):
+            self.last_sigma[index].fill_(sigma)
+        if zero_grad:
+            for bucket in self._buckets:  # grads were bound above
+                bucket.zero_grad()
+
+    def _restore(self) -> None:
+        for bucket in self._buckets:
+            bucket.param.copy_(bucket.backup)
+        self._perturbed = False
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore w exactly, combine gradients for LE-SAM+, and let the base optimizer step with g_hat.
+
+        If the first or the final gradient is not finite, the base step is skipped and counted in
+        ``skipped_steps``: on the device when the base optimizer can skip there (torch's fused
+        SGD/Adam/AdamW, ``fused=True``), otherwise with one host sync to decide.
+        """
+        if not self._perturbed:
+            raise RuntimeError("second_step() called before first_step(): nothing to restore; the parameters were not changed")
+        for bucket in self._buckets:
+            bucket.bind_grads()
+        for bucket in self._buckets:
+            coefs = self._center_coefs(self.param_groups[bucket.group_index])
+            center = bucket.center if coefs is not None else None
+            ghat_coef, center_coef = coefs if coefs is not None else (1.0, 0.0)
+            self._ops[bucket.device].restore_(bucket.param, bucket.backup, bucket.grad, center, ghat_coef, center_coef)
+        self._perturbed = False
+        found_inf = ~(torch.isfinite(self._first_sq) & torch.isfinite(self._global_sq_norm(adaptive_aware=False)))
+        self.skipped_steps += found_inf
+        self._base_step(found_inf)
+        self._step_count_host += 1
+        self._opt_called = True  # what torch's LR schedulers check to know the optimizer has stepped
+        if zero_grad:
+            self.zero_grad()
+
+    def _base_step(self, found_inf: Tensor) -> None:
+        if getattr(self.base, "_step_supports_amp_scaling", False):
+            # torch's fused optimizers read these (GradScaler's protocol) and skip on the device.
+            self.base.grad_scale = None
+            self.base.found_inf = found_inf.to(torch.float32)
+            self.base.step()
+        elif not bool(found_inf):  # the one host sync: this base optimizer cannot skip on the device
+            self.base.step()
+
+    @contextlib.contextmanager
+    def perturbed(self) -> Iterator["SharpnessAware"]:
+        """``with opt.perturbed(): <second forward + backward>``: the whole sharpness-aware step.
+
+        Entering perturbs (first_step, grads zeroed); leaving normally finishes the step
+        (second_step: restore, combine, base update). Leaving by an exception (an OOM in the
+        second forward, a KeyboardInterrupt) restores the parameters bit-exactly, skips the
+        update and re-raises; the gradients are left as they were.
+        """
+        self.first_step(zero_grad=True)
+        try:
+            yield self
+        except BaseException:
+            with torch.no_grad():
+                self._restore()
+            raise
+        self.second_step()
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One step. The first backward (at w) is done by the caller; ``closure`` must redo the
+        forward and backward (at w + eps) and may return the loss, which is returned."""
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs a closure that re-evaluates the loss and calls backward(); "
+                f"or call first_step(), do the second forward/backward, then second_step()"
+            )
+        with self.perturbed():
+            with torch.enable_grad():
+                loss = closure()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero the gradients in place (default): they stay views into the flat grad buffer, so the
+        next backward writes straight into it. ``set_to_none=True`` drops them as torch does; the
+        next step then copies the new gradients back into the buffer (slower, same result)."""
+        for bucket in self._buckets:
+            if set_to_none:
+                bucket.drop_grads()
+            else:
+                bucket.bind_grads()
+                bucket.zero_grad()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict (param groups hold our hyperparameters too), plus our counters."""
+        if self._perturbed:
+            raise RuntimeError("state_dict() between first_step() and second_step(): the parameters are perturbed")
+        state = self.base.state_dict()
+        state[_STATE_KEY] = {"step": self._step_count_host, "skipped_steps": self.skipped_steps.clone()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._perturbed:
+            raise RuntimeError("load_state_dict() between first_step() and second_step(): finish the step first")
+        state_dict = dict(state_dict)
+        ours = state_dict.pop(_STATE_KEY, None)
+        if ours is None:
+            raise ValueError(f"this state dict has no '{_STATE_KEY}' entry: it was not saved by {type(self).__name__}.state_dict()")
+        self.base.load_state_dict(state_dict)
+        # torch's load_state_dict builds new group dicts and a new state: share them again.
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        for group in self.param_groups:
+            self._check_group(group)
+        self._step_count_host = int(ours["step"])
+        self.skipped_steps.copy_(ours["skipped_steps"])
+
+
+class FusedLESAM(SharpnessAware):
+    r"""Loss-Equated SAM (LE-SAM / LE-SAM+): fix the loss budget sigma, back-solve the radius.
+
+    Each step: rho_t = min(sigma_t / (||g|| + varrho), rho_max), eps = rho_t * g / ||g||; with
+    ``alpha > 0`` (LE-SAM+) the update uses (1 + alpha) * g_hat - alpha * g, the gradient of
+    L(w + eps) + alpha * (L(w + eps) - L(w)). ``alpha_form="released"`` uses g_hat - alpha * g
+    instead, as the authors' released training script does.
+
+    Args:
+        params: parameters or param-group dicts, as for any torch optimizer.
+        base: the optimizer class that makes the update (torch.optim.SGD, AdamW, ...); its keyword
+            arguments (lr, momentum, weight_decay, fused, ...) pass through.
+        sigma: loss budget sigma_0 (>= 0). rho_max: radius cap (> 0; None or inf: no cap).
+        varrho: stability constant in the denominator (> 0). alpha: LE-SAM+ weight (>= 0).
+        adaptive: ASAM-style scale-invariant perturbation, eps ~ w^2 * g, norm ||w * g||.
+        total_steps, anneal_steps: cosine-anneal sigma to 0 over the last ``anneal_steps`` of
+            ``total_steps`` optimizer steps (0: no annealing). For per-epoch annealing as in the
+            paper use `fused_lesam.SigmaAnnealing` instead.
+        backend: "auto", "torch", "cpp", "cuda" or "triton".
+    """
+
+    _hyper_names = ("sigma", "rho_max", "varrho", "alpha", "alpha_form", "adaptive")
+
+    def __init__(
+        self,
+        params,
+        base: type[torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        sigma: float = 0.35,
+        rho_max: Optional[float] = 0.4,
+        varrho: float = 1e-12,
+        alpha: float = 0.0,
+        alpha_form: str = "paper",
+        adaptive: bool = False,
+        total_steps: Optional[int] = None,
+        anneal_steps: int = 0,
+        backend: str = "auto",
+        **base_kwargs,
+    ):
+        check_schedule(total_steps, anneal_steps, names=("total_steps", "anneal_steps", "warmup"))
+        self.total_steps = total_steps
+        self.anneal_steps = anneal_steps
+        hyper = dict(sigma=sigma, rho_max=math.inf if rho_max is None else rho_max, varrho=varrho,
+                     alpha=alpha, alpha_form=alpha_form, adaptive=adaptive)
+        super().__init__(params, base, hyper, backend, **base_kwargs)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        sigma, rho_max, varrho, alpha = group["sigma"], group["rho_max"], group["varrho"], group["alpha"]
+        _check("sigma", sigma, _is_real(sigma) and math.isfinite(sigma) and sigma >= 0, "a finite number >= 0")
+        _check("rho_max", rho_max, _is_real(rho_max) and rho_max > 0, "a number > 0 (or None / inf for no cap)")
+        _check("varrho", varrho, _is_real(varrho) and math.isfinite(varrho) and varrho > 0, "a finite number > 0")
+        _check("alpha", alpha, _is_real(alpha) and math.isfinite(alpha) and alpha >= 0, "a finite number >= 0")
+        _check("alpha_form", group["alpha_form"], group["alpha_form"] in ("paper", "released"), "'paper' or 'released'")
+        _check("adaptive", group["adaptive"], isinstance(group["adaptive"], bool), "a bool")
+
+    def _radius_args(self, group: dict[str, Any]) -> tuple[float, float, float]:
+        sigma = group["sigma"]
+        if self.anneal_steps:
+            sigma = sigma_at(self._step_count_host, sigma, self.total_steps, self.anneal_steps)
+        return sigma, group["rho_max"], group["varrho"]
+
+    def _center_coefs(self, group: dict[str, Any]) -> Optional[tuple[float, float]]:
+        alpha = group["alpha"]
+        if alpha == 0:
+            return None
+        return (1.0 + alpha if group["alpha_form"] == "paper" else 1.0), alpha
+
+
+class FusedSAM(SharpnessAware):
+    """Classic SAM (Foret et al.) with a fixed radius ``rho``, on the same fused engine.
+
+    eps = rho * g / ||g|` (``adaptive=True``: ASAM, eps = rho * w^2 g / ||w g||), the numbers the
+    most used PyTorch SAM implementation computes. The baseline of every comparison.
+    """
+
+    _hyper_names = ("rho", "adaptive")
+
+    def __init__(self, params, base: type[torch.optim.Optimizer] = torch.optim.SGD, *, rho: float = 0.05,
+                 adaptive: bool = False, backend: str = "auto", **base_kwargs):
+        super().__init__(params, base, dict(rho=rho, adaptive=adaptive), backend, **base_kwargs)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        rho = group["rho"]
+        _check("rho", rho, _is_real(rho) and math.isfinite(rho) and rho >= 0, "a finite number >= 0")
+        _check("adaptive", group["adaptive"], isinstance(group["adaptive"], bool), "a bool")
+
+    def _radius_args(self, group: dict[str, Any]) -> tuple[float, float, float]:
+        return math.inf, group["rho"], 1.0

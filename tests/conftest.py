@@ -1,0 +1,64 @@
+"""Shared test helpers: tolerances per dtype (the one place they are stated), small models, data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Tolerances for comparing two implementations of the same maths, per dtype of the buckets.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
+
+
+def assert_close(actual, expected, dtype=None, msg=""):
+    tol = TOLERANCES[dtype or expected.dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), **tol, msg=msg or None)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+class SmallConvNet(nn.Module):
+    """Conv + BatchNorm + two heads; ``unused`` never takes part in forward (its grad stays None)."""
+
+    def __init__(self, dtype=torch.float32, head_dtype=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, dtype=dtype)
+        self.bn1 = nn.BatchNorm2d(8, dtype=dtype)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False, dtype=dtype)
+        self.head = nn.Linear(8, 5, dtype=head_dtype or dtype)
+        self.unused = nn.Linear(4, 4, dtype=dtype)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.conv2(x)).mean(dim=(2, 3))
+        return self.head(x.to(self.head.weight.dtype))
+
+
+def make_batches(n, dtype=torch.float32, seed=0, batch=8):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 6, 6, generator=gen).to(dtype), torch.randint(0, 5, (batch,), generator=gen)) for _ in range(n)]
+
+
+def loss_fn(model, x, y):
+    return F.cross_entropy(model(x).float(), y)
+
+
+def sam_step(model, opt, x, y):
+    """One SAM-style step through the manual two-step API (works for the reference loop too)."""
+    loss_fn(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_fn(model, x, y).backward()
+    opt.second_step(zero_grad=True)
