@@ -74,6 +74,7 @@ class SharpnessAware(torch.optim.Optimizer):
         self._step_count_host = 0  # completed steps: t of the schedule
         self._perturbed = False
         self._first_sq: Optional[Tensor] = None
+        self._combine: list[Optional[tuple[float, float]]] = []
         self._build()
 
     # ------------------------------------------------------------------ set-up
@@ -146,14 +147,15 @@ class SharpnessAware(torch.optim.Optimizer):
         sq = self._global_sq_norm(adaptive_aware=True)
         sq_on = {d: sq if d == self._main_device else sq.to(d) for d in self._ops}
         radius_args = [self._radius_args(group) for group in self.param_groups]
+        # Decided here, once: second_step must combine with the center gradient saved now.
+        self._combine = [self._center_coefs(self.param_groups[b.group_index]) for b in self._buckets]
         rho_of_group: dict[int, Tensor] = {}
-        for bucket in self._buckets:
-            group = self.param_groups[bucket.group_index]
+        for bucket, coefs in zip(self._buckets, self._combine):
             sigma, rho_max, varrho = radius_args[bucket.group_index]
-            center = bucket.ensure_center() if self._center_coefs(group) is not None else None
+            center = bucket.ensure_center() if coefs is not None else None
             rho_of_group[bucket.group_index] = self._ops[bucket.device].perturb_(
                 bucket.param, bucket.grad, bucket.ensure_backup(), sq_on[bucket.device],
-                sigma, rho_max, varrho, bool(group["adaptive"]), center,
+                sigma, rho_max, varrho, bool(self.param_groups[bucket.group_index]["adaptive"]), center,
             )
         self._perturbed = True
         self._first_sq = sq
@@ -166,9 +168,12 @@ class SharpnessAware(torch.optim.Optimizer):
             for bucket in self._buckets:  # grads were bound above
                 bucket.zero_grad()
 
-    def _restore(self) -> None:
-        for bucket in self._buckets:
-            bucket.param.copy_(bucket.backup)
+    def _restore(self, combine: bool = False) -> None:
+        """w <- backup in every bucket, with the LE-SAM+ combine decided at first_step if ``combine``."""
+        for bucket, coefs in zip(self._buckets, self._combine):
+            center = bucket.center if combine and coefs is not None else None
+            ghat_coef, center_coef = coefs if center is not None else (1.0, 0.0)
+            self._ops[bucket.device].restore_(bucket.param, bucket.backup, bucket.grad, center, ghat_coef, center_coef)
         self._perturbed = False
 
     @torch.no_grad()
@@ -183,19 +188,15 @@ class SharpnessAware(torch.optim.Optimizer):
             raise RuntimeError("second_step() called before first_step(): nothing to restore; the parameters were not changed")
         for bucket in self._buckets:
             bucket.bind_grads()
-        for bucket in self._buckets:
-            coefs = self._center_coefs(self.param_groups[bucket.group_index])
-            center = bucket.center if coefs is not None else None
-            ghat_coef, center_coef = coefs if coefs is not None else (1.0, 0.0)
-            self._ops[bucket.device].restore_(bucket.param, bucket.backup, bucket.grad, center, ghat_coef, center_coef)
-        self._perturbed = False
+        self._restore(combine=True)
         found_inf = ~(torch.isfinite(self._first_sq) & torch.isfinite(self._global_sq_norm(adaptive_aware=False)))
         self.skipped_steps += found_inf
         self._base_step(found_inf)
         self._step_count_host += 1
         self._opt_called = True  # what torch's LR schedulers check to know the optimizer has stepped
         if zero_grad:
-            self.zero_grad()
+            for bucket in self._buckets:  # grads were bound above
+                bucket.zero_grad()
 
     def _base_step(self, found_inf: Tensor) -> None:
         if getattr(self.base, "_step_supports_amp_scaling", False):
@@ -345,7 +346,7 @@ class FusedLESAM(SharpnessAware):
 class FusedSAM(SharpnessAware):
     """Classic SAM (Foret et al.) with a fixed radius ``rho``, on the same fused engine.
 
-    eps = rho * g / ||g|` (``adaptive=True``: ASAM, eps = rho * w^2 g / ||w g||), the numbers the
+    eps = rho * g / ||g|| (``adaptive=True``: ASAM, eps = rho * w^2 g / ||w g||), the numbers the
     most used PyTorch SAM implementation computes. The baseline of every comparison.
     """
 

@@ -140,3 +140,26 @@ def test_unfused_base_syncs_once_for_the_non_finite_guard(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: calls.append(1) or real_bool(t))
     sam_step(model, opt, x, y)
     assert len(calls) == 1
+
+
+def test_alpha_changed_between_the_two_halves_uses_the_first_halfs_decision():
+    """Turning LE-SAM+ on mid-step must not combine with a stale center gradient from an older step."""
+    torch.manual_seed(0)
+    a = SmallConvNet()
+    b = copy.deepcopy(a)
+    opt_a = FusedLESAM(a.parameters(), lr=0.1, alpha=0.5)
+    opt_b = FusedLESAM(b.parameters(), lr=0.1, alpha=0.5)
+    batches = make_batches(2)
+    sam_step(a, opt_a, *batches[0])
+    sam_step(b, opt_b, *batches[0])  # leaves a center gradient from step 0 in b's buckets
+    opt_a.param_groups[0]["alpha"] = 0.0
+    opt_b.param_groups[0]["alpha"] = 0.0
+    x, y = batches[1]
+    sam_step(a, opt_a, x, y)
+    loss_fn(b, x, y).backward()
+    opt_b.first_step(zero_grad=True)
+    opt_b.param_groups[0]["alpha"] = 0.5  # changed between the halves
+    loss_fn(b, x, y).backward()
+    opt_b.second_step(zero_grad=True)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
