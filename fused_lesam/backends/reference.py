@@ -38,7 +38,7 @@ def sq_norm(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) -> Ten
         x = grad.to(acc_dtype(grad.dtype))
         if weight is not None:
             x = x * weight.to(x.dtype).abs()
-        partials.append(x.square().sum().to(out_dtype))
+        partials.append(torch.dot(x, x).to(out_dtype))  # one pass, no squared temporary
     if not partials:
         return torch.zeros((), dtype=out_dtype)
     return torch.stack(partials).sum()
@@ -73,15 +73,19 @@ def perturb_(
 
     ``sq`` is the global squared norm from `sq_norm`. Returns rho_t (0-d, on the device).
     """
-    rho, scale = radius_and_scale(sq.to(acc_dtype(param.dtype)), sigma, rho_max, varrho)
+    dtype = acc_dtype(param.dtype)
+    rho, scale = radius_and_scale(sq.to(dtype), sigma, rho_max, varrho)
     backup.copy_(param)
     if center is not None:
         center.copy_(grad)
-    w = param.to(scale.dtype)
-    g = grad.to(scale.dtype)
+    w = param.to(dtype)  # param itself for fp32/fp64 buckets: then everything below is in place
+    g = grad.to(dtype)
     direction = w * w * g if adaptive else g
+    w.addcmul_(direction, scale)
     # A non-finite norm leaves w untouched: scale is 0 then, but 0 * NaN would still be NaN.
-    param.copy_(torch.where(torch.isfinite(sq), w + direction * scale, w))
+    torch.where(torch.isfinite(sq), w, backup, out=w)
+    if w is not param:
+        param.copy_(w)
     return rho
 
 
@@ -101,4 +105,7 @@ def restore_(
     param.copy_(backup)
     if center is not None:
         dtype = acc_dtype(grad.dtype)
-        grad.copy_(grad.to(dtype) * ghat_coef - center.to(dtype) * center_coef)
+        g = grad.to(dtype)  # grad itself for fp32/fp64 buckets
+        g.mul_(ghat_coef).sub_(center.to(dtype), alpha=center_coef)
+        if g is not grad:
+            grad.copy_(g)
