@@ -39,8 +39,6 @@ def sq_norm(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) -> Ten
         if weight is not None:
             x = x * weight.to(x.dtype).abs()
         partials.append(torch.dot(x, x).to(out_dtype))  # one pass, no squared temporary
-    if not partials:
-        return torch.zeros((), dtype=out_dtype)
     return torch.stack(partials).sum()
 
 
