@@ -49,7 +49,7 @@ def test_resume_from_checkpoint_is_bit_identical():
 
     for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
-    for (n1, b1), (n2, b2) in zip(model.named_buffers(), resumed.named_buffers()):
+    for (n1, b1), (_, b2) in zip(model.named_buffers(), resumed.named_buffers()):
         assert torch.equal(b1, b2), n1
     for p, q in zip(model.parameters(), resumed.parameters()):
         for key, value in opt.state[p].items():
