@@ -1,0 +1,78 @@
+// Argument checks of the bucket ops, shared by the CPU and CUDA implementations so both reject
+// the same inputs with the same messages. Host code only.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/List.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace fused_lesam {
+
+// The type the arithmetic of a bucket is done in (lesam_math.h): double for fp64, else float.
+inline at::ScalarType acc_scalar_type(at::ScalarType bucket) {
+  return bucket == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_bucket(const at::Tensor& t, const char* op, const char* name) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "fused_lesam::", op, ": ", name, " has dtype ", dtype,
+              "; buckets must be float32, float64, float16 or bfloat16");
+  TORCH_CHECK(t.is_contiguous(), "fused_lesam::", op, ": ", name,
+              " must be contiguous (a flat bucket), got strides ", t.strides());
+}
+
+// `t` is a bucket of the same dtype, size and device as `like`.
+inline void check_same_bucket(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name,
+                              const char* like_name) {
+  check_bucket(t, op, name);
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fused_lesam::", op, ": ", name, " has dtype ",
+              t.scalar_type(), " but ", like_name, " has ", like.scalar_type());
+  TORCH_CHECK(t.numel() == like.numel(), "fused_lesam::", op, ": ", name, " has ", t.numel(),
+              " elements but ", like_name, " has ", like.numel());
+  TORCH_CHECK(t.device() == like.device(), "fused_lesam::", op, ": ", name, " is on ", t.device(), " but ",
+              like_name, " is on ", like.device());
+}
+
+inline void check_sq_norm_args(at::TensorList grads, const c10::List<std::optional<at::Tensor>>& weights) {
+  TORCH_CHECK(grads.size() == weights.size(), "fused_lesam::sq_norm: got ", grads.size(), " grad buckets but ",
+              weights.size(), " weights (one per bucket, None where the group is not adaptive)");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    check_bucket(grads[i], "sq_norm", "grads[i]");
+    TORCH_CHECK(grads[i].device() == grads[0].device(), "fused_lesam::sq_norm: grads[", i, "] is on ",
+                grads[i].device(), " but grads[0] is on ", grads[0].device(), "; one call sums one device");
+    const std::optional<at::Tensor> weight = weights[i];
+    if (weight.has_value()) {
+      check_same_bucket(*weight, grads[i], "sq_norm", "weights[i]", "grads[i]");
+    }
+  }
+}
+
+inline void check_perturb_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& backup,
+                               const at::Tensor& sq, const std::optional<at::Tensor>& center) {
+  check_bucket(param, "perturb_", "param");
+  check_same_bucket(grad, param, "perturb_", "grad", "param");
+  check_same_bucket(backup, param, "perturb_", "backup", "param");
+  if (center.has_value()) {
+    check_same_bucket(*center, param, "perturb_", "center", "param");
+  }
+  TORCH_CHECK(sq.dim() == 0 && (sq.scalar_type() == at::kFloat || sq.scalar_type() == at::kDouble),
+              "fused_lesam::perturb_: sq must be the 0-d float32/float64 tensor sq_norm returns, got a ",
+              sq.scalar_type(), " tensor of shape ", sq.sizes());
+  TORCH_CHECK(sq.device() == param.device(), "fused_lesam::perturb_: sq is on ", sq.device(), " but param is on ",
+              param.device());
+}
+
+inline void check_restore_args(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
+                               const std::optional<at::Tensor>& center) {
+  check_bucket(param, "restore_", "param");
+  check_same_bucket(backup, param, "restore_", "backup", "param");
+  check_same_bucket(grad, param, "restore_", "grad", "param");
+  if (center.has_value()) {
+    check_same_bucket(*center, param, "restore_", "center", "param");
+  }
+}
+
+}  // namespace fused_lesam

@@ -1,0 +1,181 @@
+// CPU kernels of the bucket ops: plain loops over the shared maths (lesam_math.h) that the
+// compiler vectorises, split across threads with at::parallel_for. On the CPU the scalars (the
+// norm, rho_t) are in host memory, so reading them is no synchronisation.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../bucket_checks.h"
+#include "../lesam_math.h"
+
+namespace fused_lesam {
+namespace {
+
+// Elements per task of the element-wise ops: enough to amortise handing out the task, few enough
+// that one ResNet-sized bucket keeps every core busy.
+constexpr int64_t kGrain = 32768;
+
+// Independent running sums in a reduction chunk. Float addition is not associative, so the
+// compiler may not vectorise one running sum; kLanes separate ones it maps onto vector registers.
+constexpr int kLanes = 16;
+
+template <typename scalar_t, typename acc_t, bool weighted>
+acc_t chunk_sq_sum(const scalar_t* __restrict__ g, const scalar_t* __restrict__ w, int64_t n) {
+  acc_t lane[kLanes] = {};
+  auto term = [&](int64_t i) {
+    if constexpr (weighted) {
+      return math::sq_term(static_cast<acc_t>(g[i]), static_cast<acc_t>(w[i]));
+    } else {
+      return math::sq_term(static_cast<acc_t>(g[i]));
+    }
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      lane[j] += term(i + j);
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    lane[j] += term(i);
+  }
+  acc_t sum = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    sum += lane[j];
+  }
+  return sum;
+}
+
+at::Tensor sq_norm_cpu(at::TensorList grads, const c10::List<std::optional<at::Tensor>>& weights) {
+  check_sq_norm_args(grads, weights);
+  bool any_double = false;
+  std::vector<int64_t> first_chunk{0};  // partials of bucket b are [first_chunk[b], first_chunk[b + 1])
+  for (const auto& grad : grads) {
+    any_double = any_double || grad.scalar_type() == at::kDouble;
+    first_chunk.push_back(first_chunk.back() + (grad.numel() + math::kReduceChunk - 1) / math::kReduceChunk);
+  }
+  const auto out_type = any_double ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(out_type));
+  AT_DISPATCH_FLOATING_TYPES(out_type, "fused_lesam::sq_norm", [&] {
+    using out_t = scalar_t;
+    std::vector<out_t> partials(first_chunk.back());
+    for (size_t b = 0; b < grads.size(); ++b) {
+      const std::optional<at::Tensor> weight = weights[b];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[b].scalar_type(), "fused_lesam::sq_norm", [&] {
+        const scalar_t* g = grads[b].const_data_ptr<scalar_t>();
+        const scalar_t* w = weight.has_value() ? weight->const_data_ptr<scalar_t>() : nullptr;
+        const int64_t n = grads[b].numel();
+        out_t* part = partials.data() + first_chunk[b];
+        at::parallel_for(0, first_chunk[b + 1] - first_chunk[b], 1, [&](int64_t begin, int64_t end) {
+          for (int64_t c = begin; c < end; ++c) {
+            const int64_t start = c * math::kReduceChunk;
+            const int64_t len = std::min(math::kReduceChunk, n - start);
+            part[c] = w ? chunk_sq_sum<scalar_t, out_t, true>(g + start, w + start, len)
+                        : chunk_sq_sum<scalar_t, out_t, false>(g + start, nullptr, len);
+          }
+        });
+      });
+    }
+    out_t total = 0;  // second stage, in a fixed order: the result does not depend on the threads
+    for (const out_t p : partials) {
+      total += p;
+    }
+    *out.data_ptr<out_t>() = total;
+  });
+  return out;
+}
+
+template <typename scalar_t, typename acc_t, bool adaptive, bool save_center>
+void perturb_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ g, scalar_t* __restrict__ backup,
+                   scalar_t* __restrict__ center, acc_t scale, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t wi = w[i];
+    const scalar_t gi = g[i];
+    backup[i] = wi;
+    if constexpr (save_center) {
+      center[i] = gi;
+    }
+    w[i] = static_cast<scalar_t>(
+        math::perturbed(static_cast<acc_t>(wi), static_cast<acc_t>(gi), scale, adaptive));
+  }
+}
+
+template <typename scalar_t>
+void copy_range(const scalar_t* __restrict__ from, scalar_t* __restrict__ to, int64_t begin, int64_t end) {
+  std::copy(from + begin, from + end, to + begin);
+}
+
+at::Tensor perturb_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& backup, const at::Tensor& sq,
+                       double sigma, double rho_max, double varrho, bool adaptive,
+                       const std::optional<at::Tensor>& center) {
+  check_perturb_args(param, grad, backup, sq, center);
+  const auto acc_type = acc_scalar_type(param.scalar_type());
+  at::Tensor rho = at::empty({}, param.options().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::perturb_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto r = math::radius<acc_t>(sq.item().to<acc_t>(), static_cast<acc_t>(sigma),
+                                       static_cast<acc_t>(rho_max), static_cast<acc_t>(varrho));
+    *rho.data_ptr<acc_t>() = r.rho;
+    scalar_t* w = param.data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* bak = backup.data_ptr<scalar_t>();
+    scalar_t* ctr = center.has_value() ? center->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      if (!r.finite) {  // no perturbation; the backup and the center are still written
+        copy_range(w, bak, begin, end);
+        if (ctr) {
+          copy_range(g, ctr, begin, end);
+        }
+      } else if (adaptive) {
+        ctr ? perturb_range<scalar_t, acc_t, true, true>(w, g, bak, ctr, r.scale, begin, end)
+            : perturb_range<scalar_t, acc_t, true, false>(w, g, bak, ctr, r.scale, begin, end);
+      } else {
+        ctr ? perturb_range<scalar_t, acc_t, false, true>(w, g, bak, ctr, r.scale, begin, end)
+            : perturb_range<scalar_t, acc_t, false, false>(w, g, bak, ctr, r.scale, begin, end);
+      }
+    });
+  });
+  return rho;
+}
+
+template <typename scalar_t, typename acc_t>
+void combine_range(scalar_t* __restrict__ g, const scalar_t* __restrict__ center, acc_t ghat_coef,
+                   acc_t center_coef, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    g[i] = static_cast<scalar_t>(
+        math::combined(static_cast<acc_t>(g[i]), static_cast<acc_t>(center[i]), ghat_coef, center_coef));
+  }
+}
+
+void restore_cpu(at::Tensor& param, const at::Tensor& backup, at::Tensor& grad, const std::optional<at::Tensor>& center,
+                 double ghat_coef, double center_coef) {
+  check_restore_args(param, backup, grad, center);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::restore_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* w = param.data_ptr<scalar_t>();
+    const scalar_t* bak = backup.const_data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* ctr = center.has_value() ? center->const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      copy_range(bak, w, begin, end);
+      if (ctr) {
+        combine_range<scalar_t, acc_t>(g, ctr, static_cast<acc_t>(ghat_coef), static_cast<acc_t>(center_coef), begin,
+                                       end);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_lesam, CPU, m) {
+  m.impl("sq_norm", &sq_norm_cpu);
+  m.impl("perturb_", &perturb_cpu);
+  m.impl("restore_", &restore_cpu);
+}
+
+}  // namespace fused_lesam

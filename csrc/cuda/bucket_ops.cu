@@ -1,0 +1,343 @@
+// CUDA kernels of the bucket ops: the maths of lesam_math.h, laid out like ATen's and apex's
+// multi-tensor kernels. Loads and stores are 16 bytes wide where every pointer of the call is
+// 16-byte aligned (a scalar loop otherwise, and for the tail); the norm is reduced in fixed chunks
+// to one partial per chunk, then by one small kernel (no atomics: the same input gives the same
+// bits); the scalars (the norm in, rho_t out) stay in device memory and only kernels touch them.
+// Nothing here synchronises with the host.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../bucket_checks.h"
+#include "../lesam_math.h"
+
+namespace fused_lesam {
+namespace {
+
+constexpr int kThreads = 256;  // per block, a power of two (the block reduction halves it)
+constexpr int kVecBytes = 16;  // one 128-bit load or store
+
+template <typename T>
+constexpr int vec_len() {
+  return kVecBytes / static_cast<int>(sizeof(T));  // 4 fp32, 8 fp16/bf16, 2 fp64
+}
+
+template <typename T>
+struct alignas(kVecBytes) Vec {
+  T v[vec_len<T>()];
+};
+
+bool all_aligned(std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers) {
+    if (p != nullptr && reinterpret_cast<std::uintptr_t>(p) % kVecBytes != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Blocks for a grid-stride loop over `units`: enough to fill the GPU, no more.
+int grid_for(int64_t units) {
+  const int64_t fill = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
+  const int64_t needed = (units + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min(needed, fill)));
+}
+
+// Sum of `x` over the block, in a fixed tree order; the result is valid in every thread.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t x) {
+  __shared__ acc_t shared[kThreads];
+  shared[threadIdx.x] = x;
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) {
+      shared[threadIdx.x] += shared[threadIdx.x + half];
+    }
+    __syncthreads();
+  }
+  const acc_t sum = shared[0];
+  __syncthreads();
+  return sum;
+}
+
+template <typename scalar_t, typename acc_t, bool weighted>
+__device__ acc_t sq_term_at(const scalar_t* g, const scalar_t* w, int64_t i) {
+  if constexpr (weighted) {
+    return math::sq_term(static_cast<acc_t>(g[i]), static_cast<acc_t>(w[i]));
+  } else {
+    return math::sq_term(static_cast<acc_t>(g[i]));
+  }
+}
+
+// Stage 1 of the norm: block b sums chunk b of one bucket (math::kReduceChunk elements) into
+// partials[b]. The chunk starts are multiples of 16 elements, so an aligned bucket stays aligned.
+template <typename scalar_t, typename acc_t, bool weighted>
+__global__ void __launch_bounds__(kThreads) sq_partials_kernel(const scalar_t* __restrict__ g,
+                                                               const scalar_t* __restrict__ w, int64_t n,
+                                                               bool vectorized, acc_t* __restrict__ partials) {
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * math::kReduceChunk;
+  const int64_t len = n - start < math::kReduceChunk ? n - start : math::kReduceChunk;
+  g += start;
+  if (weighted) {
+    w += start;
+  }
+  acc_t sum = 0;
+  int64_t done = 0;
+  if (vectorized) {
+    constexpr int V = vec_len<scalar_t>();
+    for (int64_t k = threadIdx.x; k < len / V; k += kThreads) {
+      const Vec<scalar_t> gv = reinterpret_cast<const Vec<scalar_t>*>(g)[k];
+      Vec<scalar_t> wv;
+      if constexpr (weighted) {
+        wv = reinterpret_cast<const Vec<scalar_t>*>(w)[k];
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        sum += sq_term_at<scalar_t, acc_t, weighted>(gv.v, wv.v, j);
+      }
+    }
+    done = len / V * V;
+  }
+  for (int64_t i = done + threadIdx.x; i < len; i += kThreads) {
+    sum += sq_term_at<scalar_t, acc_t, weighted>(g, w, i);
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = sum;
+  }
+}
+
+// Stage 2: one block sums every partial of every bucket into *out.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) sum_partials_kernel(const acc_t* __restrict__ partials, int64_t count,
+                                                                acc_t* __restrict__ out) {
+  acc_t sum = 0;
+  for (int64_t i = threadIdx.x; i < count; i += kThreads) {
+    sum += partials[i];
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) {
+    *out = sum;
+  }
+}
+
+at::Tensor sq_norm_cuda(at::TensorList grads, const c10::List<std::optional<at::Tensor>>& weights) {
+  check_sq_norm_args(grads, weights);
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  bool any_double = false;
+  std::vector<int64_t> first_chunk{0};  // partials of bucket b are [first_chunk[b], first_chunk[b + 1])
+  for (const auto& grad : grads) {
+    any_double = any_double || grad.scalar_type() == at::kDouble;
+    first_chunk.push_back(first_chunk.back() + (grad.numel() + math::kReduceChunk - 1) / math::kReduceChunk);
+  }
+  const auto out_type = any_double ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({}, grads[0].options().dtype(out_type));
+  at::Tensor partials = at::empty({first_chunk.back()}, grads[0].options().dtype(out_type));
+  AT_DISPATCH_FLOATING_TYPES(out_type, "fused_lesam::sq_norm", [&] {
+    using out_t = scalar_t;
+    for (size_t b = 0; b < grads.size(); ++b) {
+      const int64_t chunks = first_chunk[b + 1] - first_chunk[b];
+      if (chunks == 0) {
+        continue;
+      }
+      const std::optional<at::Tensor> weight = weights[b];
+      out_t* part = partials.data_ptr<out_t>() + first_chunk[b];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[b].scalar_type(), "fused_lesam::sq_norm", [&] {
+        const scalar_t* g = grads[b].const_data_ptr<scalar_t>();
+        const scalar_t* w = weight.has_value() ? weight->const_data_ptr<scalar_t>() : nullptr;
+        const bool vectorized = all_aligned({g, w});
+        if (w != nullptr) {
+          sq_partials_kernel<scalar_t, out_t, true>
+              <<<chunks, kThreads, 0, stream>>>(g, w, grads[b].numel(), vectorized, part);
+        } else {
+          sq_partials_kernel<scalar_t, out_t, false>
+              <<<chunks, kThreads, 0, stream>>>(g, w, grads[b].numel(), vectorized, part);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    sum_partials_kernel<out_t><<<1, kThreads, 0, stream>>>(partials.const_data_ptr<out_t>(), first_chunk.back(),
+                                                           out.data_ptr<out_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+template <typename scalar_t, typename acc_t, bool adaptive, bool save_center>
+__device__ void perturb_element(scalar_t& w, scalar_t g, scalar_t& backup, scalar_t& center,
+                                const math::Radius<acc_t>& r) {
+  backup = w;
+  if constexpr (save_center) {
+    center = g;
+  }
+  if (r.finite) {
+    w = static_cast<scalar_t>(math::perturbed(static_cast<acc_t>(w), static_cast<acc_t>(g), r.scale, adaptive));
+  }
+}
+
+// Every thread back-solves rho_t from *sq itself (a few flops, no second kernel); block 0 stores it.
+template <typename scalar_t, typename acc_t, bool adaptive, bool save_center>
+__global__ void __launch_bounds__(kThreads)
+    perturb_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ g, scalar_t* __restrict__ backup,
+                   scalar_t* __restrict__ center, const acc_t* __restrict__ sq, acc_t sigma, acc_t rho_max,
+                   acc_t varrho, acc_t* __restrict__ rho_out, int64_t n, bool vectorized) {
+  const math::Radius<acc_t> r = math::radius(*sq, sigma, rho_max, varrho);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    *rho_out = r.rho;
+  }
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  int64_t done = 0;
+  if (vectorized) {
+    constexpr int V = vec_len<scalar_t>();
+    using VecT = Vec<scalar_t>;
+    for (int64_t k = first; k < n / V; k += stride) {
+      VecT wv = reinterpret_cast<VecT*>(w)[k];
+      const VecT gv = reinterpret_cast<const VecT*>(g)[k];
+      VecT bv, cv;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        perturb_element<scalar_t, acc_t, adaptive, save_center>(wv.v[j], gv.v[j], bv.v[j], cv.v[j], r);
+      }
+      reinterpret_cast<VecT*>(backup)[k] = bv;
+      if constexpr (save_center) {
+        reinterpret_cast<VecT*>(center)[k] = cv;
+      }
+      reinterpret_cast<VecT*>(w)[k] = wv;
+    }
+    done = n / V * V;
+  }
+  for (int64_t i = done + first; i < n; i += stride) {
+    scalar_t unused;
+    perturb_element<scalar_t, acc_t, adaptive, save_center>(w[i], g[i], backup[i], save_center ? center[i] : unused, r);
+  }
+}
+
+at::Tensor perturb_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& backup, const at::Tensor& sq,
+                        double sigma, double rho_max, double varrho, bool adaptive,
+                        const std::optional<at::Tensor>& center) {
+  check_perturb_args(param, grad, backup, sq, center);
+  const c10::cuda::CUDAGuard guard(param.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto acc_type = acc_scalar_type(param.scalar_type());
+  const at::Tensor sq_acc = sq.to(acc_type);  // no copy when sq already has the bucket's accumulation type
+  at::Tensor rho = at::empty({}, param.options().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::perturb_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* w = param.data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* bak = backup.data_ptr<scalar_t>();
+    scalar_t* ctr = center.has_value() ? center->data_ptr<scalar_t>() : nullptr;
+    const int64_t n = param.numel();
+    const bool vectorized = all_aligned({w, g, bak, ctr});
+    const int grid = grid_for(vectorized ? n / vec_len<scalar_t>() : n);
+    auto launch = [&](auto adaptive_tag, auto center_tag) {
+      perturb_kernel<scalar_t, acc_t, decltype(adaptive_tag)::value, decltype(center_tag)::value>
+          <<<grid, kThreads, 0, stream>>>(w, g, bak, ctr, sq_acc.const_data_ptr<acc_t>(), static_cast<acc_t>(sigma),
+                                          static_cast<acc_t>(rho_max), static_cast<acc_t>(varrho),
+                                          rho.data_ptr<acc_t>(), n, vectorized);
+    };
+    using yes = std::true_type;
+    using no = std::false_type;
+    if (adaptive) {
+      ctr ? launch(yes{}, yes{}) : launch(yes{}, no{});
+    } else {
+      ctr ? launch(no{}, yes{}) : launch(no{}, no{});
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return rho;
+}
+
+template <typename scalar_t, typename acc_t, bool combine>
+__device__ void restore_element(scalar_t& w, scalar_t backup, scalar_t& g, scalar_t center, acc_t ghat_coef,
+                                acc_t center_coef) {
+  w = backup;
+  if constexpr (combine) {
+    g = static_cast<scalar_t>(
+        math::combined(static_cast<acc_t>(g), static_cast<acc_t>(center), ghat_coef, center_coef));
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool combine>
+__global__ void __launch_bounds__(kThreads)
+    restore_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ backup, scalar_t* __restrict__ g,
+                   const scalar_t* __restrict__ center, acc_t ghat_coef, acc_t center_coef, int64_t n,
+                   bool vectorized) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  int64_t done = 0;
+  if (vectorized) {
+    constexpr int V = vec_len<scalar_t>();
+    using VecT = Vec<scalar_t>;
+    for (int64_t k = first; k < n / V; k += stride) {
+      const VecT bv = reinterpret_cast<const VecT*>(backup)[k];
+      VecT wv, gv, cv;
+      if constexpr (combine) {
+        gv = reinterpret_cast<const VecT*>(g)[k];
+        cv = reinterpret_cast<const VecT*>(center)[k];
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        restore_element<scalar_t, acc_t, combine>(wv.v[j], bv.v[j], gv.v[j], cv.v[j], ghat_coef, center_coef);
+      }
+      reinterpret_cast<VecT*>(w)[k] = wv;
+      if constexpr (combine) {
+        reinterpret_cast<VecT*>(g)[k] = gv;
+      }
+    }
+    done = n / V * V;
+  }
+  for (int64_t i = done + first; i < n; i += stride) {
+    scalar_t unused;
+    restore_element<scalar_t, acc_t, combine>(w[i], backup[i], combine ? g[i] : unused,
+                                              combine ? center[i] : scalar_t(0), ghat_coef, center_coef);
+  }
+}
+
+void restore_cuda(at::Tensor& param, const at::Tensor& backup, at::Tensor& grad,
+                  const std::optional<at::Tensor>& center, double ghat_coef, double center_coef) {
+  check_restore_args(param, backup, grad, center);
+  const c10::cuda::CUDAGuard guard(param.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::restore_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* w = param.data_ptr<scalar_t>();
+    const scalar_t* bak = backup.const_data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* ctr = center.has_value() ? center->const_data_ptr<scalar_t>() : nullptr;
+    const int64_t n = param.numel();
+    if (n == 0) {
+      return;
+    }
+    const bool vectorized = ctr ? all_aligned({w, bak, g, ctr}) : all_aligned({w, bak});
+    const int grid = grid_for(vectorized ? n / vec_len<scalar_t>() : n);
+    if (ctr) {
+      restore_kernel<scalar_t, acc_t, true><<<grid, kThreads, 0, stream>>>(
+          w, bak, g, ctr, static_cast<acc_t>(ghat_coef), static_cast<acc_t>(center_coef), n, vectorized);
+    } else {
+      restore_kernel<scalar_t, acc_t, false>
+          <<<grid, kThreads, 0, stream>>>(w, bak, g, ctr, acc_t(1), acc_t(0), n, vectorized);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_lesam, CUDA, m) {
+  m.impl("sq_norm", &sq_norm_cuda);
+  m.impl("perturb_", &perturb_cuda);
+  m.impl("restore_", &restore_cuda);
+}
+
+}  // namespace fused_lesam

@@ -1,0 +1,26 @@
+// The fused_lesam operator library: the schemas of the three bucket ops, declared once.
+// Each device adds its kernels with TORCH_LIBRARY_IMPL in its own file (cpu/, cuda/); the fake
+// (meta) kernels that torch.compile traces with are in fused_lesam/backends/compiled.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fused_lesam, m) {
+  // sum over buckets of sum(g^2), or sum((|w| g)^2) where weights[i] is given: a 0-d float32
+  // tensor (float64 when a bucket is float64) on the buckets' device.
+  m.def("sq_norm(Tensor[] grads, Tensor?[] weights) -> Tensor");
+  // backup <- w; center <- g if given; w <- w + eps with rho_t, eps computed on the device from
+  // the squared norm sq. Returns rho_t (0-d). A non-finite sq leaves w untouched.
+  m.def(
+      "perturb_(Tensor(a!) param, Tensor grad, Tensor(b!) backup, Tensor sq, float sigma, float rho_max, "
+      "float varrho, bool adaptive, Tensor(c!)? center) -> Tensor");
+  // w <- backup (bit-exact); with a center gradient, g <- ghat_coef * g - center_coef * center.
+  m.def("restore_(Tensor(a!) param, Tensor backup, Tensor(b!) grad, Tensor? center, float ghat_coef, "
+        "float center_coef) -> ()");
+}
+
+// `import fused_lesam._C` loads this library, which registers the ops above; the module itself
+// is empty (the ops are reached through torch.ops.fused_lesam).
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
