@@ -4,10 +4,22 @@
     opt = FusedLESAM(model.parameters(), base=torch.optim.SGD, lr=0.05, momentum=0.9, sigma=0.35, rho_max=0.4)
 """
 
-from .backends import available_backends
+import warnings
+
+from .backends import available_backends, extension_error
 from .batchnorm import frozen_bn_stats
 from .optimizer import FusedLESAM, FusedSAM, SharpnessAware
 from .schedule import SigmaAnnealing, sigma_at
 
 __all__ = ["FusedLESAM", "FusedSAM", "SharpnessAware", "SigmaAnnealing", "sigma_at", "frozen_bn_stats", "available_backends"]
 __version__ = "0.1.0"
+
+_no_kernels = extension_error()
+if _no_kernels:  # said once, at import: the package still works, on the torch (and triton) backends
+    warnings.warn(
+        f"fused_lesam runs without its C++/CUDA kernels: {_no_kernels}. "
+        f"Usable backends: {', '.join(n for n, why in available_backends().items() if not why)}.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+del _no_kernels

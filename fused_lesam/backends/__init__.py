@@ -25,6 +25,9 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 NAMES = tuple(_MODULES)
 
+EXTENSION = "fused_lesam._C"
+EXTENSION_MISSING = "built without a C++ compiler or torch at build time, or with FUSED_LESAM_NO_EXTENSION=1"
+
 
 def _load(name: str) -> tuple[Optional[ModuleType], str]:
     """(module, "") when the backend can be used, else (None, why not)."""
@@ -34,9 +37,24 @@ def _load(name: str) -> tuple[Optional[ModuleType], str]:
     except ModuleNotFoundError as err:
         if err.name == module_name:
             return None, f"{module_name} is not part of this build of fused_lesam"
+        if err.name == EXTENSION:
+            return None, f"the compiled extension {EXTENSION} is not installed ({EXTENSION_MISSING})"
         return None, f"{module_name} could not be imported: {err}"
     except (ImportError, OSError, RuntimeError) as err:
         return None, f"{module_name} could not be loaded: {err}"
+
+
+def extension_error() -> str:
+    """"" when the compiled extension (C++/CUDA kernels) loads, else why it does not."""
+    try:
+        importlib.import_module(EXTENSION)
+    except ModuleNotFoundError as err:
+        if err.name != EXTENSION:
+            raise
+        return f"{EXTENSION} is not installed ({EXTENSION_MISSING})"
+    except (ImportError, OSError) as err:
+        return f"{EXTENSION} could not be loaded: {err}"
+    return ""
 
 
 def available_backends() -> dict[str, str]:

@@ -1,0 +1,77 @@
+"""The compiled extension (``fused_lesam._C``, csrc/) seen from Python: the ops and their fakes.
+
+Importing ``fused_lesam._C`` registers the ``torch.ops.fused_lesam`` ops with their CPU and,
+when built with CUDA, CUDA kernels. This module adds the fake (meta) kernels ``torch.compile``
+traces with, and exposes the ops with the signatures of the reference backend, so the "cpp" and
+"cuda" backends are this module plus a check that their device's kernels are built.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+import fused_lesam._C  # noqa: F401  (registers torch.ops.fused_lesam)
+
+_OPS = ("sq_norm", "perturb_", "restore_")
+
+
+def has_kernels(dispatch_key: str) -> bool:
+    """True when every op has a kernel for ``dispatch_key`` ("CPU" or "CUDA") in this build."""
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_lesam::{op}", dispatch_key) for op in _OPS)
+
+
+def require_kernels(dispatch_key: str, what: str) -> None:
+    """Raise ImportError (the backend is then reported unavailable) when the kernels are not built."""
+    if not has_kernels(dispatch_key):
+        raise ImportError(f"the compiled extension was built without its {what} kernels")
+
+
+@torch.library.register_fake("fused_lesam::sq_norm")
+def _sq_norm_fake(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) -> Tensor:
+    out_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    return grads[0].new_empty((), dtype=out_dtype)
+
+
+@torch.library.register_fake("fused_lesam::perturb_")
+def _perturb_fake(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center) -> Tensor:
+    return param.new_empty((), dtype=reference.acc_dtype(param.dtype))
+
+
+@torch.library.register_fake("fused_lesam::restore_")
+def _restore_fake(param, backup, grad, center, ghat_coef, center_coef) -> None:
+    return None
+
+
+def sq_norm(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) -> Tensor:
+    return torch.ops.fused_lesam.sq_norm(list(grads), list(weights))
+
+
+def perturb_(
+    param: Tensor,
+    grad: Tensor,
+    backup: Tensor,
+    sq: Tensor,
+    sigma: float,
+    rho_max: float,
+    varrho: float,
+    adaptive: bool,
+    center: Optional[Tensor] = None,
+) -> Tensor:
+    return torch.ops.fused_lesam.perturb_(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center)
+
+
+def restore_(
+    param: Tensor, backup: Tensor, grad: Tensor, center: Optional[Tensor], ghat_coef: float, center_coef: float
+) -> None:
+    torch.ops.fused_lesam.restore_(param, backup, grad, center, ghat_coef, center_coef)
+
+
+# The docstrings are the specification's: the ops compute what reference.py computes.
+sq_norm.__doc__ = reference.sq_norm.__doc__
+perturb_.__doc__ = reference.perturb_.__doc__
+restore_.__doc__ = reference.restore_.__doc__

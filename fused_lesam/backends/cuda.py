@@ -1,0 +1,12 @@
+"""The "cuda" backend: the CUDA kernels of the compiled extension (csrc/cuda/)."""
+
+import torch
+
+from .compiled import perturb_, require_kernels, restore_, sq_norm
+
+NAME = "cuda"
+require_kernels("CUDA", "CUDA")
+if not torch.cuda.is_available():
+    raise ImportError("the CUDA kernels are built, but no CUDA device is visible")
+
+__all__ = ["NAME", "sq_norm", "perturb_", "restore_"]
