@@ -18,7 +18,18 @@ TOLERANCES = {
 
 def assert_close(actual, expected, dtype=None, msg=""):
     tol = TOLERANCES[dtype or expected.dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), **tol, msg=msg or None)
+    wide = torch.float64 if torch.float64 in (actual.dtype, expected.dtype) else torch.float32
+    torch.testing.assert_close(actual.to(wide), expected.to(wide), **tol, msg=msg or None)
+
+
+_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def assert_bits_equal(actual, expected, msg=""):
+    """Bit-for-bit equality (NaN payloads included), for what must be exact copies."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, msg
+    as_int = _SAME_WIDTH_INT[actual.dtype]
+    assert torch.equal(actual.view(as_int), expected.view(as_int)), msg
 
 
 def pytest_collection_modifyitems(config, items):

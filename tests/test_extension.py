@@ -1,0 +1,57 @@
+"""The compiled extension is built, loaded and picked as the build promised; without it the
+package still works on the torch backend and says so once at import."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fused_lesam import FusedLESAM, available_backends
+from fused_lesam.backends import compiled, resolve
+
+
+def test_cpu_kernels_are_built_and_auto_picks_them():
+    # ./dev and CI build the extension; FUSED_LESAM_NO_EXTENSION=1 is how a build opts out.
+    assert os.environ.get("FUSED_LESAM_NO_EXTENSION", "") in ("", "0"), "run the tests on a build with the extension"
+    assert available_backends()["cpp"] == ""
+    assert compiled.has_kernels("CPU")
+    assert resolve("auto", torch.device("cpu")).NAME == "cpp"
+
+
+def test_cuda_kernels_are_built_when_required():
+    """./dev sets FUSED_LESAM_REQUIRE_CUDA when a CUDA toolkit is present (CI has one): then every
+    op must have a CUDA kernel in the extension, compiled and linked without a GPU."""
+    if os.environ.get("FUSED_LESAM_REQUIRE_CUDA", "") in ("", "0"):
+        pytest.skip("this build was not asked for CUDA kernels (no CUDA toolkit where ./dev ran)")
+    assert torch.version.cuda is not None
+    assert compiled.has_kernels("CUDA")
+    if not torch.cuda.is_available():
+        assert "no CUDA device is visible" in available_backends()["cuda"]
+
+
+def test_without_the_extension_the_torch_backend_runs_and_import_says_so():
+    script = (
+        "import sys, torch\n"
+        "sys.modules['fused_lesam._C'] = None  # as if built without a compiler\n"
+        "import fused_lesam\n"
+        "model = torch.nn.Linear(4, 2)\n"
+        "opt = fused_lesam.FusedLESAM(model.parameters(), lr=0.1)\n"
+        "model(torch.ones(3, 4)).sum().backward()\n"
+        "opt.step(lambda: model(torch.ones(3, 4)).sum().backward())\n"
+        "print(opt.backend_names)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "{'cpu': 'torch'}"
+    assert run.stderr.count("fused_lesam runs without its C++/CUDA kernels") == 1
+    assert "Usable backends: torch." in run.stderr
+
+
+def test_explicit_cpp_backend_without_the_extension_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fused_lesam._C", None)
+    monkeypatch.delitem(sys.modules, "fused_lesam.backends.cpp")
+    monkeypatch.delitem(sys.modules, "fused_lesam.backends.compiled")
+    with pytest.raises(RuntimeError, match="the compiled extension fused_lesam._C is not installed"):
+        FusedLESAM(torch.nn.Linear(2, 2).parameters(), lr=0.1, backend="cpp")

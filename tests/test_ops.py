@@ -1,0 +1,302 @@
+"""Every bucket op of the kernel backends equals the "torch" reference backend (the specification).
+
+The inputs cover what the kernels treat apart: empty and one-element buckets, sizes around the
+16-element vector width, a bucket over a million elements (many reduction chunks, several
+threads), views at an odd offset (pointers not 16-byte aligned), several buckets in one call,
+gradients that are zero, tiny, huge or not finite, the adaptive form and the LE-SAM+ combine.
+GPU backends run the same tests on CUDA tensors (marked ``cuda``, skipped without a GPU).
+"""
+
+import math
+
+import pytest
+import torch
+
+from conftest import assert_bits_equal, assert_close
+from fused_lesam.backends import reference, resolve
+
+# (backend, device) pairs whose kernels are tested here against the reference on the same device.
+TARGETS = [
+    pytest.param("cpp", "cpu", id="cpp"),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SIZES = [0, 1, 15, 16, 17, 4095, (1 << 20) + 3]
+OFFSETS = [0, 3]  # 3 elements in: the bucket's pointer is not 16-byte aligned
+RADII = {  # (sigma_t, rho_max, varrho)
+    "lesam": (0.35, 0.4, 1e-12),
+    "clipped": (5.0, 0.05, 1e-12),
+    "sam": (math.inf, 0.05, 1.0),
+    "zero-sigma": (0.0, 0.4, 1e-12),
+}
+LESAM = RADII["lesam"]
+REGIMES = ["normal", "zero", "tiny", "huge", "nan", "inf"]
+
+
+def at_offset(values, offset):
+    """A contiguous view holding ``values`` that starts ``offset`` elements into its storage."""
+    storage = torch.zeros(offset + values.numel(), dtype=values.dtype, device=values.device)
+    storage[offset:] = values
+    return storage[offset:]
+
+
+def random_bucket(size, dtype, device, seed, offset=0, regime="normal"):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(size, generator=gen, dtype=torch.float64)
+    if regime == "zero":
+        values.zero_()
+    elif regime == "tiny":
+        values *= 1e-30  # its square underflows in fp32: a zero norm from non-zero gradients
+    elif regime == "huge":
+        values *= 1e4 if dtype == torch.float16 else 1e15  # large but a finite norm in fp32
+    elif regime in ("nan", "inf") and size:
+        values[size // 2] = float(regime)
+    return at_offset(values.to(dtype).to(device), offset)
+
+
+def clone_at(t, offset):
+    return at_offset(t.clone(), offset)
+
+
+def run_perturb(ops, w, g, sq, radius, adaptive, with_center, offset):
+    """Run ops.perturb_ on fresh copies (at ``offset``); returns (param, backup, center, rho)."""
+    param, grad = clone_at(w, offset), clone_at(g, offset)
+    backup = clone_at(torch.full_like(w, 7.0), offset)  # garbage the op must overwrite
+    center = clone_at(torch.full_like(w, 7.0), offset) if with_center else None
+    rho = ops.perturb_(param, grad, backup, sq.clone(), *radius, adaptive, center)
+    assert_bits_equal(grad, g, "perturb_ must not write the gradient")
+    return param, backup, center, rho
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sq_norm(backend, device, dtype, size, offset, adaptive):
+    ops = resolve(backend, torch.device(device))
+    grad = random_bucket(size, dtype, device, seed=1, offset=offset)
+    weight = random_bucket(size, dtype, device, seed=2, offset=offset) if adaptive else None
+    got = ops.sq_norm([grad], [weight])
+    want = reference.sq_norm([grad], [weight])
+    assert got.shape == () and got.dtype == want.dtype and got.device == want.device
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_sq_norm_sums_several_buckets(backend, device):
+    ops = resolve(backend, torch.device(device))
+    specs = [(torch.float32, 17, 3, False), (torch.bfloat16, 4095, 0, True), (torch.float16, 16, 1, False),
+             (torch.float32, 0, 0, True), (torch.float32, 70001, 5, True)]
+    grads = [random_bucket(n, dt, device, seed=i, offset=off) for i, (dt, n, off, _) in enumerate(specs)]
+    weights = [random_bucket(n, dt, device, seed=10 + i) if adaptive else None
+               for i, (dt, n, _, adaptive) in enumerate(specs)]
+    got = ops.sq_norm(grads, weights)
+    assert got.dtype == torch.float32
+    assert_close(got, reference.sq_norm(grads, weights))
+    # A float64 bucket makes the whole sum float64 (the float32 buckets' parts stay float32-accurate).
+    grads.append(random_bucket(33, torch.float64, device, seed=99))
+    weights.append(None)
+    got = ops.sq_norm(grads, weights)
+    assert got.dtype == torch.float64
+    assert_close(got, reference.sq_norm(grads, weights), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("regime", ["nan", "inf", "huge", "zero"])
+def test_sq_norm_of_extreme_gradients(backend, device, regime):
+    ops = resolve(backend, torch.device(device))
+    grads = [random_bucket(5000, torch.float32, device, seed=3, regime=regime), random_bucket(40, torch.bfloat16, device, seed=4)]
+    got, want = ops.sq_norm(grads, [None, None]), reference.sq_norm(grads, [None, None])
+    if regime in ("nan", "inf"):
+        assert torch.isnan(got) if regime == "nan" else torch.isinf(got)
+    else:
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_sq_norm_is_deterministic(backend, device):
+    """Fixed reduction chunks: the same bits on every run, whatever the number of CPU threads."""
+    ops = resolve(backend, torch.device(device))
+    grads = [random_bucket((1 << 20) + 3, torch.float32, device, seed=5), random_bucket(999, torch.float16, device, seed=6)]
+    first = ops.sq_norm(grads, [None, grads[1]])
+    threads = torch.get_num_threads()
+    try:
+        for n in {1, threads, max(2, threads)}:
+            torch.set_num_threads(n)
+            assert torch.equal(ops.sq_norm(grads, [None, grads[1]]), first), f"differs with {n} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_perturb(backend, device, dtype, size, offset, adaptive):
+    ops = resolve(backend, torch.device(device))
+    w = random_bucket(size, dtype, device, seed=7)
+    g = random_bucket(size, dtype, device, seed=8)
+    sq = reference.sq_norm([g], [w if adaptive else None])
+    got = run_perturb(ops, w, g, sq, LESAM, adaptive, True, offset)
+    want = run_perturb(reference, w, g, sq, LESAM, adaptive, True, offset)
+    check_perturb(got, want, w, g)
+
+
+def check_perturb(got, want, w, g):
+    (param, backup, center, rho), (ref_param, _, _, ref_rho) = got, want
+    assert_bits_equal(backup, w, "the backup must be an exact copy of w")
+    if center is not None:
+        assert_bits_equal(center, g, "the center must be an exact copy of g")
+    assert rho.shape == () and rho.dtype == ref_rho.dtype
+    assert_close(rho, ref_rho)
+    assert_close(param, ref_param)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("with_center", [False, True])
+def test_perturb_gradient_regimes(backend, device, dtype, regime, adaptive, with_center):
+    ops = resolve(backend, torch.device(device))
+    w = random_bucket(4099, dtype, device, seed=9)
+    g = random_bucket(4099, dtype, device, seed=10, regime=regime)
+    sq = reference.sq_norm([g], [w if adaptive else None])
+    got = run_perturb(ops, w, g, sq, LESAM, adaptive, with_center, offset=3)
+    check_perturb(got, run_perturb(reference, w, g, sq, LESAM, adaptive, with_center, offset=3), w, g)
+    param, _, _, rho = got
+    assert torch.isfinite(param).all(), "a non-finite value reached the parameters"
+    if regime in ("zero", "nan", "inf") or not torch.isfinite(sq):
+        assert_bits_equal(param, w, "no perturbation for a zero or non-finite norm")
+    if not torch.isfinite(sq):
+        assert rho.item() == 0.0
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("radius", list(RADII))
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_perturb_radius(backend, device, radius, adaptive):
+    """The back-solve on the device: unclipped, clipped at rho_max, SAM's fixed radius, sigma = 0."""
+    ops = resolve(backend, torch.device(device))
+    w = random_bucket(1000, torch.float32, device, seed=11)
+    g = random_bucket(1000, torch.float32, device, seed=12)
+    sq = reference.sq_norm([g], [w if adaptive else None])
+    got = run_perturb(ops, w, g, sq, RADII[radius], adaptive, False, offset=0)
+    check_perturb(got, run_perturb(reference, w, g, sq, RADII[radius], adaptive, False, offset=0), w, g)
+    sigma, rho_max, varrho = RADII[radius]
+    expected_rho = min(sigma / (sq.sqrt().item() + varrho), rho_max)
+    assert got[3].item() == pytest.approx(expected_rho, rel=1e-6)
+    # The perturbation has length rho_t (in the ||T^-1 eps|| sense when adaptive, as in ASAM).
+    eps = (got[0] - w).double()
+    length = (eps / w.double().abs()).norm() if adaptive else eps.norm()
+    assert length.item() == pytest.approx(expected_rho, rel=1e-3, abs=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("coefs", [None, (1.5, 0.5), (1.0, 0.5)], ids=["plain", "lesam-plus", "released"])
+def test_restore(backend, device, dtype, size, offset, coefs):
+    ops = resolve(backend, torch.device(device))
+    backup = random_bucket(size, dtype, device, seed=13)
+    ghat = random_bucket(size, dtype, device, seed=14)
+    center = random_bucket(size, dtype, device, seed=15) if coefs else None
+    ghat_coef, center_coef = coefs or (1.0, 0.0)
+    results = []
+    for impl in (ops, reference):
+        param = clone_at(backup + 1, offset)  # the perturbed weights the op must overwrite
+        grad = clone_at(ghat, offset)
+        impl.restore_(param, clone_at(backup, offset), grad, None if center is None else clone_at(center, offset),
+                      ghat_coef, center_coef)
+        results.append((param, grad))
+    (param, grad), (_, ref_grad) = results
+    assert_bits_equal(param, backup, "the restore must be bit-exact")
+    if center is None:
+        assert_bits_equal(grad, ghat, "without a center the gradient is left alone")
+    else:
+        assert_close(grad, ref_grad)
+
+
+# ---------------------------------------------------------------------- errors name the problem
+def _bucket(n=8, dtype=torch.float32):
+    return torch.zeros(n, dtype=dtype)
+
+
+ERRORS = {
+    "grad dtype": (lambda ops: ops.perturb_(_bucket(), _bucket(dtype=torch.float16), _bucket(), torch.tensor(1.0), *LESAM, False, None),
+                   "grad has dtype"),
+    "backup size": (lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(9), torch.tensor(1.0), *LESAM, False, None),
+                    "backup has 9 elements"),
+    "center size": (lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(), torch.tensor(1.0), *LESAM, False, _bucket(7)),
+                    "center has 7 elements"),
+    "strided param": (lambda ops: ops.perturb_(_bucket(16)[::2], _bucket(), _bucket(), torch.tensor(1.0), *LESAM, False, None),
+                      "param must be contiguous"),
+    "integer bucket": (lambda ops: ops.restore_(_bucket(dtype=torch.int32), _bucket(dtype=torch.int32),
+                                                _bucket(dtype=torch.int32), None, 1.0, 0.0),
+                       "buckets must be float32, float64, float16 or bfloat16"),
+    "sq shape": (lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(), torch.ones(1), *LESAM, False, None),
+                 "sq must be the 0-d"),
+    "weights count": (lambda ops: ops.sq_norm([_bucket(), _bucket()], [None]), "got 2 grad buckets but 1 weights"),
+    "weight dtype": (lambda ops: ops.sq_norm([_bucket()], [_bucket(dtype=torch.bfloat16)]), "weights\\[i\\] has dtype"),
+    "restore grad size": (lambda ops: ops.restore_(_bucket(), _bucket(), _bucket(3), None, 1.0, 0.0), "grad has 3 elements"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_input_is_a_clear_error(case):
+    call, message = ERRORS[case]
+    with pytest.raises(RuntimeError, match=message):
+        call(resolve("cpp", torch.device("cpu")))
+
+
+# ---------------------------------------------------------------------- registration
+def opcheck_samples(device):
+    """(op, args) covering each op's paths: dtypes, adaptive, center or none, several buckets."""
+    g32 = random_bucket(300, torch.float32, device, seed=20)
+    w32 = random_bucket(300, torch.float32, device, seed=21)
+    g16 = random_bucket(40, torch.bfloat16, device, seed=22)
+    sq = reference.sq_norm([g32], [None])
+    ops = torch.ops.fused_lesam
+    return [
+        (ops.sq_norm.default, ([g32, g16], [None, g16])),
+        (ops.sq_norm.default, ([g32], [w32])),
+        (ops.perturb_.default, (w32.clone(), g32, torch.empty_like(w32), sq, 0.35, 0.4, 1e-12, False, None)),
+        (ops.perturb_.default, (w32.clone(), g32, torch.empty_like(w32), sq, math.inf, 0.05, 1.0, True, torch.empty_like(w32))),
+        (ops.perturb_.default, (g16.clone(), g16, torch.empty_like(g16), sq, 0.35, 0.4, 1e-12, False, None)),
+        (ops.restore_.default, (w32.clone(), w32 + 1, g32.clone(), None, 1.0, 0.0)),
+        (ops.restore_.default, (w32.clone(), w32 + 1, g32.clone(), w32, 1.5, 0.5)),
+    ]
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_opcheck(backend, device):
+    """torch.library.opcheck: schema (mutations declared), fake kernels, autograd registration,
+    and AOT dispatch (what torch.compile goes through) for every op."""
+    resolve(backend, torch.device(device))  # loads the extension
+    for op, args in opcheck_samples(device):
+        torch.library.opcheck(op, args)
+
+
+def test_ops_trace_whole_graph():
+    """The three ops in one torch.compile(fullgraph=True) graph give the eager results."""
+    ops = resolve("cpp", torch.device("cpu"))
+
+    def sam_ops(param, grad, backup, center, ghat):
+        sq = ops.sq_norm([grad], [None])
+        rho = ops.perturb_(param, grad, backup, sq, 0.35, 0.4, 1e-12, False, center)
+        perturbed = param.clone()
+        ops.restore_(param, backup, ghat, center, 1.5, 0.5)
+        return rho, perturbed
+
+    def inputs():
+        w, g = random_bucket(100, torch.float32, "cpu", seed=30), random_bucket(100, torch.float32, "cpu", seed=31)
+        return w, g, torch.empty_like(w), torch.empty_like(w), random_bucket(100, torch.float32, "cpu", seed=32)
+
+    eager_in, compiled_in = inputs(), inputs()
+    eager_out = sam_ops(*eager_in)
+    compiled_out = torch.compile(sam_ops, fullgraph=True, backend="aot_eager")(*compiled_in)
+    for a, b in zip(eager_out + eager_in, compiled_out + compiled_in):
+        assert torch.equal(a, b)
