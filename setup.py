@@ -68,7 +68,10 @@ def _extension():
         return [], {}
 
     sources = ["csrc/fused_lesam.cpp", "csrc/cpu/bucket_ops.cpp"]
-    cxx_flags = ["-O3"]
+    # at::parallel_for is OpenMP in torch's builds (AT_PARALLEL_OPENMP): without -fopenmp its pragma
+    # is ignored and the CPU kernels run on one thread. libgomp.so.1 is the one torch has loaded.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3"] + openmp
     why_no_cuda = None
     if _flag("FUSED_LESAM_NO_CUDA"):
         why_no_cuda = "FUSED_LESAM_NO_CUDA is set"
@@ -83,7 +86,8 @@ def _extension():
         if _flag("FUSED_LESAM_REQUIRE_CUDA"):
             raise RuntimeError(f"FUSED_LESAM_REQUIRE_CUDA is set but the CUDA kernels cannot be built: {why_no_cuda}")
         _say(f"building the CPU kernels only: {why_no_cuda}")
-        ext = cpp_extension.CppExtension("fused_lesam._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = cpp_extension.CppExtension("fused_lesam._C", sources, extra_compile_args={"cxx": cxx_flags},
+                                         extra_link_args=openmp)
     else:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # Without a GPU to ask, torch would build for every arch nvcc knows: far too slow.
@@ -95,6 +99,7 @@ def _extension():
             sources + ["csrc/cuda/bucket_ops.cu"],
             include_dirs=_cuda_library_headers(),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=openmp,
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
