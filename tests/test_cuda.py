@@ -1,8 +1,9 @@
 """GPU tests (marked ``cuda``; skipped on machines without a CUDA GPU, run them with ``./dev test -m cuda``).
 
-CPU/GPU parity: the same training run on the CPU (torch reference) and on the GPU with every
+CPU/GPU parity: the same training run on the CPU with every CPU backend and on the GPU with every
 backend available there gives the same parameters within the dtype's tolerance. And the fused
-path never synchronises with the host, checked with torch's own sync-debug mode.
+path never synchronises with the host, checked with torch's own sync-debug mode. The ops
+themselves are tested on the GPU by tests/test_ops.py (its ``cuda`` cases).
 """
 
 import copy
@@ -16,6 +17,7 @@ from fused_lesam import FusedLESAM, FusedSAM, available_backends
 pytestmark = pytest.mark.cuda
 
 CUDA_BACKENDS = ["auto"] + [n for n, why in available_backends().items() if not why and n in ("torch", "cuda", "triton")]
+CPU_BACKENDS = [n for n, why in available_backends().items() if not why and n in ("torch", "cpp")]
 CASES = {
     "lesam": (FusedLESAM, dict(sigma=0.35, rho_max=0.4, alpha=0.5, total_steps=8, anneal_steps=4)),
     "lesam-adaptive": (FusedLESAM, dict(sigma=0.5, rho_max=2.0, adaptive=True)),
@@ -28,15 +30,16 @@ def to_cuda(batches):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cpu_backend", CPU_BACKENDS)
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_cpu_gpu_parity(case, backend, dtype):
+def test_cpu_gpu_parity(case, backend, cpu_backend, dtype):
     cls, kwargs = CASES[case]
     torch.manual_seed(0)
     cpu_model = SmallConvNet(dtype)
     gpu_model = copy.deepcopy(cpu_model).cuda()
     base = dict(lr=0.05, momentum=0.9, weight_decay=5e-3)
-    cpu_opt = cls(cpu_model.parameters(), backend="torch", **kwargs, **base)
+    cpu_opt = cls(cpu_model.parameters(), backend=cpu_backend, **kwargs, **base)
     gpu_opt = cls(gpu_model.parameters(), backend=backend, **kwargs, **base)
     batches = make_batches(8, dtype)
     for (x, y), (xc, yc) in zip(batches, to_cuda(batches)):
@@ -44,7 +47,7 @@ def test_cpu_gpu_parity(case, backend, dtype):
         sam_step(gpu_model, gpu_opt, xc, yc)
     for (name, p), q in zip(cpu_model.named_parameters(), gpu_model.parameters()):
         # Conv/GEMM kernels differ between CPU and GPU, so compare with the looser bf16 bounds for fp32 too.
-        assert_close(q.cpu(), p, dtype=torch.bfloat16, msg=f"{name} ({backend})")
+        assert_close(q.cpu(), p, dtype=torch.bfloat16, msg=f"{name} ({cpu_backend} on CPU, {backend} on GPU)")
     torch.testing.assert_close(gpu_opt.last_rho.cpu(), cpu_opt.last_rho, rtol=1e-3, atol=1e-5)
 
 
