@@ -12,7 +12,7 @@ TORCH_LIBRARY(fused_lesam, m) {
   // the squared norm sq. Returns rho_t (0-d). A non-finite sq leaves w untouched.
   m.def(
       "perturb_(Tensor(a!) param, Tensor grad, Tensor(b!) backup, Tensor sq, float sigma, float rho_max, "
-      "float varrho, bool adaptive, Tensor(c!)? center) -> Tensor");
+      "float varrho, bool adaptive, Tensor(c!)? center=None) -> Tensor");
   // w <- backup (bit-exact); with a center gradient, g <- ghat_coef * g - center_coef * center.
   m.def("restore_(Tensor(a!) param, Tensor backup, Tensor(b!) grad, Tensor? center, float ghat_coef, "
         "float center_coef) -> ()");

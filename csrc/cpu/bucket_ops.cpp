@@ -10,7 +10,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../bucket_checks.h"
+#include "../bucket_args.h"
 #include "../lesam_math.h"
 
 namespace fused_lesam {
@@ -52,25 +52,19 @@ acc_t chunk_sq_sum(const scalar_t* __restrict__ g, const scalar_t* __restrict__ 
 
 at::Tensor sq_norm_cpu(at::TensorList grads, const c10::List<std::optional<at::Tensor>>& weights) {
   check_sq_norm_args(grads, weights);
-  bool any_double = false;
-  std::vector<int64_t> first_chunk{0};  // partials of bucket b are [first_chunk[b], first_chunk[b + 1])
-  for (const auto& grad : grads) {
-    any_double = any_double || grad.scalar_type() == at::kDouble;
-    first_chunk.push_back(first_chunk.back() + (grad.numel() + math::kReduceChunk - 1) / math::kReduceChunk);
-  }
-  const auto out_type = any_double ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({}, at::TensorOptions().dtype(out_type));
-  AT_DISPATCH_FLOATING_TYPES(out_type, "fused_lesam::sq_norm", [&] {
+  const ReduceLayout layout = reduce_layout(grads);
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(layout.out_type));
+  AT_DISPATCH_FLOATING_TYPES(layout.out_type, "fused_lesam::sq_norm", [&] {
     using out_t = scalar_t;
-    std::vector<out_t> partials(first_chunk.back());
+    std::vector<out_t> partials(layout.total());
     for (size_t b = 0; b < grads.size(); ++b) {
       const std::optional<at::Tensor> weight = weights[b];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[b].scalar_type(), "fused_lesam::sq_norm", [&] {
         const scalar_t* g = grads[b].const_data_ptr<scalar_t>();
         const scalar_t* w = weight.has_value() ? weight->const_data_ptr<scalar_t>() : nullptr;
         const int64_t n = grads[b].numel();
-        out_t* part = partials.data() + first_chunk[b];
-        at::parallel_for(0, first_chunk[b + 1] - first_chunk[b], 1, [&](int64_t begin, int64_t end) {
+        out_t* part = partials.data() + layout.first_chunk[b];
+        at::parallel_for(0, layout.chunks(b), 1, [&](int64_t begin, int64_t end) {
           for (int64_t c = begin; c < end; ++c) {
             const int64_t start = c * math::kReduceChunk;
             const int64_t len = std::min(math::kReduceChunk, n - start);

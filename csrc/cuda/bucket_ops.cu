@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "../bucket_checks.h"
+#include "../bucket_args.h"
 #include "../lesam_math.h"
 
 namespace fused_lesam {
@@ -133,24 +133,18 @@ at::Tensor sq_norm_cuda(at::TensorList grads, const c10::List<std::optional<at::
   check_sq_norm_args(grads, weights);
   const c10::cuda::CUDAGuard guard(grads[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  bool any_double = false;
-  std::vector<int64_t> first_chunk{0};  // partials of bucket b are [first_chunk[b], first_chunk[b + 1])
-  for (const auto& grad : grads) {
-    any_double = any_double || grad.scalar_type() == at::kDouble;
-    first_chunk.push_back(first_chunk.back() + (grad.numel() + math::kReduceChunk - 1) / math::kReduceChunk);
-  }
-  const auto out_type = any_double ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({}, grads[0].options().dtype(out_type));
-  at::Tensor partials = at::empty({first_chunk.back()}, grads[0].options().dtype(out_type));
-  AT_DISPATCH_FLOATING_TYPES(out_type, "fused_lesam::sq_norm", [&] {
+  const ReduceLayout layout = reduce_layout(grads);
+  at::Tensor out = at::empty({}, grads[0].options().dtype(layout.out_type));
+  at::Tensor partials = at::empty({layout.total()}, grads[0].options().dtype(layout.out_type));
+  AT_DISPATCH_FLOATING_TYPES(layout.out_type, "fused_lesam::sq_norm", [&] {
     using out_t = scalar_t;
     for (size_t b = 0; b < grads.size(); ++b) {
-      const int64_t chunks = first_chunk[b + 1] - first_chunk[b];
+      const int64_t chunks = layout.chunks(b);
       if (chunks == 0) {
         continue;
       }
       const std::optional<at::Tensor> weight = weights[b];
-      out_t* part = partials.data_ptr<out_t>() + first_chunk[b];
+      out_t* part = partials.data_ptr<out_t>() + layout.first_chunk[b];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[b].scalar_type(), "fused_lesam::sq_norm", [&] {
         const scalar_t* g = grads[b].const_data_ptr<scalar_t>();
         const scalar_t* w = weight.has_value() ? weight->const_data_ptr<scalar_t>() : nullptr;
@@ -165,7 +159,7 @@ at::Tensor sq_norm_cuda(at::TensorList grads, const c10::List<std::optional<at::
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
-    sum_partials_kernel<out_t><<<1, kThreads, 0, stream>>>(partials.const_data_ptr<out_t>(), first_chunk.back(),
+    sum_partials_kernel<out_t><<<1, kThreads, 0, stream>>>(partials.const_data_ptr<out_t>(), layout.total(),
                                                            out.data_ptr<out_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -184,6 +178,23 @@ __device__ void perturb_element(scalar_t& w, scalar_t g, scalar_t& backup, scala
   }
 }
 
+// Spreads a bucket of n elements over the grid: vec_op(k) for every whole 16-byte vector k, then
+// elem_op(i) for the elements after the last vector; elem_op for every element when the call's
+// pointers are not all 16-byte aligned.
+template <typename scalar_t, typename VecOp, typename ElemOp>
+__device__ void grid_stride(int64_t n, bool vectorized, VecOp vec_op, ElemOp elem_op) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  constexpr int V = vec_len<scalar_t>();
+  const int64_t done = vectorized ? n / V * V : 0;
+  for (int64_t k = first; k < done / V; k += stride) {
+    vec_op(k);
+  }
+  for (int64_t i = done + first; i < n; i += stride) {
+    elem_op(i);
+  }
+}
+
 // Every thread back-solves rho_t from *sq itself (a few flops, no second kernel); block 0 stores it.
 template <typename scalar_t, typename acc_t, bool adaptive, bool save_center>
 __global__ void __launch_bounds__(kThreads)
@@ -194,32 +205,26 @@ __global__ void __launch_bounds__(kThreads)
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     *rho_out = r.rho;
   }
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  int64_t done = 0;
-  if (vectorized) {
-    constexpr int V = vec_len<scalar_t>();
-    using VecT = Vec<scalar_t>;
-    for (int64_t k = first; k < n / V; k += stride) {
-      VecT wv = reinterpret_cast<VecT*>(w)[k];
-      const VecT gv = reinterpret_cast<const VecT*>(g)[k];
-      VecT bv, cv;
+  using VecT = Vec<scalar_t>;
+  auto vec_op = [&](int64_t k) {
+    VecT wv = reinterpret_cast<VecT*>(w)[k];
+    const VecT gv = reinterpret_cast<const VecT*>(g)[k];
+    VecT bv, cv;
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        perturb_element<scalar_t, acc_t, adaptive, save_center>(wv.v[j], gv.v[j], bv.v[j], cv.v[j], r);
-      }
-      reinterpret_cast<VecT*>(backup)[k] = bv;
-      if constexpr (save_center) {
-        reinterpret_cast<VecT*>(center)[k] = cv;
-      }
-      reinterpret_cast<VecT*>(w)[k] = wv;
+    for (int j = 0; j < vec_len<scalar_t>(); ++j) {
+      perturb_element<scalar_t, acc_t, adaptive, save_center>(wv.v[j], gv.v[j], bv.v[j], cv.v[j], r);
     }
-    done = n / V * V;
-  }
-  for (int64_t i = done + first; i < n; i += stride) {
+    reinterpret_cast<VecT*>(backup)[k] = bv;
+    if constexpr (save_center) {
+      reinterpret_cast<VecT*>(center)[k] = cv;
+    }
+    reinterpret_cast<VecT*>(w)[k] = wv;
+  };
+  auto elem_op = [&](int64_t i) {
     scalar_t unused;
     perturb_element<scalar_t, acc_t, adaptive, save_center>(w[i], g[i], backup[i], save_center ? center[i] : unused, r);
-  }
+  };
+  grid_stride<scalar_t>(n, vectorized, vec_op, elem_op);
 }
 
 at::Tensor perturb_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& backup, const at::Tensor& sq,
@@ -273,35 +278,29 @@ __global__ void __launch_bounds__(kThreads)
     restore_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ backup, scalar_t* __restrict__ g,
                    const scalar_t* __restrict__ center, acc_t ghat_coef, acc_t center_coef, int64_t n,
                    bool vectorized) {
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  int64_t done = 0;
-  if (vectorized) {
-    constexpr int V = vec_len<scalar_t>();
-    using VecT = Vec<scalar_t>;
-    for (int64_t k = first; k < n / V; k += stride) {
-      const VecT bv = reinterpret_cast<const VecT*>(backup)[k];
-      VecT wv, gv, cv;
-      if constexpr (combine) {
-        gv = reinterpret_cast<const VecT*>(g)[k];
-        cv = reinterpret_cast<const VecT*>(center)[k];
-      }
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        restore_element<scalar_t, acc_t, combine>(wv.v[j], bv.v[j], gv.v[j], cv.v[j], ghat_coef, center_coef);
-      }
-      reinterpret_cast<VecT*>(w)[k] = wv;
-      if constexpr (combine) {
-        reinterpret_cast<VecT*>(g)[k] = gv;
-      }
+  using VecT = Vec<scalar_t>;
+  auto vec_op = [&](int64_t k) {
+    const VecT bv = reinterpret_cast<const VecT*>(backup)[k];
+    VecT wv, gv, cv;
+    if constexpr (combine) {
+      gv = reinterpret_cast<const VecT*>(g)[k];
+      cv = reinterpret_cast<const VecT*>(center)[k];
     }
-    done = n / V * V;
-  }
-  for (int64_t i = done + first; i < n; i += stride) {
+#pragma unroll
+    for (int j = 0; j < vec_len<scalar_t>(); ++j) {
+      restore_element<scalar_t, acc_t, combine>(wv.v[j], bv.v[j], gv.v[j], cv.v[j], ghat_coef, center_coef);
+    }
+    reinterpret_cast<VecT*>(w)[k] = wv;
+    if constexpr (combine) {
+      reinterpret_cast<VecT*>(g)[k] = gv;
+    }
+  };
+  auto elem_op = [&](int64_t i) {
     scalar_t unused;
     restore_element<scalar_t, acc_t, combine>(w[i], backup[i], combine ? g[i] : unused,
                                               combine ? center[i] : scalar_t(0), ghat_coef, center_coef);
-  }
+  };
+  grid_stride<scalar_t>(n, vectorized, vec_op, elem_op);
 }
 
 void restore_cuda(at::Tensor& param, const at::Tensor& backup, at::Tensor& grad,

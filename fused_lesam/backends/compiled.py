@@ -38,7 +38,7 @@ def _sq_norm_fake(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) 
 
 
 @torch.library.register_fake("fused_lesam::perturb_")
-def _perturb_fake(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center) -> Tensor:
+def _perturb_fake(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center=None) -> Tensor:
     return param.new_empty((), dtype=reference.acc_dtype(param.dtype))
 
 
@@ -47,31 +47,7 @@ def _restore_fake(param, backup, grad, center, ghat_coef, center_coef) -> None:
     return None
 
 
-def sq_norm(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) -> Tensor:
-    return torch.ops.fused_lesam.sq_norm(list(grads), list(weights))
-
-
-def perturb_(
-    param: Tensor,
-    grad: Tensor,
-    backup: Tensor,
-    sq: Tensor,
-    sigma: float,
-    rho_max: float,
-    varrho: float,
-    adaptive: bool,
-    center: Optional[Tensor] = None,
-) -> Tensor:
-    return torch.ops.fused_lesam.perturb_(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center)
-
-
-def restore_(
-    param: Tensor, backup: Tensor, grad: Tensor, center: Optional[Tensor], ghat_coef: float, center_coef: float
-) -> None:
-    torch.ops.fused_lesam.restore_(param, backup, grad, center, ghat_coef, center_coef)
-
-
-# The docstrings are the specification's: the ops compute what reference.py computes.
-sq_norm.__doc__ = reference.sq_norm.__doc__
-perturb_.__doc__ = reference.perturb_.__doc__
-restore_.__doc__ = reference.restore_.__doc__
+# The ops take the arguments of the reference backend's functions, in the same order.
+sq_norm = torch.ops.fused_lesam.sq_norm
+perturb_ = torch.ops.fused_lesam.perturb_
+restore_ = torch.ops.fused_lesam.restore_

@@ -1,5 +1,5 @@
-// Argument checks of the bucket ops, shared by the CPU and CUDA implementations so both reject
-// the same inputs with the same messages. Host code only.
+// Host-side helpers shared by the CPU and CUDA implementations of the bucket ops: the argument
+// checks (both reject the same inputs with the same messages) and the chunk layout of the norm.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,6 +7,9 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <vector>
+
+#include "lesam_math.h"
 
 namespace fused_lesam {
 
@@ -34,6 +37,27 @@ inline void check_same_bucket(const at::Tensor& t, const at::Tensor& like, const
               " elements but ", like_name, " has ", like.numel());
   TORCH_CHECK(t.device() == like.device(), "fused_lesam::", op, ": ", name, " is on ", t.device(), " but ",
               like_name, " is on ", like.device());
+}
+
+// How sq_norm cuts its buckets into math::kReduceChunk-element chunks, one partial sum each:
+// bucket b's partials are [first_chunk[b], first_chunk[b + 1]). The sum is float64 if a bucket is.
+struct ReduceLayout {
+  std::vector<int64_t> first_chunk{0};
+  at::ScalarType out_type = at::kFloat;
+  int64_t chunks(size_t b) const { return first_chunk[b + 1] - first_chunk[b]; }
+  int64_t total() const { return first_chunk.back(); }
+};
+
+inline ReduceLayout reduce_layout(at::TensorList grads) {
+  ReduceLayout layout;
+  for (const auto& grad : grads) {
+    if (grad.scalar_type() == at::kDouble) {
+      layout.out_type = at::kDouble;
+    }
+    layout.first_chunk.push_back(layout.first_chunk.back() +
+                                 (grad.numel() + math::kReduceChunk - 1) / math::kReduceChunk);
+  }
+  return layout;
 }
 
 inline void check_sq_norm_args(at::TensorList grads, const c10::List<std::optional<at::Tensor>>& weights) {
