@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "lesam_math.h"
@@ -64,12 +65,13 @@ inline void check_sq_norm_args(at::TensorList grads, const c10::List<std::option
   TORCH_CHECK(grads.size() == weights.size(), "fused_lesam::sq_norm: got ", grads.size(), " grad buckets but ",
               weights.size(), " weights (one per bucket, None where the group is not adaptive)");
   for (size_t i = 0; i < grads.size(); ++i) {
-    check_bucket(grads[i], "sq_norm", "grads[i]");
+    const std::string grad_name = "grads[" + std::to_string(i) + "]";
+    check_bucket(grads[i], "sq_norm", grad_name.c_str());
     TORCH_CHECK(grads[i].device() == grads[0].device(), "fused_lesam::sq_norm: grads[", i, "] is on ",
                 grads[i].device(), " but grads[0] is on ", grads[0].device(), "; one call sums one device");
     const std::optional<at::Tensor> weight = weights[i];
     if (weight.has_value()) {
-      check_same_bucket(*weight, grads[i], "sq_norm", "weights[i]", "grads[i]");
+      check_same_bucket(*weight, grads[i], "sq_norm", ("weights[" + std::to_string(i) + "]").c_str(), grad_name.c_str());
     }
   }
 }
