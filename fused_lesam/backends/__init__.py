@@ -9,6 +9,7 @@ cuda -> triton -> torch on CUDA tensors and cpp -> torch on CPU tensors (DESIGN.
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Optional
 
@@ -57,6 +58,13 @@ def extension_error() -> str:
     return ""
 
 
+def _device_types(name: str) -> Optional[frozenset[str]]:
+    devices = _MODULES[name][1]
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return devices | {"cpu"}  # Triton's interpreter runs the kernels on CPU tensors (the tests do)
+    return devices
+
+
 def available_backends() -> dict[str, str]:
     """Every backend name mapped to "" when it is usable here, else the reason it is not."""
     return {name: _load(name)[1] for name in NAMES}
@@ -72,7 +80,7 @@ def resolve(name: str, device: torch.device) -> ModuleType:
         raise RuntimeError("no backend could be loaded, not even the torch reference")
     if name not in _MODULES:
         raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
-    devices = _MODULES[name][1]
+    devices = _device_types(name)
     if devices is not None and device.type not in devices:
         raise ValueError(f"backend {name!r} runs on {sorted(devices)} tensors, but parameters are on {device}")
     module, why = _load(name)

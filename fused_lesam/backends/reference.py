@@ -17,6 +17,9 @@ from torch import Tensor
 
 NAME = "torch"
 
+# The dtypes a bucket may have (every backend takes these).
+BUCKET_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
 # Added to the norm before dividing by it; the paper's eps = rho_t * g / ||g|| (DESIGN.md §1).
 NORM_EPS = 1e-12
 
