@@ -81,3 +81,26 @@ def test_non_finite_gradient_is_skipped_on_the_gpu():
     opt.second_step(zero_grad=True)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert int(opt.skipped_steps) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_triton_equals_cuda_extension(dtype, adaptive):
+    """The two GPU kernel backends on the same inputs: norm, perturbation and LE-SAM+ restore."""
+    from fused_lesam.backends import resolve
+
+    cuda_ops, triton_ops = resolve("cuda", torch.device("cuda")), resolve("triton", torch.device("cuda"))
+    gen = torch.Generator().manual_seed(0)
+    n = (1 << 20) + 3
+    w, g, ghat = (torch.randn(n, generator=gen).to(dtype).cuda() for _ in range(3))
+    results = []
+    for ops in (cuda_ops, triton_ops):
+        sq = ops.sq_norm([g], [w if adaptive else None])
+        param, backup, center, grad = w.clone(), torch.empty_like(w), torch.empty_like(w), ghat.clone()
+        rho = ops.perturb_(param, g, backup, sq, 0.35, 0.4, 1e-12, adaptive, center)
+        perturbed = param.clone()
+        ops.restore_(param, backup, grad, center, 1.5, 0.5)
+        assert torch.equal(param, w) and torch.equal(center, g)
+        results.append((sq, rho, perturbed, grad))
+    for name, a, b in zip(("sq", "rho", "perturbed", "combined grad"), *results):
+        assert_close(a, b, msg=f"{name}: cuda and triton differ")

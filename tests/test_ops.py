@@ -8,6 +8,7 @@ GPU backends run the same tests on CUDA tensors (marked ``cuda``, skipped withou
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -15,13 +16,38 @@ import torch
 from conftest import assert_bits_equal, assert_close
 from fused_lesam.backends import reference, resolve
 
-# (backend, device) pairs whose kernels are tested here against the reference on the same device.
-TARGETS = [
-    pytest.param("cpp", "cpu", id="cpp"),
-    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
-]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-SIZES = [0, 1, 15, 16, 17, 4095, (1 << 20) + 3]
+# Sizes that matter to compiled kernels: empty, one element, around the 16-element vector width,
+# and over a million (many reduction chunks, several CPU threads).
+COMPILED_SIZES = [0, 1, 15, 16, 17, 4095, (1 << 20) + 3]
+# Triton's interpreter runs each program in Python, so small buckets: around the blocks (1024
+# fp32 elements, 2048 fp16/bf16) and several blocks.
+INTERPRETED_SIZES = [0, 1, 17, 1023, 1024, 1025, 2047, 2048, 2049, 5000]
+
+# name: (backend, device, sizes, marks). Each is tested against the reference on the same device.
+TARGETS = {
+    "cpp": ("cpp", "cpu", COMPILED_SIZES, ()),
+    # tests/conftest.py sets TRITON_INTERPRET=1 on machines without a GPU; GPU machines run "triton".
+    "triton-interpreter": ("triton", "cpu", INTERPRETED_SIZES, (pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1", reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1"),)),
+    "cuda": ("cuda", "cuda", COMPILED_SIZES, (pytest.mark.cuda,)),
+    "triton": ("triton", "cuda", COMPILED_SIZES, (pytest.mark.cuda,)),
+}
+
+
+def targets():
+    return [pytest.param(backend, device, id=name, marks=marks) for name, (backend, device, _, marks) in TARGETS.items()]
+
+
+def targets_and_sizes():
+    return [pytest.param(backend, device, size, id=f"{name}-{size}", marks=marks)
+            for name, (backend, device, sizes, marks) in TARGETS.items() for size in sizes]
+
+
+def largest_size(backend, device):
+    return next(max(sizes) for b, d, sizes, _ in TARGETS.values() if (b, d) == (backend, device))
+
+
 OFFSETS = [0, 3]  # 3 elements in: the bucket's pointer is not 16-byte aligned
 RADII = {  # (sigma_t, rho_max, varrho)
     "lesam": (0.35, 0.4, 1e-12),
@@ -68,9 +94,8 @@ def run_perturb(ops, w, g, sq, radius, adaptive, with_center, offset):
     return param, backup, center, rho
 
 
-@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("backend,device,size", targets_and_sizes())
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_sq_norm(backend, device, dtype, size, offset, adaptive):
@@ -83,7 +108,7 @@ def test_sq_norm(backend, device, dtype, size, offset, adaptive):
     assert_close(got, want)
 
 
-@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("backend,device", targets())
 def test_sq_norm_sums_several_buckets(backend, device):
     ops = resolve(backend, torch.device(device))
     specs = [(torch.float32, 17, 3, False), (torch.bfloat16, 4095, 0, True), (torch.float16, 16, 1, False),
@@ -102,7 +127,7 @@ def test_sq_norm_sums_several_buckets(backend, device):
     assert_close(got, reference.sq_norm(grads, weights), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("backend,device", targets())
 @pytest.mark.parametrize("regime", ["nan", "inf", "huge", "zero"])
 def test_sq_norm_of_extreme_gradients(backend, device, regime):
     ops = resolve(backend, torch.device(device))
@@ -114,11 +139,12 @@ def test_sq_norm_of_extreme_gradients(backend, device, regime):
         assert_close(got, want)
 
 
-@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("backend,device", targets())
 def test_sq_norm_is_deterministic(backend, device):
     """Fixed reduction chunks: the same bits on every run, whatever the number of CPU threads."""
     ops = resolve(backend, torch.device(device))
-    grads = [random_bucket((1 << 20) + 3, torch.float32, device, seed=5), random_bucket(999, torch.float16, device, seed=6)]
+    grads = [random_bucket(largest_size(backend, device), torch.float32, device, seed=5),
+             random_bucket(999, torch.float16, device, seed=6)]
     first = ops.sq_norm(grads, [None, grads[1]])
     threads = torch.get_num_threads()
     try:
@@ -129,9 +155,8 @@ def test_sq_norm_is_deterministic(backend, device):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("backend,device,size", targets_and_sizes())
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_perturb(backend, device, dtype, size, offset, adaptive):
@@ -154,7 +179,7 @@ def check_perturb(got, want, w, g):
     assert_close(param, ref_param)
 
 
-@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("backend,device", targets())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -174,7 +199,7 @@ def test_perturb_gradient_regimes(backend, device, dtype, regime, adaptive, with
         assert rho.item() == 0.0
 
 
-@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("backend,device", targets())
 @pytest.mark.parametrize("radius", list(RADII))
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_perturb_radius(backend, device, radius, adaptive):
@@ -194,9 +219,8 @@ def test_perturb_radius(backend, device, radius, adaptive):
     assert length.item() == pytest.approx(expected_rho, rel=1e-3, abs=1e-7)
 
 
-@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("backend,device,size", targets_and_sizes())
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("coefs", [None, (1.5, 0.5), (1.0, 0.5)], ids=["plain", "lesam-plus", "released"])
 def test_restore(backend, device, dtype, size, offset, coefs):
@@ -240,49 +264,58 @@ ERRORS = {
     "sq shape": (lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(), torch.ones(1), *LESAM, False, None),
                  "sq must be the 0-d"),
     "weights count": (lambda ops: ops.sq_norm([_bucket(), _bucket()], [None]), "got 2 grad buckets but 1 weights"),
-    "weight dtype": (lambda ops: ops.sq_norm([_bucket()], [_bucket(dtype=torch.bfloat16)]), "weights\\[i\\] has dtype"),
+    "weight dtype": (lambda ops: ops.sq_norm([_bucket()], [_bucket(dtype=torch.bfloat16)]), "weights\\[0\\] has dtype"),
     "restore grad size": (lambda ops: ops.restore_(_bucket(), _bucket(), _bucket(3), None, 1.0, 0.0), "grad has 3 elements"),
 }
 
 
+@pytest.mark.parametrize("backend,device", [t for t in targets() if t.values[1] == "cpu"])
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_bad_input_is_a_clear_error(case):
+def test_bad_input_is_a_clear_error(backend, device, case):
     call, message = ERRORS[case]
     with pytest.raises(RuntimeError, match=message):
-        call(resolve("cpp", torch.device("cpu")))
+        call(resolve(backend, torch.device(device)))
 
 
 # ---------------------------------------------------------------------- registration
-def opcheck_samples(device):
+def opcheck_samples(ops, device):
     """(op, args) covering each op's paths: dtypes, adaptive, center or none, several buckets."""
     g32 = random_bucket(300, torch.float32, device, seed=20)
     w32 = random_bucket(300, torch.float32, device, seed=21)
     g16 = random_bucket(40, torch.bfloat16, device, seed=22)
     sq = reference.sq_norm([g32], [None])
-    ops = torch.ops.fused_lesam
     return [
-        (ops.sq_norm.default, ([g32, g16], [None, g16])),
-        (ops.sq_norm.default, ([g32], [w32])),
-        (ops.perturb_.default, (w32.clone(), g32, torch.empty_like(w32), sq, 0.35, 0.4, 1e-12, False, None)),
-        (ops.perturb_.default, (w32.clone(), g32, torch.empty_like(w32), sq, math.inf, 0.05, 1.0, True, torch.empty_like(w32))),
-        (ops.perturb_.default, (g16.clone(), g16, torch.empty_like(g16), sq, 0.35, 0.4, 1e-12, False, None)),
-        (ops.restore_.default, (w32.clone(), w32 + 1, g32.clone(), None, 1.0, 0.0)),
-        (ops.restore_.default, (w32.clone(), w32 + 1, g32.clone(), w32, 1.5, 0.5)),
+        (ops.sq_norm, ([g32, g16], [None, g16])),
+        (ops.sq_norm, ([g32], [w32])),
+        (ops.perturb_, (w32.clone(), g32, torch.empty_like(w32), sq, 0.35, 0.4, 1e-12, False, None)),
+        (ops.perturb_, (w32.clone(), g32, torch.empty_like(w32), sq, math.inf, 0.05, 1.0, True, torch.empty_like(w32))),
+        (ops.perturb_, (g16.clone(), g16, torch.empty_like(g16), sq, 0.35, 0.4, 1e-12, False, None)),
+        (ops.restore_, (w32.clone(), w32 + 1, g32.clone(), None, 1.0, 0.0)),
+        (ops.restore_, (w32.clone(), w32 + 1, g32.clone(), w32, 1.5, 0.5)),
     ]
 
 
-@pytest.mark.parametrize("backend,device", TARGETS)
+# Fake tensors cannot go through Triton's interpreter (it reads their data), so the Triton ops'
+# fake kernels and their torch.compile tracing are checked on the GPU only.
+TRACEABLE = [t for t in targets() if t.id != "triton-interpreter"]
+
+
+@pytest.mark.parametrize("backend,device", targets())
 def test_opcheck(backend, device):
-    """torch.library.opcheck: schema (mutations declared), fake kernels, autograd registration,
-    and AOT dispatch (what torch.compile goes through) for every op."""
-    resolve(backend, torch.device(device))  # loads the extension
-    for op, args in opcheck_samples(device):
-        torch.library.opcheck(op, args)
+    """torch.library.opcheck: schema (mutations declared), autograd registration, and (where fake
+    tensors can run) the fake kernels and AOT dispatch, what torch.compile goes through."""
+    ops = resolve(backend, torch.device(device))
+    checks = ("test_schema", "test_autograd_registration")
+    if any(t.values[:2] == (backend, device) for t in TRACEABLE):
+        checks += ("test_faketensor", "test_aot_dispatch_dynamic")
+    for op, args in opcheck_samples(ops, device):
+        torch.library.opcheck(op, args, test_utils=checks)
 
 
-def test_ops_trace_whole_graph():
+@pytest.mark.parametrize("backend,device", TRACEABLE)
+def test_ops_trace_whole_graph(backend, device):
     """The three ops in one torch.compile(fullgraph=True) graph give the eager results."""
-    ops = resolve("cpp", torch.device("cpu"))
+    ops = resolve(backend, torch.device(device))
 
     def sam_ops(param, grad, backup, center, ghat):
         sq = ops.sq_norm([grad], [None])
@@ -292,8 +325,8 @@ def test_ops_trace_whole_graph():
         return rho, perturbed
 
     def inputs():
-        w, g = random_bucket(100, torch.float32, "cpu", seed=30), random_bucket(100, torch.float32, "cpu", seed=31)
-        return w, g, torch.empty_like(w), torch.empty_like(w), random_bucket(100, torch.float32, "cpu", seed=32)
+        w, g = random_bucket(100, torch.float32, device, seed=30), random_bucket(100, torch.float32, device, seed=31)
+        return w, g, torch.empty_like(w), torch.empty_like(w), random_bucket(100, torch.float32, device, seed=32)
 
     eager_in, compiled_in = inputs(), inputs()
     eager_out = sam_ops(*eager_in)
