@@ -26,7 +26,7 @@ class PerTensorSAM(torch.optim.Optimizer):
         ]), p=2)
 
     @torch.no_grad()
-    def first_step(self):
+    def first_step(self, zero_grad=False):
         norm = self._grad_norm()
         for group in self.param_groups:
             if group["sigma"] is None:
@@ -40,11 +40,15 @@ class PerTensorSAM(torch.optim.Optimizer):
                 self.state[p]["old_p"] = p.data.clone()
                 e_w = (torch.pow(p, 2) if group["adaptive"] else 1.0) * p.grad * scale.to(p)
                 p.add_(e_w)
+        if zero_grad:
+            self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self):
+    def second_step(self, zero_grad=False):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     p.data = self.state[p]["old_p"]
         self.base.step()
+        if zero_grad:
+            self.zero_grad()

@@ -1,0 +1,243 @@
+"""Training time per epoch on CIFAR-100, SAM vs LE-SAM: the paper's Table 6 (Appendix C), extended.
+
+The paper times SAM's and LE-SAM's own two-pass training loops (RTX 5090, 5 epochs averaged).
+Here each model gets these rows: SGD (one pass, the floor); SAM and LE-SAM as per-tensor loops
+(the papers' style, bench/baselines.py); FusedSAM and FusedLESAM on every backend available on the
+device. Columns: time per epoch, the ratio to SAM's loop, and the optimizer's share of the step.
+
+Quick default (under a minute on a 2-core CPU): ResNet-18, batch 32, 3 timed steps after 2
+warm-up steps per row, the rows taking turns step by step; the epoch is extrapolated from the
+median step and labelled so.
+The paper's protocol, on a GPU (whole epochs, the first one excluded as warm-up, the median of
+the others; the device synchronised around every timing):
+
+    python bench/epoch_time.py --device cuda --models all --epochs 5 --data ~/data --channels-last
+
+(batch sizes then default to the paper's: 128 for ResNet-18, 256 for the others.)
+Writes bench/results/epoch_time.json (every figure, the machine) and epoch_time.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from baselines import PerTensorSAM
+from common import RESULTS, Batches, Progress, machine, sync, write_json
+from models import MODELS, PAPER_NAMES
+
+import fused_lesam
+from fused_lesam import FusedLESAM, FusedSAM, frozen_bn_stats
+
+# The paper's Table 6: seconds per epoch, RTX 5090, its own training loops.
+PAPER_TABLE6 = {("resnet18", "SAM"): 9.06, ("resnet18", "LE-SAM"): 9.32,
+                ("wrn28_10", "SAM"): 55.83, ("wrn28_10", "LE-SAM"): 56.26,
+                ("pyramidnet110", "SAM"): 88.82, ("pyramidnet110", "LE-SAM"): 89.72}
+# Table 8 (CIFAR-100): SGD and LE-SAM settings per model; SAM uses rho = 0.1 on CIFAR-100.
+HYPER = {
+    "resnet18": dict(batch=128, lr=0.05, weight_decay=1e-3, sigma=0.35, rho_max=0.4),
+    "wrn28_10": dict(batch=256, lr=0.05, weight_decay=1e-3, sigma=0.3, rho_max=None),
+    "pyramidnet110": dict(batch=256, lr=0.1, weight_decay=5e-4, sigma=0.3, rho_max=None),
+}
+SAM_RHO = 0.1
+SAM_ROW, LESAM_ROW = "SAM (per-tensor loop)", "LE-SAM (per-tensor loop)"
+
+
+def optimizer_rows(model_name: str, device: torch.device, fused_sgd: bool) -> dict[str, Callable]:
+    """Row label -> (params -> optimizer). One-pass rows are marked by the label "SGD"."""
+    h = HYPER[model_name]
+    sgd = dict(lr=h["lr"], momentum=0.9, weight_decay=h["weight_decay"], **({"fused": True} if fused_sgd else {}))
+    rho_max = h["rho_max"] if h["rho_max"] is not None else float("inf")
+    rows = {
+        "SGD": lambda ps: torch.optim.SGD(ps, **sgd),
+        SAM_ROW: lambda ps: PerTensorSAM(ps, torch.optim.SGD, rho=SAM_RHO, **sgd),
+        LESAM_ROW: lambda ps: PerTensorSAM(ps, torch.optim.SGD, sigma=h["sigma"], rho_max=rho_max, **sgd),
+    }
+    for name, why in fused_lesam.available_backends().items():
+        # Triton runs on the CPU only in its interpreter: a test tool, not something to time.
+        if why or (device.type == "cpu" and name not in ("torch", "cpp")):
+            continue
+        rows[f"FusedSAM ({name})"] = lambda ps, b=name: FusedSAM(ps, torch.optim.SGD, rho=SAM_RHO, backend=b, **sgd)
+        rows[f"FusedLESAM ({name})"] = lambda ps, b=name: FusedLESAM(
+            ps, torch.optim.SGD, sigma=h["sigma"], rho_max=h["rho_max"], backend=b, **sgd)
+    return rows
+
+
+class Timer:
+    """Wall time of code blocks, the device synchronised at both ends; sums by key."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.total = device, {}
+
+    def __call__(self, key: str):
+        timer = self
+
+        class Block:
+            def __enter__(self):
+                sync(timer.device)
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                sync(timer.device)
+                timer.total[key] = timer.total.get(key, 0.0) + time.perf_counter() - self.start
+
+        return Block()
+
+
+def train_step(model, opt, x, y, one_pass: bool, amp: bool, timer: Timer) -> None:
+    """One training step as the papers' loops do it; the optimizer's own time goes to "optimizer"."""
+    def loss():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            return F.cross_entropy(model(x), y)
+
+    loss().backward()
+    if one_pass:
+        with timer("optimizer"):
+            opt.step()
+            opt.zero_grad()
+        return
+    with timer("optimizer"):
+        opt.first_step(zero_grad=True)
+    with frozen_bn_stats(model):  # the second forward must not update BatchNorm statistics again
+        loss().backward()
+    with timer("optimizer"):
+        opt.second_step(zero_grad=True)
+
+
+def build(model_name, make_opt, device, channels_last):
+    torch.manual_seed(0)
+    model = MODELS[model_name]().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, make_opt(list(model.parameters()))
+
+
+def time_epochs(model, opt, one_pass, batches: Batches, args, progress: Progress) -> dict:
+    """Whole epochs; the first one is warm-up when there are several."""
+    epoch_times, opt_times = [], []
+    for _ in range(args.epochs):
+        timer = Timer(batches.device)
+        with timer("epoch"):
+            for x, y in batches.epoch():
+                train_step(model, opt, x, y, one_pass, args.amp, timer)
+                progress.advance()
+        epoch_times.append(timer.total["epoch"])
+        opt_times.append(timer.total["optimizer"])
+    kept = slice(1, None) if args.epochs > 1 else slice(None)
+    return dict(epoch_s=statistics.median(epoch_times[kept]), epochs_s=epoch_times, extrapolated=False,
+                optimizer_share=sum(opt_times[kept]) / sum(epoch_times[kept]))
+
+
+def time_steps(plan, args, progress: Progress) -> list[dict]:
+    """Steps of every row in turn (row 1 step 1, row 2 step 1, ...), so that a machine getting
+    slower or faster during the run affects every row alike; the epoch is extrapolated."""
+    built = [build(name, make_opt, batches.device, args.channels_last) for name, batches, _, make_opt in plan]
+    step_times = [[] for _ in plan]
+    opt_times = [[] for _ in plan]
+    for i in range(args.warmup + args.steps):
+        for k, ((_, batches, row, _), (model, opt)) in enumerate(zip(plan, built)):
+            x, y = batches.make(torch.randint(0, batches.size, (batches.batch,), generator=batches.gen))
+            timer = Timer(batches.device)
+            with timer("step"):
+                train_step(model, opt, x, y, row == "SGD", args.amp, timer)
+            if i >= args.warmup:
+                step_times[k].append(timer.total["step"])
+                opt_times[k].append(timer.total["optimizer"])
+            progress.advance()
+    return [dict(step_s=statistics.median(steps), steps_s=steps, extrapolated=True,
+                 epoch_s=statistics.median(steps) * batches.steps_per_epoch, optimizer_share=sum(opts) / sum(steps))
+            for steps, opts, (_, batches, _, _) in zip(step_times, opt_times, plan)]
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| Architecture | Optimizer | Time / Epoch (s) | vs SAM loop | optimizer share | paper (RTX 5090) |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        mark = " (extrapolated)" if r["extrapolated"] else ""
+        paper = r.get("paper_epoch_s")
+        lines.append(f"| {PAPER_NAMES[r['model']]} | {r['row']} | {r['epoch_s']:.2f}{mark} | {r['vs_sam']:.3f}x "
+                     f"| {r['optimizer_share']:.1%} | {'' if paper is None else f'{paper:.2f}'} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], title: str, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in results))
+    fig, axes = plt.subplots(len(models), 1, figsize=(8, 0.45 * len(results) + 1.5 * len(models)), squeeze=False)
+    for ax, model in zip(axes[:, 0], models):
+        rows = [r for r in results if r["model"] == model]
+        colors = ["tab:gray" if r["row"] == "SGD" else "tab:orange" if "loop" in r["row"] else "tab:blue" for r in rows]
+        ax.barh([r["row"] for r in rows], [r["epoch_s"] for r in rows], color=colors)
+        ax.invert_yaxis()
+        extrapolated = any(r["extrapolated"] for r in rows)
+        ax.set_title(PAPER_NAMES[model])
+        ax.set_xlabel("seconds per epoch" + (" (extrapolated from steps)" if extrapolated else ""))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18", help="comma-separated, or 'all': " + ", ".join(HYPER))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, help="default: 32 on the CPU, else the paper's per model")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per row (without --epochs)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row first (without --epochs)")
+    parser.add_argument("--epochs", type=int, default=0, help="time whole epochs instead (the paper: 5)")
+    parser.add_argument("--rows", default="", help="comma-separated substrings: keep matching rows only")
+    parser.add_argument("--data", help="folder with CIFAR-100's python files (cifar-100-python/); else synthetic")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast for the forward passes")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--fused-sgd", action="store_true", help="SGD(fused=True) as the base in every row")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    names = list(HYPER) if args.models == "all" else args.models.split(",")
+    plan = []
+    for name in names:
+        batch = args.batch or (32 if device.type == "cpu" else HYPER[name]["batch"])
+        batches = Batches(args.data, batch, device, args.channels_last)
+        rows = optimizer_rows(name, device, args.fused_sgd)
+        keep = [r for r in rows if not args.rows or any(k.strip() in r for k in args.rows.split(","))]
+        plan += [(name, batches, row, rows[row]) for row in keep]
+    units = sum((args.epochs * b.steps_per_epoch) if args.epochs else (args.warmup + args.steps) for _, b, _, _ in plan)
+    progress = Progress(units, "epoch_time")
+    if args.epochs:
+        results = [time_epochs(*build(name, make_opt, batches.device, args.channels_last), row == "SGD", batches,
+                               args, progress) for name, batches, row, make_opt in plan]
+    else:
+        results = time_steps(plan, args, progress)
+    for r, (name, batches, row, _) in zip(results, plan):
+        r.update(model=name, row=row, batch=batches.batch, data=batches.source)
+    for r in results:
+        sam = next(s for s in results if s["model"] == r["model"] and s["row"] == SAM_ROW) \
+            if any(s["row"] == SAM_ROW for s in results) else r
+        r["vs_sam"] = r["epoch_s"] / sam["epoch_s"]
+        paper_row = {SAM_ROW: "SAM", LESAM_ROW: "LE-SAM"}.get(r["row"])
+        r["paper_epoch_s"] = PAPER_TABLE6.get((r["model"], paper_row))
+    info = machine(device)
+    where = f"{info.get('gpu', info['cpu'])}, torch {info['torch']}"
+    sources = sorted({r["data"] for r in results})
+    print(f"\nTraining time per epoch on {where}; data: {'; '.join(sources)}; "
+          f"{'AMP bf16, ' if args.amp else ''}{'channels_last, ' if args.channels_last else ''}"
+          f"batch {', '.join(sorted({str(r['batch']) for r in results}))}")
+    print(markdown(results))
+    write_json("epoch_time.json", dict(machine=info, config=vars(args), results=results, paper_table6=
+                                       {f"{m}/{o}": s for (m, o), s in PAPER_TABLE6.items()}))
+    plot(results, f"time per epoch, {where}", RESULTS / "epoch_time.png")
+    print(f"wrote {RESULTS / 'epoch_time.json'} and {RESULTS / 'epoch_time.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
