@@ -18,7 +18,6 @@ import torch
 
 import fused_lesam
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
 CIFAR_TRAIN_SIZE = 50000
@@ -70,9 +69,15 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def results_dir() -> Path:
+    """Where the suite writes: bench/results/, or $FUSED_LESAM_BENCH_RESULTS (the tests use it)."""
+    path = Path(os.environ.get("FUSED_LESAM_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / name
+    path = results_dir() / name
     path.write_text(json.dumps(payload, indent=2, default=str))
     return path
 

@@ -20,6 +20,7 @@ def pytest_addoption(parser):
     parser.addoption("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.addoption("--sets", default="resnet18,wrn28_10,vit", help="parameter sets, from bench/models.py")
     parser.addoption("--rounds", type=int, default=10, help="timed rounds per benchmark")
+    parser.addoption("--fused-sgd", action="store_true", help="SGD(fused=True) as the base everywhere")
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +31,12 @@ def device(request):
 @pytest.fixture(scope="session")
 def rounds(request):
     return request.config.getoption("--rounds")
+
+
+@pytest.fixture(scope="session")
+def sgd(request):
+    """The base SGD's arguments (momentum and weight decay, as in training)."""
+    return dict(lr=0.05, momentum=0.9, weight_decay=5e-4, **({"fused": True} if request.config.getoption("--fused-sgd") else {}))
 
 
 def dispatches(fn, device) -> int:
@@ -65,7 +72,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
     write = terminalreporter.write_line
     write("")
-    write(f"Optimizer step on {device} (median of {config.getoption('--rounds')} rounds); targets: ops >= "
+    base = "SGD(fused=True)" if config.getoption("--fused-sgd") else "SGD"
+    write(f"Optimizer step on {device}, base {base} (median of {config.getoption('--rounds')} rounds); targets: ops >= "
           f"{TARGET_BANDWIDTH:.0%} of copy bandwidth, FusedLESAM >= {TARGET_SPEEDUP}x the per-tensor loop")
     write("| set | tensors | params | backend | ops ms | ops / copy bandwidth | step ms (loop) | step vs loop "
           "| overhead vs loop | dispatches / step (loop) |")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines import PerTensorSAM
-from common import RESULTS, Batches, Progress, machine, sync, write_json
+from common import Batches, Progress, machine, results_dir, sync, write_json
 from models import MODELS, PAPER_NAMES
 
 import fused_lesam
@@ -195,7 +195,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (without --epochs)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row first (without --epochs)")
     parser.add_argument("--epochs", type=int, default=0, help="time whole epochs instead (the paper: 5)")
-    parser.add_argument("--rows", default="", help="comma-separated substrings: keep matching rows only")
+    parser.add_argument("--rows", default="", help="comma-separated row labels to keep, e.g. 'SGD,FusedLESAM (cpp)'")
     parser.add_argument("--data", help="folder with CIFAR-100's python files (cifar-100-python/); else synthetic")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for the forward passes")
     parser.add_argument("--channels-last", action="store_true")
@@ -208,7 +208,11 @@ def main(argv=None) -> list[dict]:
         batch = args.batch or (32 if device.type == "cpu" else HYPER[name]["batch"])
         batches = Batches(args.data, batch, device, args.channels_last)
         rows = optimizer_rows(name, device, args.fused_sgd)
-        keep = [r for r in rows if not args.rows or any(k.strip() in r for k in args.rows.split(","))]
+        wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+        unknown = set(wanted) - set(rows)
+        if unknown:
+            parser.error(f"unknown rows {sorted(unknown)}; the rows here are {list(rows)}")
+        keep = [r for r in rows if not wanted or r in wanted]
         plan += [(name, batches, row, rows[row]) for row in keep]
     units = sum((args.epochs * b.steps_per_epoch) if args.epochs else (args.warmup + args.steps) for _, b, _, _ in plan)
     progress = Progress(units, "epoch_time")
@@ -234,8 +238,8 @@ def main(argv=None) -> list[dict]:
     print(markdown(results))
     write_json("epoch_time.json", dict(machine=info, config=vars(args), results=results, paper_table6=
                                        {f"{m}/{o}": s for (m, o), s in PAPER_TABLE6.items()}))
-    plot(results, f"time per epoch, {where}", RESULTS / "epoch_time.png")
-    print(f"wrote {RESULTS / 'epoch_time.json'} and {RESULTS / 'epoch_time.png'}")
+    plot(results, f"time per epoch, {where}", results_dir() / "epoch_time.png")
+    print(f"wrote {results_dir() / 'epoch_time.json'} and {results_dir() / 'epoch_time.png'}")
     return results
 
 

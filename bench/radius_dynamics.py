@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import RESULTS, Progress, machine, write_json
+from common import Progress, machine, results_dir, write_json
 
 from fused_lesam import FusedLESAM, FusedSAM, frozen_bn_stats
 
@@ -121,8 +121,8 @@ def main(argv=None) -> dict:
             print(f"{step:>5} {run['loss'][step]:>8.4f} {g:>8.4f} {rho:>8.4f} {run['sigma'][step]:>8.4f} {rho * g:>10.4f}")
     print(f"\n{len(runs)} runs of {args.steps} steps in {seconds:.1f} s; data: synthetic (class prototypes plus noise)")
     write_json("radius_dynamics.json", dict(machine=machine(torch.device(args.device)), config=vars(args), runs=runs))
-    plot(runs, RESULTS / "radius_dynamics.png")
-    print(f"wrote {RESULTS / 'radius_dynamics.json'} and {RESULTS / 'radius_dynamics.png'}")
+    plot(runs, results_dir() / "radius_dynamics.png")
+    print(f"wrote {results_dir() / 'radius_dynamics.json'} and {results_dir() / 'radius_dynamics.png'}")
     return runs
 
 

@@ -14,6 +14,7 @@ fused step against the loop (whole step, and overhead = step - SGD step), and th
 bench/results/step_overhead.json.
 
     .venv/bin/python -m pytest bench/test_step_overhead.py [--device cuda] [--sets resnet18,wrn28_10,vit]
+                                                           [--rounds 10] [--fused-sgd]
 """
 
 from __future__ import annotations
@@ -28,9 +29,6 @@ from models import param_shapes
 import fused_lesam
 from fused_lesam import FusedLESAM
 from fused_lesam.backends import resolve
-
-SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
-
 
 def make_params(shapes, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -87,8 +85,8 @@ def test_bucket_ops(benchmark, record, device, rounds, param_set, backend):
     run(benchmark, record, step_ops, device, param_set, f"ops-{backend}", rounds)
 
 
-def test_sgd_step(benchmark, record, device, rounds, param_set):
-    opt = torch.optim.SGD(make_params(param_shapes(param_set), device), **SGD)
+def test_sgd_step(benchmark, record, device, rounds, param_set, sgd):
+    opt = torch.optim.SGD(make_params(param_shapes(param_set), device), **sgd)
     run(benchmark, record, opt.step, device, param_set, "sgd", rounds)
 
 
@@ -100,11 +98,11 @@ def two_steps(opt):
     return step
 
 
-def test_loop_step(benchmark, record, device, rounds, param_set):
-    opt = PerTensorSAM(make_params(param_shapes(param_set), device), torch.optim.SGD, rho=0.05, **SGD)
+def test_loop_step(benchmark, record, device, rounds, param_set, sgd):
+    opt = PerTensorSAM(make_params(param_shapes(param_set), device), torch.optim.SGD, rho=0.05, **sgd)
     run(benchmark, record, two_steps(opt), device, param_set, "loop", rounds)
 
 
-def test_fused_step(benchmark, record, device, rounds, param_set, backend):
-    opt = FusedLESAM(make_params(param_shapes(param_set), device), torch.optim.SGD, backend=backend, **SGD)
+def test_fused_step(benchmark, record, device, rounds, param_set, backend, sgd):
+    opt = FusedLESAM(make_params(param_shapes(param_set), device), torch.optim.SGD, backend=backend, **sgd)
     run(benchmark, record, two_steps(opt), device, param_set, f"fused-{backend}", rounds)
