@@ -25,10 +25,10 @@ def has_kernels(dispatch_key: str) -> bool:
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_lesam::{op}", dispatch_key) for op in _OPS)
 
 
-def require_kernels(dispatch_key: str, what: str) -> None:
+def require_kernels(dispatch_key: str) -> None:
     """Raise ImportError (the backend is then reported unavailable) when the kernels are not built."""
     if not has_kernels(dispatch_key):
-        raise ImportError(f"the compiled extension was built without its {what} kernels")
+        raise ImportError(f"the compiled extension was built without its {dispatch_key} kernels")
 
 
 @torch.library.register_fake("fused_lesam::sq_norm")

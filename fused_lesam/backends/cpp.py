@@ -3,6 +3,6 @@
 from .compiled import perturb_, require_kernels, restore_, sq_norm
 
 NAME = "cpp"
-require_kernels("CPU", "CPU")
+require_kernels("CPU")
 
 __all__ = ["NAME", "sq_norm", "perturb_", "restore_"]

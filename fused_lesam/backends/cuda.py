@@ -5,7 +5,7 @@ import torch
 from .compiled import perturb_, require_kernels, restore_, sq_norm
 
 NAME = "cuda"
-require_kernels("CUDA", "CUDA")
+require_kernels("CUDA")
 if not torch.cuda.is_available():
     raise ImportError("the CUDA kernels are built, but no CUDA device is visible")
 
