@@ -1,0 +1,111 @@
+"""DistributedDataParallel, 2 processes on the CPU (gloo, loopback): in the default, synchronized
+mode the gradients of both passes are all-reduced, so two ranks with half a batch each take
+exactly the single-process step on the whole batch."""
+
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fused_lesam import FusedLESAM
+
+WORLD = 2
+STEPS = 5
+HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, sigma=0.1, rho_max=0.5, alpha=0.3)
+
+
+def mlp():
+    torch.manual_seed(0)
+    # No BatchNorm: DDP keeps per-rank batch statistics, which the whole-batch run cannot match.
+    return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 5))
+
+
+def batches():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 12, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(STEPS)]
+
+
+def train(model, opt, data, rank=0, world=1):
+    """Per step, the parameters after it; each rank takes its slice of every batch."""
+    history = []
+    for x, y in data:
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+        F.cross_entropy(model(xs), ys).backward()
+        opt.step(lambda: F.cross_entropy(model(xs), ys).backward())
+        opt.zero_grad()
+        history.append([p.detach().clone() for p in model.parameters()])
+    return history
+
+
+def _rank_main(rank, port, out, bucket_view):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = DistributedDataParallel(mlp(), gradient_as_bucket_view=bucket_view)
+        opt = FusedLESAM(model.parameters(), torch.optim.SGD, **HYPER)
+        history = train(model, opt, batches(), rank, WORLD)
+        torch.save(dict(history=history, rho=opt.last_rho, norm=opt.last_grad_norm), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("bucket_view", [False, True], ids=["grad-copies", "gradient_as_bucket_view"])
+def test_ddp_synchronized_equals_whole_batch(tmp_path, bucket_view):
+    mp.spawn(_rank_main, args=(free_port(), str(tmp_path), bucket_view), nprocs=WORLD, join=True)
+    model = mlp()
+    opt = FusedLESAM(model.parameters(), torch.optim.SGD, **HYPER)
+    expected = train(model, opt, batches())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for step, want in enumerate(expected):
+        for rank in ranks:
+            for got, ref in zip(rank["history"][step], want):
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+    for rank in ranks:
+        torch.testing.assert_close(rank["norm"], opt.last_grad_norm, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(rank["rho"], opt.last_rho, rtol=1e-5, atol=1e-7)
+
+
+def _resume_main(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        data = batches()
+        straight = DistributedDataParallel(mlp())
+        history = train(straight, FusedLESAM(straight.parameters(), torch.optim.SGD, **HYPER), data, rank, WORLD)
+
+        first = DistributedDataParallel(mlp())
+        opt = FusedLESAM(first.parameters(), torch.optim.SGD, **HYPER)
+        train(first, opt, data[:3], rank, WORLD)
+        if rank == 0:  # the usual pattern: rank 0 saves, every rank loads
+            torch.save(dict(model=first.state_dict(), opt=opt.state_dict()), f"{out}/checkpoint.pt")
+        dist.barrier()
+        checkpoint = torch.load(f"{out}/checkpoint.pt")
+        resumed = DistributedDataParallel(mlp())
+        resumed.load_state_dict(checkpoint["model"])
+        opt = FusedLESAM(resumed.parameters(), torch.optim.SGD, **HYPER)
+        opt.load_state_dict(checkpoint["opt"])
+        after = train(resumed, opt, data[3:], rank, WORLD)
+        torch.save(dict(straight=history[-1], resumed=after[-1]), f"{out}/resume{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_checkpoint_resumes_bit_identically(tmp_path):
+    mp.spawn(_resume_main, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"resume{rank}.pt")
+        for straight, resumed in zip(result["straight"], result["resumed"]):
+            assert torch.equal(straight, resumed)
