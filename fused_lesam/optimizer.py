@@ -131,8 +131,13 @@ class SharpnessAware(torch.optim.Optimizer):
         return partials[0] if len(partials) == 1 else torch.stack([p.to(partials[0].dtype) for p in partials]).sum()
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Perturb the parameters to w + eps using the gradient at w (the caller's first backward)."""
+    def first_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+        """Perturb the parameters to w + eps using the gradient at w (the caller's first backward).
+
+        With ``grad_scaler`` (fp16 training with ``torch.amp.GradScaler``), the first backward's
+        scaled gradients are unscaled first (``grad_scaler.unscale_(opt)``, which also records
+        their inf check for ``grad_scaler.update()``).
+        """
         if self._perturbed:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the parameters are already perturbed "
@@ -142,6 +147,8 @@ class SharpnessAware(torch.optim.Optimizer):
             self._check_group(group)
         for bucket in self._buckets:
             bucket.check_storage()
+        if grad_scaler is not None:
+            grad_scaler.unscale_(self)
         for bucket in self._buckets:
             bucket.bind_grads()
         sq = self._global_sq_norm(adaptive_aware=True)
@@ -177,15 +184,22 @@ class SharpnessAware(torch.optim.Optimizer):
         self._perturbed = False
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
         """Restore w exactly, combine gradients for LE-SAM+, and let the base optimizer step with g_hat.
 
         If the first or the final gradient is not finite, the base step is skipped and counted in
         ``skipped_steps``: on the device when the base optimizer can skip there (torch's fused
-        SGD/Adam/AdamW, ``fused=True``), otherwise with one host sync to decide.
+        SGD/Adam/AdamW, ``fused=True``; from its second step on), otherwise with one host sync.
+
+        With ``grad_scaler``, the second backward's gradients are unscaled through
+        ``grad_scaler.unscale_(opt.base)``, so that ``grad_scaler.update()`` sees the inf checks of
+        both passes (first pass: recorded under ``opt``, second: under ``opt.base``) and backs off
+        when either overflowed. Call ``grad_scaler.update()`` after this, not ``grad_scaler.step``.
         """
         if not self._perturbed:
             raise RuntimeError("second_step() called before first_step(): nothing to restore; the parameters were not changed")
+        if grad_scaler is not None:
+            grad_scaler.unscale_(self.base)
         for bucket in self._buckets:
             bucket.bind_grads()
         self._restore(combine=True)
@@ -199,7 +213,10 @@ class SharpnessAware(torch.optim.Optimizer):
                 bucket.zero_grad()
 
     def _base_step(self, found_inf: Tensor) -> None:
-        if getattr(self.base, "_step_supports_amp_scaling", False):
+        # The base's very first step is decided on the host too: torch's fused SGD creates its
+        # momentum buffers uninitialised and fills them in the kernel, so a first step skipped on
+        # the device would leave garbage (possibly NaN) in the state.
+        if getattr(self.base, "_step_supports_amp_scaling", False) and self.base.state:
             # torch's fused optimizers read these (GradScaler's protocol) and skip on the device.
             self.base.grad_scale = None
             self.base.found_inf = found_inf.to(torch.float32)
@@ -208,32 +225,37 @@ class SharpnessAware(torch.optim.Optimizer):
             self.base.step()
 
     @contextlib.contextmanager
-    def perturbed(self) -> Iterator["SharpnessAware"]:
+    def perturbed(self, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Iterator["SharpnessAware"]:
         """``with opt.perturbed(): <second forward + backward>``: the whole sharpness-aware step.
 
         Entering perturbs (first_step, grads zeroed); leaving normally finishes the step
-        (second_step: restore, combine, base update). Leaving by an exception (an OOM in the
+        (second_step: restore, combine, base update), both with ``grad_scaler`` if given. Leaving by an exception (an OOM in the
         second forward, a KeyboardInterrupt) restores the parameters bit-exactly, skips the
         update and re-raises; the gradients are left as they were.
         """
-        self.first_step(zero_grad=True)
+        self.first_step(zero_grad=True, grad_scaler=grad_scaler)
         try:
             yield self
         except BaseException:
             with torch.no_grad():
                 self._restore()
             raise
-        self.second_step()
+        self.second_step(grad_scaler=grad_scaler)
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Optional[Callable[[], Any]] = None,
+             grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Any:
         """One step. The first backward (at w) is done by the caller; ``closure`` must redo the
-        forward and backward (at w + eps) and may return the loss, which is returned."""
+        forward and backward (at w + eps) and may return the loss, which is returned.
+
+        fp16 with a ``torch.amp.GradScaler``: both backwards on ``grad_scaler.scale(loss)``, then
+        ``opt.step(closure, grad_scaler=grad_scaler)`` and ``grad_scaler.update()`` (see first_step
+        and second_step for what the scaler is used for)."""
         if closure is None:
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that re-evaluates the loss and calls backward(); "
                 f"or call first_step(), do the second forward/backward, then second_step()"
             )
-        with self.perturbed():
+        with self.perturbed(grad_scaler):
             with torch.enable_grad():
                 loss = closure()
         return loss

@@ -122,12 +122,35 @@ def test_no_host_sync_in_the_step(monkeypatch):
                 m.setattr(torch.Tensor, name, host_sync)
             half_step(zero_grad=True)
 
-    for x, y in batches:
+    sam_step(model, opt, *batches[0])  # the base's first step is decided on the host (see next test)
+    for x, y in batches[1:]:
         loss_fn(model, x, y).backward()
         without_host_reads(opt.first_step)
         loss_fn(model, x, y).backward()
         without_host_reads(opt.second_step)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_skipped_first_step_with_fused_sgd_leaves_no_uninitialised_state():
+    """torch's fused SGD creates its momentum buffers with empty_like and fills them in the kernel;
+    a first step skipped on the device would keep that garbage. It is decided on the host instead."""
+    torch.manual_seed(0)
+    model = SmallConvNet()
+    reference = copy.deepcopy(model)
+    opt = FusedLESAM(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    ref = FusedLESAM(reference.parameters(), lr=0.1, momentum=0.9, fused=True)
+    x, y = make_batches(1)[0]
+    loss_fn(model, x, y).backward()
+    model.conv1.weight.grad[0, 0, 0, 0] = float("nan")
+    opt.first_step(zero_grad=True)
+    loss_fn(model, x, y).backward()
+    opt.second_step(zero_grad=True)
+    assert int(opt.skipped_steps) == 1 and not opt.state  # no momentum buffers were made
+    for _ in range(2):  # afterwards it trains exactly like an optimizer that never saw the NaN
+        sam_step(model, opt, x, y)
+        sam_step(reference, ref, x, y)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_unfused_base_syncs_once_for_the_non_finite_guard(monkeypatch):
