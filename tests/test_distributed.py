@@ -1,7 +1,9 @@
-"""DistributedDataParallel, 2 processes on the CPU (gloo, loopback): in the default, synchronized
+"""DistributedDataParallel, 2 processes on the CPU (gloo, loopback). In the default, synchronized
 mode the gradients of both passes are all-reduced, so two ranks with half a batch each take
-exactly the single-process step on the whole batch."""
+exactly the single-process step on the whole batch. In the local mode each rank perturbs with its
+own gradient, which is checked against the same maths written out by hand."""
 
+import contextlib
 import datetime
 import os
 import socket
@@ -32,25 +34,26 @@ def batches():
     return [(torch.randn(16, 12, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(STEPS)]
 
 
-def train(model, opt, data, rank=0, world=1):
+def train(model, opt, data, rank=0, world=1, local=False):
     """Per step, the parameters after it; each rank takes its slice of every batch."""
     history = []
     for x, y in data:
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
-        F.cross_entropy(model(xs), ys).backward()
+        with opt.local_first_pass(model) if local else contextlib.nullcontext():
+            F.cross_entropy(model(xs), ys).backward()
         opt.step(lambda: F.cross_entropy(model(xs), ys).backward())
         opt.zero_grad()
         history.append([p.detach().clone() for p in model.parameters()])
     return history
 
 
-def _rank_main(rank, port, out, bucket_view):
+def _rank_main(rank, port, out, bucket_view, local=False, hyper=HYPER):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         model = DistributedDataParallel(mlp(), gradient_as_bucket_view=bucket_view)
-        opt = FusedLESAM(model.parameters(), torch.optim.SGD, **HYPER)
-        history = train(model, opt, batches(), rank, WORLD)
+        opt = FusedLESAM(model.parameters(), torch.optim.SGD, **hyper)
+        history = train(model, opt, batches(), rank, WORLD, local)
         torch.save(dict(history=history, rho=opt.last_rho, norm=opt.last_grad_norm), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -109,3 +112,48 @@ def test_ddp_checkpoint_resumes_bit_identically(tmp_path):
         result = torch.load(tmp_path / f"resume{rank}.pt")
         for straight, resumed in zip(result["straight"], result["resumed"]):
             assert torch.equal(straight, resumed)
+
+
+def local_mode_by_hand(hyper):
+    """The local (m-sharpness) step written out: each rank's own radius and perturbation, the
+    second gradients averaged, LE-SAM+ combined with the averaged first gradients, then SGD."""
+    model = mlp()
+    params = list(model.parameters())
+    sgd = torch.optim.SGD(params, lr=hyper["lr"], momentum=hyper["momentum"], weight_decay=hyper["weight_decay"])
+    alpha, history = hyper["alpha"], []
+    for x, y in batches():
+        firsts, seconds = [], []
+        for xs, ys in zip(x.chunk(WORLD), y.chunk(WORLD)):
+            g = torch.autograd.grad(F.cross_entropy(model(xs), ys), params)
+            norm = torch.sqrt(sum((t * t).sum() for t in g))
+            rho = min(hyper["sigma"] / (norm.item() + 1e-12), hyper["rho_max"])
+            with torch.no_grad():
+                backup = [p.clone() for p in params]
+                for p, t in zip(params, g):
+                    p.add_(t, alpha=rho / (norm.item() + 1e-12))
+            seconds.append(torch.autograd.grad(F.cross_entropy(model(xs), ys), params))
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+            firsts.append(g)
+        for i, p in enumerate(params):
+            mean_first = sum(g[i] for g in firsts) / WORLD
+            mean_second = sum(g[i] for g in seconds) / WORLD
+            p.grad = (1 + alpha) * mean_second - alpha * mean_first
+        sgd.step()
+        history.append([p.detach().clone() for p in params])
+    return history
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_ddp_local_perturbation_equals_per_rank_maths(tmp_path, alpha):
+    hyper = {**HYPER, "alpha": alpha}
+    mp.spawn(_rank_main, args=(free_port(), str(tmp_path), False, True, hyper), nprocs=WORLD, join=True)
+    expected = local_mode_by_hand(hyper)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for step, want in enumerate(expected):
+        for rank in ranks:
+            for got, ref in zip(rank["history"][step], want):
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+    # Each rank's telemetry is its own: the two ranks' gradient norms differ.
+    assert not torch.equal(ranks[0]["norm"], ranks[1]["norm"])
