@@ -216,7 +216,8 @@ class SharpnessAware(torch.optim.Optimizer):
 
         If the first or the final gradient is not finite, the base step is skipped and counted in
         ``skipped_steps``: on the device when the base optimizer can skip there (torch's fused
-        SGD/Adam/AdamW, ``fused=True``; from its second step on), otherwise with one host sync.
+        SGD/Adam/AdamW, ``fused=True``) once every parameter has its state, otherwise with one
+        host sync.
 
         With ``grad_scaler``, the second backward's gradients are unscaled through
         ``grad_scaler.unscale_(opt.base)``, so that ``grad_scaler.update()`` sees the inf checks of
@@ -241,11 +242,16 @@ class SharpnessAware(torch.optim.Optimizer):
             for bucket in self._buckets:  # grads were bound above
                 bucket.zero_grad()
 
+    def _base_state_ready(self) -> bool:
+        """Every parameter with a gradient has its base-optimizer state already."""
+        state = self.base.state
+        return all(state.get(p) for bucket in self._buckets for p in bucket.params if p.grad is not None)
+
     def _base_step(self, found_inf: Tensor) -> None:
-        # The base's very first step is decided on the host too: torch's fused SGD creates its
+        # A parameter's first base step is decided on the host too: torch's fused SGD creates its
         # momentum buffers uninitialised and fills them in the kernel, so a first step skipped on
         # the device would leave garbage (possibly NaN) in the state.
-        if getattr(self.base, "_step_supports_amp_scaling", False) and self.base.state:
+        if getattr(self.base, "_step_supports_amp_scaling", False) and self._base_state_ready():
             # torch's fused optimizers read these (GradScaler's protocol) and skip on the device.
             self.base.grad_scale = None
             self.base.found_inf = found_inf.to(torch.float32)
@@ -258,9 +264,9 @@ class SharpnessAware(torch.optim.Optimizer):
         """``with opt.perturbed(): <second forward + backward>``: the whole sharpness-aware step.
 
         Entering perturbs (first_step, grads zeroed); leaving normally finishes the step
-        (second_step: restore, combine, base update), both with ``grad_scaler`` if given. Leaving by an exception (an OOM in the
-        second forward, a KeyboardInterrupt) restores the parameters bit-exactly, skips the
-        update and re-raises; the gradients are left as they were.
+        (second_step: restore, combine, base update), both with ``grad_scaler`` if given.
+        Leaving by an exception (an OOM in the second forward, a KeyboardInterrupt) restores the
+        parameters bit-exactly, skips the update and re-raises; the gradients are left as they were.
         """
         self.first_step(zero_grad=True, grad_scaler=grad_scaler)
         try:
