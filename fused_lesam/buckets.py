@@ -137,14 +137,70 @@ class ParamBucket:
         return self.center
 
 
-def build_buckets(param_groups: list[dict]) -> list[ParamBucket]:
-    """One bucket per (param group, device, dtype), in param-group order."""
+class ShardBucket:
+    """The local shard of one DTensor parameter (FSDP2's ``fully_shard``), used in place.
+
+    FSDP owns the shard's storage (it all-gathers from it), so this bucket aliases it instead of
+    copying: ``param`` is a flat view of ``p.to_local()`` and ``grad`` a flat view of the local
+    gradient, taken anew at each `bind_grads` (a zero buffer while there is none). The ops see a
+    bucket as usual; the norm over shards is completed by an all-reduce (optimizer.py).
+    """
+
+    def __init__(self, p: torch.nn.Parameter, group_index: int):
+        local = p.to_local()
+        if not local.is_contiguous():
+            raise RuntimeError(f"fused_lesam needs contiguous local shards, got strides {local.stride()}")
+        self.group_index = group_index
+        self.params = [p]
+        self.mesh = p.device_mesh
+        self.param = local.view(-1)
+        self._no_grad = torch.zeros_like(self.param)
+        self.grad = self._no_grad
+        self.backup: Optional[Tensor] = None
+        self.center: Optional[Tensor] = None
+
+    device = ParamBucket.device
+    ensure_backup = ParamBucket.ensure_backup
+    ensure_center = ParamBucket.ensure_center
+
+    def check_storage(self) -> None:
+        if self.params[0].to_local().data_ptr() != self.param.data_ptr():
+            raise RuntimeError("a sharded parameter's local storage changed after the optimizer was built "
+                               "(e.g. fully_shard() applied afterwards): build the optimizer last")
+
+    def bind_grads(self) -> None:
+        grad = self.params[0].grad
+        self.grad = self._no_grad if grad is None else grad.to_local().view(-1)
+
+    @torch.no_grad()
+    def zero_grad(self) -> None:
+        self.grad.zero_()
+
+    def drop_grads(self) -> None:
+        self.params[0].grad = None
+        self.grad = self._no_grad
+
+
+def _is_dtensor(p: Tensor) -> bool:
+    return type(p).__name__ == "DTensor" and hasattr(p, "to_local")
+
+
+def build_buckets(param_groups: list[dict]) -> list:
+    """One ParamBucket per (param group, device, dtype), in param-group order; one ShardBucket
+    per DTensor parameter (FSDP2), whose storage is not ours to flatten."""
     buckets = []
     for index, group in enumerate(param_groups):
         by_key: dict[tuple[torch.device, torch.dtype], list] = {}
         for p in group["params"]:
             if p.is_sparse or not p.is_floating_point():
                 raise TypeError(f"fused_lesam needs dense floating-point parameters, got {p.dtype} {p.layout}")
-            by_key.setdefault((p.device, p.dtype), []).append(p)
+            if _is_dtensor(p):
+                buckets.append(ShardBucket(p, index))
+            else:
+                by_key.setdefault((p.device, p.dtype), []).append(p)
         buckets.extend(ParamBucket(params, index) for params in by_key.values())
+    sharded = [b for b in buckets if isinstance(b, ShardBucket)]
+    if sharded and len(sharded) != len(buckets):
+        raise TypeError("fused_lesam takes either all sharded (DTensor, FSDP2) parameters or none: the global norm "
+                        "would count the unsharded ones once per rank")
     return buckets

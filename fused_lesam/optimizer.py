@@ -124,13 +124,20 @@ class SharpnessAware(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
     def _global_sq_norm(self, adaptive_aware: bool) -> Tensor:
-        """Squared norm over every bucket of every device, as one 0-d tensor on the main device."""
+        """Squared norm over every bucket of every device, as one 0-d tensor on the main device;
+        for sharded (FSDP2) parameters summed over the ranks too, on the device."""
         partials = []
         for device, ops in self._ops.items():
             mine = [b for b in self._buckets if b.device == device]
             weights = [b.param if adaptive_aware and self.param_groups[b.group_index]["adaptive"] else None for b in mine]
             partials.append(ops.sq_norm([b.grad for b in mine], weights).to(self._main_device))
-        return partials[0] if len(partials) == 1 else torch.stack([p.to(partials[0].dtype) for p in partials]).sum()
+        sq = partials[0] if len(partials) == 1 else torch.stack([p.to(partials[0].dtype) for p in partials]).sum()
+        mesh = getattr(self._buckets[0], "mesh", None) if self._buckets else None
+        if mesh is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(sq, group=mesh.get_group())  # every rank gets the norm of the whole model
+        return sq
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:

@@ -157,3 +157,60 @@ def test_ddp_local_perturbation_equals_per_rank_maths(tmp_path, alpha):
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"step {step}")
     # Each rank's telemetry is its own: the two ranks' gradient norms differ.
     assert not torch.equal(ranks[0]["norm"], ranks[1]["norm"])
+
+
+def _fsdp_main(rank, port, out, backend):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = mlp()
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+        opt = FusedLESAM(model.parameters(), torch.optim.SGD, backend=backend, **HYPER)
+        history = [[p.full_tensor() for p in params] for params in train_params(model, opt, batches(), rank)]
+        torch.save(dict(history=history, rho=opt.last_rho, norm=opt.last_grad_norm), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def train_params(model, opt, data, rank):
+    """train() keeping the parameter objects (DTensors here) of each step, not detached copies."""
+    for x, y in data:
+        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        F.cross_entropy(model(xs), ys).backward()
+        opt.step(lambda: F.cross_entropy(model(xs), ys).backward())
+        opt.zero_grad()
+        yield list(model.parameters())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_fsdp2_equals_whole_batch(tmp_path, backend):
+    """fully_shard: the optimizer works on each rank's shards in place, and the norm is the global one
+    (local squared norms all-reduced), so the sharded run equals one process on the whole batch."""
+    mp.spawn(_fsdp_main, args=(free_port(), str(tmp_path), backend), nprocs=WORLD, join=True)
+    model = mlp()
+    opt = FusedLESAM(model.parameters(), torch.optim.SGD, backend=backend, **HYPER)
+    expected = train(model, opt, batches())
+    for rank in (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)):
+        for step, want in enumerate(expected):
+            for got, ref in zip(rank["history"][step], want):
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+        torch.testing.assert_close(rank["norm"], opt.last_grad_norm, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(rank["rho"], opt.last_rho, rtol=1e-5, atol=1e-7)
+
+
+def test_sharded_and_unsharded_parameters_together_are_refused(tmp_path):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+        with pytest.raises(TypeError, match="either all sharded"):
+            FusedLESAM([sharded, nn.Parameter(torch.randn(3))], lr=0.1)
+    finally:
+        dist.destroy_process_group()
