@@ -40,6 +40,19 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+class _Progress:
+    """Where the optimizer is within a step. A plain object rather than attributes of the
+    optimizer: torch.compile keeps writes to it, but drops attribute writes on an Optimizer."""
+
+    def __init__(self):
+        self.count = 0  # completed steps: t of the schedule
+        self.perturbed = False
+        self.first_sq: Optional[Tensor] = None  # the first pass's squared norm, for the skip decision
+        self.combine: list[Optional[tuple[float, float]]] = []  # LE-SAM+ coefficients per bucket
+        self.local_pending = False  # set by local_first_pass, taken by the next first_step
+        self.local = False
+
+
 class SharpnessAware(torch.optim.Optimizer):
     """The engine shared by FusedLESAM and FusedSAM; subclasses define `_radius_args` and `_check_group`.
 
@@ -71,12 +84,7 @@ class SharpnessAware(torch.optim.Optimizer):
         self.state = self.base.state
         self.defaults.update(self.base.defaults)
         self.backend = backend
-        self._step_count_host = 0  # completed steps: t of the schedule
-        self._perturbed = False
-        self._first_sq: Optional[Tensor] = None
-        self._combine: list[Optional[tuple[float, float]]] = []
-        self._local_pending = False  # set by local_first_pass, taken by the next first_step
-        self._local_step = False
+        self._progress = _Progress()
         self._build()
 
     # ------------------------------------------------------------------ set-up
@@ -97,7 +105,7 @@ class SharpnessAware(torch.optim.Optimizer):
         if not hasattr(self, "base"):  # during our own __init__
             super().add_param_group(param_group)
             return
-        if self._perturbed:
+        if self._progress.perturbed:
             raise RuntimeError("add_param_group() between first_step() and second_step(): finish the step first")
         for name in self._hyper_names:
             param_group.setdefault(name, self.defaults[name])
@@ -147,7 +155,7 @@ class SharpnessAware(torch.optim.Optimizer):
         scaled gradients are unscaled first (``grad_scaler.unscale_(opt)``, which also records
         their inf check for ``grad_scaler.update()``).
         """
-        if self._perturbed:
+        if self._progress.perturbed:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the parameters are already perturbed "
                 "(a second perturbation would overwrite the exact backup of w)"
@@ -158,24 +166,24 @@ class SharpnessAware(torch.optim.Optimizer):
             bucket.check_storage()
         if grad_scaler is not None:
             grad_scaler.unscale_(self)
-        self._local_step, self._local_pending = self._local_pending, False
+        self._progress.local, self._progress.local_pending = self._progress.local_pending, False
         for bucket in self._buckets:
             bucket.bind_grads()
         sq = self._global_sq_norm(adaptive_aware=True)
         sq_on = {d: sq if d == self._main_device else sq.to(d) for d in self._ops}
         radius_args = [self._radius_args(group) for group in self.param_groups]
         # Decided here, once: second_step must combine with the center gradient saved now.
-        self._combine = [self._center_coefs(self.param_groups[b.group_index]) for b in self._buckets]
+        self._progress.combine = [self._center_coefs(self.param_groups[b.group_index]) for b in self._buckets]
         rho_of_group: dict[int, Tensor] = {}
-        for bucket, coefs in zip(self._buckets, self._combine):
+        for bucket, coefs in zip(self._buckets, self._progress.combine):
             sigma, rho_max, varrho = radius_args[bucket.group_index]
             center = bucket.ensure_center() if coefs is not None else None
             rho_of_group[bucket.group_index] = self._ops[bucket.device].perturb_(
                 bucket.param, bucket.grad, bucket.ensure_backup(), sq_on[bucket.device],
                 sigma, rho_max, varrho, bool(self.param_groups[bucket.group_index]["adaptive"]), center,
             )
-        self._perturbed = True
-        self._first_sq = sq
+        self._progress.perturbed = True
+        self._progress.first_sq = sq
         self.last_grad_norm.copy_(sq.sqrt())
         for index, rho in rho_of_group.items():
             self.last_rho[index].copy_(rho)
@@ -187,11 +195,11 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def _restore(self, combine: bool = False) -> None:
         """w <- backup in every bucket, with the LE-SAM+ combine decided at first_step if ``combine``."""
-        for bucket, coefs in zip(self._buckets, self._combine):
+        for bucket, coefs in zip(self._buckets, self._progress.combine):
             center = bucket.center if combine and coefs is not None else None
             ghat_coef, center_coef = coefs if center is not None else (1.0, 0.0)
             self._ops[bucket.device].restore_(bucket.param, bucket.backup, bucket.grad, center, ghat_coef, center_coef)
-        self._perturbed = False
+        self._progress.perturbed = False
 
     @contextlib.contextmanager
     def local_first_pass(self, model: torch.nn.Module) -> Iterator[None]:
@@ -206,13 +214,13 @@ class SharpnessAware(torch.optim.Optimizer):
             raise TypeError(f"local_first_pass() needs the DistributedDataParallel model, got {type(model).__name__}")
         with no_sync():
             yield
-        self._local_pending = True
+        self._progress.local_pending = True
 
     def _average_centers(self) -> None:
         import torch.distributed as dist
 
         world = dist.get_world_size()
-        for bucket, coefs in zip(self._buckets, self._combine):
+        for bucket, coefs in zip(self._buckets, self._progress.combine):
             if coefs is not None:
                 dist.all_reduce(bucket.center)  # SUM: gloo has no AVG
                 bucket.center.div_(world)
@@ -231,19 +239,19 @@ class SharpnessAware(torch.optim.Optimizer):
         both passes (first pass: recorded under ``opt``, second: under ``opt.base``) and backs off
         when either overflowed. Call ``grad_scaler.update()`` after this, not ``grad_scaler.step``.
         """
-        if not self._perturbed:
+        if not self._progress.perturbed:
             raise RuntimeError("second_step() called before first_step(): nothing to restore; the parameters were not changed")
         if grad_scaler is not None:
             grad_scaler.unscale_(self.base)
         for bucket in self._buckets:
             bucket.bind_grads()
-        if self._local_step:
+        if self._progress.local:
             self._average_centers()
         self._restore(combine=True)
-        found_inf = ~(torch.isfinite(self._first_sq) & torch.isfinite(self._global_sq_norm(adaptive_aware=False)))
+        found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(self._global_sq_norm(adaptive_aware=False)))
         self.skipped_steps += found_inf
         self._base_step(found_inf)
-        self._step_count_host += 1
+        self._progress.count += 1
         self._opt_called = True  # what torch's LR schedulers check to know the optimizer has stepped
         if zero_grad:
             for bucket in self._buckets:  # grads were bound above
@@ -316,14 +324,14 @@ class SharpnessAware(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (param groups hold our hyperparameters too), plus our counters."""
-        if self._perturbed:
+        if self._progress.perturbed:
             raise RuntimeError("state_dict() between first_step() and second_step(): the parameters are perturbed")
         state = self.base.state_dict()
-        state[_STATE_KEY] = {"step": self._step_count_host, "skipped_steps": self.skipped_steps.clone()}
+        state[_STATE_KEY] = {"step": self._progress.count, "skipped_steps": self.skipped_steps.clone()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._perturbed:
+        if self._progress.perturbed:
             raise RuntimeError("load_state_dict() between first_step() and second_step(): finish the step first")
         state_dict = dict(state_dict)
         ours = state_dict.pop(_STATE_KEY, None)
@@ -335,7 +343,7 @@ class SharpnessAware(torch.optim.Optimizer):
         self.state = self.base.state
         for group in self.param_groups:
             self._check_group(group)
-        self._step_count_host = int(ours["step"])
+        self._progress.count = int(ours["step"])
         self.skipped_steps.copy_(ours["skipped_steps"])
 
 
@@ -397,7 +405,7 @@ class FusedLESAM(SharpnessAware):
     def _radius_args(self, group: dict[str, Any]) -> tuple[float, float, float]:
         sigma = group["sigma"]
         if self.anneal_steps:
-            sigma = sigma_at(self._step_count_host, sigma, self.total_steps, self.anneal_steps)
+            sigma = sigma_at(self._progress.count, sigma, self.total_steps, self.anneal_steps)
         return sigma, group["rho_max"], group["varrho"]
 
     def _center_coefs(self, group: dict[str, Any]) -> Optional[tuple[float, float]]:
