@@ -8,11 +8,10 @@ import math
 import os
 import pickle
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -26,20 +25,6 @@ CIFAR_TRAIN_SIZE = 50000
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 3) -> float:
-    """Median wall time of fn() over reps calls, the device synchronised around each."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def cpu_name() -> str:

@@ -19,6 +19,7 @@ never wrong.
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -184,7 +185,10 @@ class ShardBucket:
 
 
 def _is_dtensor(p: Tensor) -> bool:
-    return type(p).__name__ == "DTensor" and hasattr(p, "to_local")
+    # A DTensor parameter means torch.distributed.tensor is loaded already; importing it just for
+    # this check would add about half a second to `import fused_lesam`.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(p, module.DTensor)
 
 
 def build_buckets(param_groups: list[dict]) -> list:

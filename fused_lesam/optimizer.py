@@ -20,10 +20,11 @@ import math
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import backends
-from .buckets import ParamBucket, build_buckets
+from .buckets import ParamBucket, ShardBucket, build_buckets
 from .schedule import check_schedule, sigma_at
 
 __all__ = ["SharpnessAware", "FusedLESAM", "FusedSAM"]
@@ -89,7 +90,10 @@ class SharpnessAware(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ set-up
     def _build(self) -> None:
-        self._buckets: list[ParamBucket] = build_buckets(self.param_groups)
+        self._buckets: list[ParamBucket | ShardBucket] = build_buckets(self.param_groups)
+        # Sharded (FSDP2) buckets hold a part of the model each: the norm is summed over this group.
+        sharded = self._buckets and isinstance(self._buckets[0], ShardBucket)
+        self._shard_group = self._buckets[0].mesh.get_group() if sharded else None
         devices = list(dict.fromkeys(b.device for b in self._buckets))
         self._ops = {d: backends.resolve(self.backend, d) for d in devices}
         main = devices[0] if devices else torch.device("cpu")
@@ -140,11 +144,8 @@ class SharpnessAware(torch.optim.Optimizer):
             weights = [b.param if adaptive_aware and self.param_groups[b.group_index]["adaptive"] else None for b in mine]
             partials.append(ops.sq_norm([b.grad for b in mine], weights).to(self._main_device))
         sq = partials[0] if len(partials) == 1 else torch.stack([p.to(partials[0].dtype) for p in partials]).sum()
-        mesh = getattr(self._buckets[0], "mesh", None) if self._buckets else None
-        if mesh is not None:
-            import torch.distributed as dist
-
-            dist.all_reduce(sq, group=mesh.get_group())  # every rank gets the norm of the whole model
+        if self._shard_group is not None:
+            dist.all_reduce(sq, group=self._shard_group)  # every rank gets the norm of the whole model
         return sq
 
     @torch.no_grad()
@@ -217,8 +218,6 @@ class SharpnessAware(torch.optim.Optimizer):
         self._progress.local_pending = True
 
     def _average_centers(self) -> None:
-        import torch.distributed as dist
-
         world = dist.get_world_size()
         for bucket, coefs in zip(self._buckets, self._progress.combine):
             if coefs is not None:
