@@ -74,9 +74,10 @@ def loss_fn(model, x, y):
     return F.cross_entropy(model(x).float(), y)
 
 
-def sam_step(model, opt, x, y):
-    """One SAM-style step through the manual two-step API (works for the reference loop too)."""
-    loss_fn(model, x, y).backward()
-    opt.first_step(zero_grad=True)
-    loss_fn(model, x, y).backward()
-    opt.second_step(zero_grad=True)
+def sam_step(model, opt, x, y, loss=loss_fn, first_step=None, second_step=None):
+    """One SAM-style step through the manual two-step API (works for the reference loop too);
+    ``first_step``/``second_step`` replace the optimizer's halves (e.g. compiled ones)."""
+    loss(model, x, y).backward()
+    (first_step or opt.first_step)(zero_grad=True)
+    loss(model, x, y).backward()
+    (second_step or opt.second_step)(zero_grad=True)

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from conftest import SmallConvNet, loss_fn, make_batches
-from fused_lesam import FusedLESAM, frozen_bn_stats
+from conftest import SmallConvNet, make_batches, sam_step
+from fused_lesam import FusedLESAM
 
 BACKENDS = ["torch", "cpp"]  # Triton's interpreter cannot run under fake tensors: its compile test is a GPU test
 
@@ -21,20 +21,11 @@ def test_compiled_step_equals_eager(backend):
     eager_model = copy.deepcopy(model)
     hyper = dict(lr=0.05, momentum=0.9, fused=True, sigma=0.2, rho_max=0.4, alpha=0.5, backend=backend)
     opt, eager = FusedLESAM(model.parameters(), **hyper), FusedLESAM(eager_model.parameters(), **hyper)
-    first = torch.compile(lambda: opt.first_step(zero_grad=True), fullgraph=True, backend="aot_eager")
-    second = torch.compile(lambda: opt.second_step(zero_grad=True), backend="aot_eager")
+    first = torch.compile(opt.first_step, fullgraph=True, backend="aot_eager")
+    second = torch.compile(opt.second_step, backend="aot_eager")
     for x, y in make_batches(4):
-        loss_fn(model, x, y).backward()
-        first()
-        with frozen_bn_stats(model):
-            loss_fn(model, x, y).backward()
-        second()
-
-        loss_fn(eager_model, x, y).backward()
-        eager.first_step(zero_grad=True)
-        with frozen_bn_stats(eager_model):
-            loss_fn(eager_model, x, y).backward()
-        eager.second_step(zero_grad=True)
+        sam_step(model, opt, x, y, first_step=first, second_step=second)
+        sam_step(eager_model, eager, x, y)
     for p, q in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(opt.last_rho, eager.last_rho)

@@ -34,8 +34,8 @@ def batches():
     return [(torch.randn(16, 12, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(STEPS)]
 
 
-def train(model, opt, data, rank=0, world=1, local=False):
-    """Per step, the parameters after it; each rank takes its slice of every batch."""
+def train(model, opt, data, rank=0, world=1, local=False, snapshot=lambda p: p.detach().clone()):
+    """Per step, ``snapshot`` of every parameter after it; each rank takes its slice of every batch."""
     history = []
     for x, y in data:
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
@@ -43,20 +43,26 @@ def train(model, opt, data, rank=0, world=1, local=False):
             F.cross_entropy(model(xs), ys).backward()
         opt.step(lambda: F.cross_entropy(model(xs), ys).backward())
         opt.zero_grad()
-        history.append([p.detach().clone() for p in model.parameters()])
+        history.append([snapshot(p) for p in model.parameters()])
     return history
 
 
-def _rank_main(rank, port, out, bucket_view, local=False, hyper=HYPER):
+@contextlib.contextmanager
+def process_group(rank, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_main(rank, port, out, bucket_view, local=False, hyper=HYPER):
+    with process_group(rank, port):
         model = DistributedDataParallel(mlp(), gradient_as_bucket_view=bucket_view)
         opt = FusedLESAM(model.parameters(), torch.optim.SGD, **hyper)
         history = train(model, opt, batches(), rank, WORLD, local)
         torch.save(dict(history=history, rho=opt.last_rho, norm=opt.last_grad_norm), f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def free_port():
@@ -82,9 +88,7 @@ def test_ddp_synchronized_equals_whole_batch(tmp_path, bucket_view):
 
 
 def _resume_main(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
+    with process_group(rank, port):
         data = batches()
         straight = DistributedDataParallel(mlp())
         history = train(straight, FusedLESAM(straight.parameters(), torch.optim.SGD, **HYPER), data, rank, WORLD)
@@ -102,8 +106,6 @@ def _resume_main(rank, port, out):
         opt.load_state_dict(checkpoint["opt"])
         after = train(resumed, opt, data[3:], rank, WORLD)
         torch.save(dict(straight=history[-1], resumed=after[-1]), f"{out}/resume{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_checkpoint_resumes_bit_identically(tmp_path):
@@ -160,29 +162,15 @@ def test_ddp_local_perturbation_equals_per_rank_maths(tmp_path, alpha):
 
 
 def _fsdp_main(rank, port, out, backend):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
+    with process_group(rank, port):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         model = mlp()
         fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
         opt = FusedLESAM(model.parameters(), torch.optim.SGD, backend=backend, **HYPER)
-        history = [[p.full_tensor() for p in params] for params in train_params(model, opt, batches(), rank)]
+        history = train(model, opt, batches(), rank, WORLD, snapshot=lambda p: p.full_tensor())
         torch.save(dict(history=history, rho=opt.last_rho, norm=opt.last_grad_norm), f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def train_params(model, opt, data, rank):
-    """train() keeping the parameter objects (DTensors here) of each step, not detached copies."""
-    for x, y in data:
-        xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        F.cross_entropy(model(xs), ys).backward()
-        opt.step(lambda: F.cross_entropy(model(xs), ys).backward())
-        opt.zero_grad()
-        yield list(model.parameters())
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from conftest import SmallConvNet, assert_close, make_batches
-from fused_lesam import FusedLESAM, available_backends, frozen_bn_stats
+from conftest import SmallConvNet, assert_close, make_batches, sam_step
+from fused_lesam import FusedLESAM, available_backends
 from reference.lesam_loop import PerTensorSAM
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
@@ -30,12 +30,8 @@ def test_bf16_autocast_on_fp32_parameters(backend):
     opt = FusedLESAM(model.parameters(), torch.optim.SGD, backend=backend, **hyper)
     ref = PerTensorSAM(ref_model.parameters(), torch.optim.SGD, mode="lesam", **hyper)
     for x, y in make_batches(6):
-        for m, o in ((model, opt), (ref_model, ref)):
-            autocast_loss(m, x, y).backward()
-            o.first_step(zero_grad=True)
-            with frozen_bn_stats(m):
-                autocast_loss(m, x, y).backward()
-            o.second_step(zero_grad=True)
+        sam_step(model, opt, x, y, loss=autocast_loss)
+        sam_step(ref_model, ref, x, y, loss=autocast_loss)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
         assert_close(p, q)
