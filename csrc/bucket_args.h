@@ -77,7 +77,8 @@ inline void check_sq_norm_args(at::TensorList grads, const c10::List<std::option
 }
 
 inline void check_perturb_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& backup,
-                               const at::Tensor& sq, const std::optional<at::Tensor>& center) {
+                               const at::Tensor& sq, const std::optional<at::Tensor>& center,
+                               const std::optional<at::Tensor>& sigma_t) {
   check_bucket(param, "perturb_", "param");
   check_same_bucket(grad, param, "perturb_", "grad", "param");
   check_same_bucket(backup, param, "perturb_", "backup", "param");
@@ -89,6 +90,13 @@ inline void check_perturb_args(const at::Tensor& param, const at::Tensor& grad, 
               sq.scalar_type(), " tensor of shape ", sq.sizes());
   TORCH_CHECK(sq.device() == param.device(), "fused_lesam::perturb_: sq is on ", sq.device(), " but param is on ",
               param.device());
+  if (sigma_t.has_value()) {
+    TORCH_CHECK(sigma_t->dim() == 0 && sigma_t->scalar_type() == at::kDouble,
+                "fused_lesam::perturb_: sigma_t must be a 0-d float64 tensor, got a ", sigma_t->scalar_type(),
+                " tensor of shape ", sigma_t->sizes());
+    TORCH_CHECK(sigma_t->device() == param.device(), "fused_lesam::perturb_: sigma_t is on ", sigma_t->device(),
+                " but param is on ", param.device());
+  }
 }
 
 inline void check_restore_args(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,

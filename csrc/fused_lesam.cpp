@@ -9,10 +9,12 @@ TORCH_LIBRARY(fused_lesam, m) {
   // tensor (float64 when a bucket is float64) on the buckets' device.
   m.def("sq_norm(Tensor[] grads, Tensor?[] weights) -> Tensor");
   // backup <- w; center <- g if given; w <- w + eps with rho_t, eps computed on the device from
-  // the squared norm sq. Returns rho_t (0-d). A non-finite sq leaves w untouched.
+  // the squared norm sq. Returns rho_t (0-d). A non-finite sq leaves w untouched. sigma_t, a 0-d
+  // float64 tensor on param's device, is read on the device in place of sigma when given (so a
+  // schedule computed on the device needs no host sync and can run inside a CUDA graph).
   m.def(
       "perturb_(Tensor(a!) param, Tensor grad, Tensor(b!) backup, Tensor sq, float sigma, float rho_max, "
-      "float varrho, bool adaptive, Tensor(c!)? center=None) -> Tensor");
+      "float varrho, bool adaptive, Tensor(c!)? center=None, Tensor? sigma_t=None) -> Tensor");
   // w <- backup (bit-exact); with a center gradient, g <- ghat_coef * g - center_coef * center.
   m.def("restore_(Tensor(a!) param, Tensor backup, Tensor(b!) grad, Tensor? center, float ghat_coef, "
         "float center_coef) -> ()");

@@ -84,12 +84,12 @@ def clone_at(t, offset):
     return at_offset(t.clone(), offset)
 
 
-def run_perturb(ops, w, g, sq, radius, adaptive, with_center, offset):
+def run_perturb(ops, w, g, sq, radius, adaptive, with_center, offset, sigma_t=None):
     """Run ops.perturb_ on fresh copies (at ``offset``); returns (param, backup, center, rho)."""
     param, grad = clone_at(w, offset), clone_at(g, offset)
     backup = clone_at(torch.full_like(w, 7.0), offset)  # garbage the op must overwrite
     center = clone_at(torch.full_like(w, 7.0), offset) if with_center else None
-    rho = ops.perturb_(param, grad, backup, sq.clone(), *radius, adaptive, center)
+    rho = ops.perturb_(param, grad, backup, sq.clone(), *radius, adaptive, center, sigma_t)
     assert_bits_equal(grad, g, "perturb_ must not write the gradient")
     return param, backup, center, rho
 
@@ -219,6 +219,24 @@ def test_perturb_radius(backend, device, radius, adaptive):
     assert length.item() == pytest.approx(expected_rho, rel=1e-3, abs=1e-7)
 
 
+@pytest.mark.parametrize("backend,device", targets())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("radius", list(RADII))
+def test_perturb_reads_sigma_from_the_device(backend, device, dtype, radius):
+    """sigma_t (a 0-d float64 device tensor, what the capturable schedule passes) replaces the
+    float sigma, which is set to a wrong value here: the same bits as the float path."""
+    ops = resolve(backend, torch.device(device))
+    w = random_bucket(3000, dtype, device, seed=16)
+    g = random_bucket(3000, dtype, device, seed=17)
+    sq = reference.sq_norm([g], [None])
+    sigma, rho_max, varrho = RADII[radius]
+    want = run_perturb(ops, w, g, sq, (sigma, rho_max, varrho), False, True, offset=0)
+    sigma_t = torch.tensor(sigma, dtype=torch.float64, device=device)
+    got = run_perturb(ops, w, g, sq, (123.0, rho_max, varrho), False, True, offset=0, sigma_t=sigma_t)
+    for a, b in zip(got, want):
+        assert_bits_equal(a, b, "sigma_t must give the bits of the same float sigma")
+
+
 @pytest.mark.parametrize("backend,device,size", targets_and_sizes())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", OFFSETS)
@@ -263,6 +281,8 @@ ERRORS = {
                        "buckets must be float32, float64, float16 or bfloat16"),
     "sq shape": (lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(), torch.ones(1), *LESAM, False, None),
                  "sq must be the 0-d"),
+    "sigma_t dtype": (lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(), torch.tensor(1.0), *LESAM, False, None,
+                                               torch.tensor(0.1)), "sigma_t must be a 0-d float64 tensor"),
     "weights count": (lambda ops: ops.sq_norm([_bucket(), _bucket()], [None]), "got 2 grad buckets but 1 weights"),
     "weight dtype": (lambda ops: ops.sq_norm([_bucket()], [_bucket(dtype=torch.bfloat16)]), "weights\\[0\\] has dtype"),
     "restore grad size": (lambda ops: ops.restore_(_bucket(), _bucket(), _bucket(3), None, 1.0, 0.0), "grad has 3 elements"),
@@ -290,6 +310,8 @@ def opcheck_samples(ops, device):
         (ops.perturb_, (w32.clone(), g32, torch.empty_like(w32), sq, 0.35, 0.4, 1e-12, False, None)),
         (ops.perturb_, (w32.clone(), g32, torch.empty_like(w32), sq, math.inf, 0.05, 1.0, True, torch.empty_like(w32))),
         (ops.perturb_, (g16.clone(), g16, torch.empty_like(g16), sq, 0.35, 0.4, 1e-12, False, None)),
+        (ops.perturb_, (w32.clone(), g32, torch.empty_like(w32), sq, 0.0, 0.4, 1e-12, False, None,
+                        torch.tensor(0.2, dtype=torch.float64, device=device))),
         (ops.restore_, (w32.clone(), w32 + 1, g32.clone(), None, 1.0, 0.0)),
         (ops.restore_, (w32.clone(), w32 + 1, g32.clone(), w32, 1.5, 0.5)),
     ]

@@ -105,8 +105,11 @@ void copy_range(const scalar_t* __restrict__ from, scalar_t* __restrict__ to, in
 
 at::Tensor perturb_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& backup, const at::Tensor& sq,
                        double sigma, double rho_max, double varrho, bool adaptive,
-                       const std::optional<at::Tensor>& center) {
-  check_perturb_args(param, grad, backup, sq, center);
+                       const std::optional<at::Tensor>& center, const std::optional<at::Tensor>& sigma_t) {
+  check_perturb_args(param, grad, backup, sq, center, sigma_t);
+  if (sigma_t.has_value()) {
+    sigma = *sigma_t->const_data_ptr<double>();  // a CPU tensor: reading it is no sync
+  }
   const auto acc_type = acc_scalar_type(param.scalar_type());
   at::Tensor rho = at::empty({}, param.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::perturb_", [&] {

@@ -196,12 +196,14 @@ __device__ void grid_stride(int64_t n, bool vectorized, VecOp vec_op, ElemOp ele
 }
 
 // Every thread back-solves rho_t from *sq itself (a few flops, no second kernel); block 0 stores it.
+// sigma comes from device memory when sigma_t is given (a schedule computed on the device).
 template <typename scalar_t, typename acc_t, bool adaptive, bool save_center>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ g, scalar_t* __restrict__ backup,
-                   scalar_t* __restrict__ center, const acc_t* __restrict__ sq, acc_t sigma, acc_t rho_max,
-                   acc_t varrho, acc_t* __restrict__ rho_out, int64_t n, bool vectorized) {
-  const math::Radius<acc_t> r = math::radius(*sq, sigma, rho_max, varrho);
+                   scalar_t* __restrict__ center, const acc_t* __restrict__ sq, const double* __restrict__ sigma_t,
+                   acc_t sigma, acc_t rho_max, acc_t varrho, acc_t* __restrict__ rho_out, int64_t n, bool vectorized) {
+  const acc_t s = sigma_t != nullptr ? static_cast<acc_t>(*sigma_t) : sigma;
+  const math::Radius<acc_t> r = math::radius(*sq, s, rho_max, varrho);
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     *rho_out = r.rho;
   }
@@ -229,8 +231,8 @@ __global__ void __launch_bounds__(kThreads)
 
 at::Tensor perturb_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& backup, const at::Tensor& sq,
                         double sigma, double rho_max, double varrho, bool adaptive,
-                        const std::optional<at::Tensor>& center) {
-  check_perturb_args(param, grad, backup, sq, center);
+                        const std::optional<at::Tensor>& center, const std::optional<at::Tensor>& sigma_t) {
+  check_perturb_args(param, grad, backup, sq, center, sigma_t);
   const c10::cuda::CUDAGuard guard(param.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto acc_type = acc_scalar_type(param.scalar_type());
@@ -247,7 +249,9 @@ at::Tensor perturb_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& b
     const int grid = grid_for(vectorized ? n / vec_len<scalar_t>() : n);
     auto launch = [&](auto adaptive_tag, auto center_tag) {
       perturb_kernel<scalar_t, acc_t, decltype(adaptive_tag)::value, decltype(center_tag)::value>
-          <<<grid, kThreads, 0, stream>>>(w, g, bak, ctr, sq_acc.const_data_ptr<acc_t>(), static_cast<acc_t>(sigma),
+          <<<grid, kThreads, 0, stream>>>(w, g, bak, ctr, sq_acc.const_data_ptr<acc_t>(),
+                                          sigma_t.has_value() ? sigma_t->const_data_ptr<double>() : nullptr,
+                                          static_cast<acc_t>(sigma),
                                           static_cast<acc_t>(rho_max), static_cast<acc_t>(varrho),
                                           rho.data_ptr<acc_t>(), n, vectorized);
     };

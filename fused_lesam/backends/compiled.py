@@ -38,7 +38,7 @@ def _sq_norm_fake(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) 
 
 
 @torch.library.register_fake("fused_lesam::perturb_")
-def _perturb_fake(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center=None) -> Tensor:
+def _perturb_fake(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center=None, sigma_t=None) -> Tensor:
     return param.new_empty((), dtype=reference.acc_dtype(param.dtype))
 
 

@@ -45,14 +45,16 @@ def sq_norm(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) -> Ten
     return torch.stack(partials).sum()
 
 
-def radius_and_scale(sq: Tensor, sigma: float, rho_max: float, varrho: float) -> tuple[Tensor, Tensor]:
+def radius_and_scale(sq: Tensor, sigma: float | Tensor, rho_max: float, varrho: float) -> tuple[Tensor, Tensor]:
     """rho_t = min(sigma / (n + varrho), rho_max) and the scale rho_t / (n + 1e-12) applied to g.
 
+    ``sigma`` is a number or a 0-d tensor on the device (rounded to ``sq``'s dtype first either way);
     ``sigma = inf`` means a fixed radius ``rho_max`` (classic SAM). A zero norm gives scale 0 (so
     eps = 0 exactly, whatever varrho); a non-finite norm gives rho_t = 0 and scale 0: no perturbation.
     """
     norm = sq.sqrt()
     usable = torch.isfinite(norm)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=sq.device).to(sq.dtype)
     rho = torch.clamp(sigma / (norm + varrho), max=rho_max)
     rho = torch.where(usable, rho, 0.0)
     scale = torch.where(usable & (norm > 0), rho / (norm + NORM_EPS), 0.0)
@@ -69,13 +71,16 @@ def perturb_(
     varrho: float,
     adaptive: bool,
     center: Optional[Tensor] = None,
+    sigma_t: Optional[Tensor] = None,
 ) -> Tensor:
     """backup <- w; w <- w + eps with eps = s*g (s*w*w*g if adaptive); center <- g if given.
 
-    ``sq`` is the global squared norm from `sq_norm`. Returns rho_t (0-d, on the device).
+    ``sq`` is the global squared norm from `sq_norm`. ``sigma_t``, a 0-d float64 tensor on the
+    device, replaces ``sigma`` when given (a schedule computed on the device). Returns rho_t (0-d,
+    on the device).
     """
     dtype = acc_dtype(param.dtype)
-    rho, scale = radius_and_scale(sq.to(dtype), sigma, rho_max, varrho)
+    rho, scale = radius_and_scale(sq.to(dtype), sigma if sigma_t is None else sigma_t, rho_max, varrho)
     backup.copy_(param)
     if center is not None:
         center.copy_(grad)

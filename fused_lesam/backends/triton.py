@@ -87,10 +87,13 @@ def _sum_kernel(partials_ptr, count, out_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _perturb_kernel(w_ptr, g_ptr, backup_ptr, center_ptr, sq_ptr, rho_ptr, n, sigma, rho_max, varrho,
-                    ADAPTIVE: tl.constexpr, SAVE_CENTER: tl.constexpr, BLOCK: tl.constexpr):
+def _perturb_kernel(w_ptr, g_ptr, backup_ptr, center_ptr, sq_ptr, sigma_ptr, rho_ptr, n, sigma, rho_max, varrho,
+                    ADAPTIVE: tl.constexpr, SAVE_CENTER: tl.constexpr, SIGMA_ON_DEVICE: tl.constexpr,
+                    BLOCK: tl.constexpr):
     # The radius back-solve (reference.radius_and_scale): rho_t = min(sigma / (n + varrho), rho_max),
     # scale = rho_t / (n + 1e-12); both 0 for a non-finite norm, the scale 0 for a zero norm.
+    if SIGMA_ON_DEVICE:
+        sigma = tl.load(sigma_ptr).to(tl.float32)
     norm = tl.sqrt(tl.load(sq_ptr).to(tl.float32))
     finite = norm - norm == 0.0  # false for inf and NaN
     rho = tl.where(finite, tl.minimum(sigma / (norm + varrho), rho_max), 0.0)
@@ -168,7 +171,7 @@ def sq_norm(grads: list[Tensor], weights: list[Optional[Tensor]]) -> Tensor:
 
 @triton_op("fused_lesam_triton::perturb_", mutates_args=("param", "backup", "center"))
 def perturb_(param: Tensor, grad: Tensor, backup: Tensor, sq: Tensor, sigma: float, rho_max: float, varrho: float,
-             adaptive: bool, center: Optional[Tensor] = None) -> Tensor:
+             adaptive: bool, center: Optional[Tensor] = None, sigma_t: Optional[Tensor] = None) -> Tensor:
     _check("perturb_", "param", param)
     _check("perturb_", "grad", grad, param, "param")
     _check("perturb_", "backup", backup, param, "param")
@@ -177,14 +180,20 @@ def perturb_(param: Tensor, grad: Tensor, backup: Tensor, sq: Tensor, sigma: flo
     if sq.dim() != 0 or sq.dtype not in (torch.float32, torch.float64) or sq.device != param.device:
         raise RuntimeError(f"fused_lesam_triton::perturb_: sq must be the 0-d float32/float64 tensor sq_norm returns "
                            f"on param's device, got a {sq.dtype} tensor of shape {tuple(sq.shape)} on {sq.device}")
+    if sigma_t is not None and (sigma_t.dim() != 0 or sigma_t.dtype != torch.float64):
+        raise RuntimeError(f"fused_lesam_triton::perturb_: sigma_t must be a 0-d float64 tensor, got a {sigma_t.dtype} "
+                           f"tensor of shape {tuple(sigma_t.shape)}")
+    if sigma_t is not None and sigma_t.device != param.device:
+        raise RuntimeError(f"fused_lesam_triton::perturb_: sigma_t is on {sigma_t.device} but param is on {param.device}")
     if param.dtype == torch.float64:
-        return reference.perturb_(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center)
+        return reference.perturb_(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center, sigma_t)
     rho = torch.empty((), dtype=torch.float32, device=param.device)
     block = ELEMENTWISE_BLOCK[param.dtype]
     grid = (max(1, triton.cdiv(param.numel(), block)),)  # one program at least: it stores rho_t
     wrap_triton(_perturb_kernel)[grid](
-        param, grad, backup, param if center is None else center, sq, rho, param.numel(), sigma, rho_max, varrho,
-        ADAPTIVE=adaptive, SAVE_CENTER=center is not None, BLOCK=block, num_warps=NUM_WARPS)
+        param, grad, backup, param if center is None else center, sq, sq if sigma_t is None else sigma_t, rho,
+        param.numel(), sigma, rho_max, varrho, ADAPTIVE=adaptive, SAVE_CENTER=center is not None,
+        SIGMA_ON_DEVICE=sigma_t is not None, BLOCK=block, num_warps=NUM_WARPS)
     return rho
 
 
