@@ -46,7 +46,7 @@ class _Progress:
     optimizer: torch.compile keeps writes to it, but drops attribute writes on an Optimizer."""
 
     def __init__(self):
-        self.count = 0  # completed steps: t of the schedule
+        self.count = 0  # completed steps: t of the schedule (capturable: the device copy is authoritative)
         self.perturbed = False
         self.first_sq: Optional[Tensor] = None  # the first pass's squared norm, for the skip decision
         self.combine: list[Optional[tuple[float, float]]] = []  # LE-SAM+ coefficients per bucket
@@ -64,16 +64,22 @@ class SharpnessAware(torch.optim.Optimizer):
     - ``last_rho``, ``last_sigma``: rho_t and sigma_t of the last first step, one entry per param
       group (sigma_t is inf for FusedSAM, whose radius is fixed);
     - ``skipped_steps``: how many steps were skipped because a gradient was not finite, 0-d int64.
+
+    ``capturable=True`` keeps every scalar of the step on the device (the step count, sigma_t of
+    the annealing, the skip flag), so that a whole training step can be captured in a CUDA graph
+    and replayed; it needs a base optimizer that skips on the device (``fused=True``).
     """
 
     # Hyperparameter names of this kind of optimizer; they live in each param group.
     _hyper_names: tuple[str, ...] = ()
 
-    def __init__(self, params, base: type[torch.optim.Optimizer], hyper: dict[str, Any], backend: str, **base_kwargs):
+    def __init__(self, params, base: type[torch.optim.Optimizer], hyper: dict[str, Any], backend: str,
+                 capturable: bool = False, **base_kwargs):
         if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
             raise TypeError(f"base must be a torch.optim.Optimizer class such as torch.optim.SGD, got {base!r}")
         if not isinstance(backend, str):
             raise ValueError(f"backend must be a string, got {backend!r}")
+        _check("capturable", capturable, isinstance(capturable, bool), "a bool")
         self._check_group(hyper)
         super().__init__(params, hyper)
         for group in self.param_groups:
@@ -84,6 +90,12 @@ class SharpnessAware(torch.optim.Optimizer):
         self.param_groups = self.base.param_groups
         self.state = self.base.state
         self.defaults.update(self.base.defaults)
+        if capturable and not getattr(self.base, "_step_supports_amp_scaling", False):
+            raise ValueError(
+                f"capturable=True needs a base optimizer that can skip a non-finite step on the device, such as "
+                f"torch.optim.SGD/Adam/AdamW with fused=True; {base.__name__}({base_kwargs}) would need a host sync to skip"
+            )
+        self.capturable = capturable
         self.backend = backend
         self._progress = _Progress()
         self._build()
@@ -104,6 +116,9 @@ class SharpnessAware(torch.optim.Optimizer):
         self.last_grad_norm = torch.zeros((), device=main)
         self.last_rho = torch.zeros(n_groups, device=main)
         self.last_sigma = torch.zeros(n_groups, device=main)
+        if self.capturable:  # the step count the schedule reads, advanced on the device
+            old = getattr(self, "_device_count", None)
+            self._device_count = torch.zeros((), dtype=torch.int64, device=main) if old is None else old.to(main)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not hasattr(self, "base"):  # during our own __init__
@@ -126,8 +141,9 @@ class SharpnessAware(torch.optim.Optimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _radius_args(self, group: dict[str, Any]) -> tuple[float, float, float]:
-        """(sigma_t, rho_max, varrho) for the perturb op; sigma_t = inf means the fixed radius rho_max."""
+    def _radius_args(self, group: dict[str, Any]) -> tuple[float | Tensor, float, float]:
+        """(sigma_t, rho_max, varrho) for the perturb op; sigma_t = inf means the fixed radius rho_max.
+        sigma_t may be a 0-d float64 tensor on the main device (capturable schedules)."""
         raise NotImplementedError
 
     def _center_coefs(self, group: dict[str, Any]) -> Optional[tuple[float, float]]:
@@ -161,8 +177,10 @@ class SharpnessAware(torch.optim.Optimizer):
                 "first_step() called twice without second_step(): the parameters are already perturbed "
                 "(a second perturbation would overwrite the exact backup of w)"
             )
-        for group in self.param_groups:
-            self._check_group(group)
+        self._check_capture()
+        if not torch.compiler.is_compiling():  # host checks of values the compiler may treat as symbols
+            for group in self.param_groups:
+                self._check_group(group)
         for bucket in self._buckets:
             bucket.check_storage()
         if grad_scaler is not None:
@@ -178,10 +196,12 @@ class SharpnessAware(torch.optim.Optimizer):
         rho_of_group: dict[int, Tensor] = {}
         for bucket, coefs in zip(self._buckets, self._progress.combine):
             sigma, rho_max, varrho = radius_args[bucket.group_index]
+            sigma_t = sigma.to(bucket.device) if isinstance(sigma, Tensor) else None
             center = bucket.ensure_center() if coefs is not None else None
             rho_of_group[bucket.group_index] = self._ops[bucket.device].perturb_(
                 bucket.param, bucket.grad, bucket.ensure_backup(), sq_on[bucket.device],
-                sigma, rho_max, varrho, bool(self.param_groups[bucket.group_index]["adaptive"]), center,
+                0.0 if sigma_t is not None else sigma, rho_max, varrho,
+                bool(self.param_groups[bucket.group_index]["adaptive"]), center, sigma_t,
             )
         self._progress.perturbed = True
         self._progress.first_sq = sq
@@ -189,7 +209,10 @@ class SharpnessAware(torch.optim.Optimizer):
         for index, rho in rho_of_group.items():
             self.last_rho[index].copy_(rho)
         for index, (sigma, _, _) in enumerate(radius_args):
-            self.last_sigma[index].fill_(sigma)
+            if isinstance(sigma, Tensor):
+                self.last_sigma[index].copy_(sigma)
+            else:
+                self.last_sigma[index].fill_(sigma)
         if zero_grad:
             for bucket in self._buckets:  # grads were bound above
                 bucket.zero_grad()
@@ -251,10 +274,25 @@ class SharpnessAware(torch.optim.Optimizer):
         self.skipped_steps += found_inf
         self._base_step(found_inf)
         self._progress.count += 1
+        if self.capturable:
+            self._device_count += 1
         self._opt_called = True  # what torch's LR schedulers check to know the optimizer has stepped
         if zero_grad:
             for bucket in self._buckets:  # grads were bound above
                 bucket.zero_grad()
+
+    def _check_capture(self) -> None:
+        """torch's rule for its own optimizers: only a capturable optimizer may be captured (a graph
+        would replay the step count and sigma_t of the capture forever otherwise)."""
+        if torch.compiler.is_compiling() or not torch.cuda.is_available():
+            return
+        if torch.cuda.is_current_stream_capturing():
+            if not self.capturable:
+                raise RuntimeError(f"{type(self).__name__} is being captured in a CUDA graph but was built with "
+                                   f"capturable=False: its step count and sigma_t would be frozen; pass capturable=True")
+            if not self._base_state_ready():
+                raise RuntimeError("capture a step only after at least one eager step: the base optimizer's state "
+                                   "(momentum buffers, ...) must exist before capture")
 
     def _base_state_ready(self) -> bool:
         """Every parameter with a gradient has its base-optimizer state already."""
@@ -326,7 +364,8 @@ class SharpnessAware(torch.optim.Optimizer):
         if self._progress.perturbed:
             raise RuntimeError("state_dict() between first_step() and second_step(): the parameters are perturbed")
         state = self.base.state_dict()
-        state[_STATE_KEY] = {"step": self._progress.count, "skipped_steps": self.skipped_steps.clone()}
+        count = int(self._device_count) if self.capturable else self._progress.count
+        state[_STATE_KEY] = {"step": count, "skipped_steps": self.skipped_steps.clone()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -343,6 +382,8 @@ class SharpnessAware(torch.optim.Optimizer):
         for group in self.param_groups:
             self._check_group(group)
         self._progress.count = int(ours["step"])
+        if self.capturable:
+            self._device_count.fill_(self._progress.count)
         self.skipped_steps.copy_(ours["skipped_steps"])
 
 
@@ -365,6 +406,8 @@ class FusedLESAM(SharpnessAware):
             ``total_steps`` optimizer steps (0: no annealing). For per-epoch annealing as in the
             paper use `fused_lesam.SigmaAnnealing` instead.
         backend: "auto", "torch", "cpp", "cuda" or "triton".
+        capturable: the step count and sigma_t live on the device (CUDA graphs; one torch.compile
+            graph for the whole annealing); needs a base optimizer with ``fused=True``.
     """
 
     _hyper_names = ("sigma", "rho_max", "varrho", "alpha", "alpha_form", "adaptive")
@@ -383,14 +426,16 @@ class FusedLESAM(SharpnessAware):
         total_steps: Optional[int] = None,
         anneal_steps: int = 0,
         backend: str = "auto",
+        capturable: bool = False,
         **base_kwargs,
     ):
         check_schedule(total_steps, anneal_steps, names=("total_steps", "anneal_steps", "warmup"))
         self.total_steps = total_steps
         self.anneal_steps = anneal_steps
+        self._sigma_tables: dict[float, Tensor] = {}
         hyper = dict(sigma=sigma, rho_max=math.inf if rho_max is None else rho_max, varrho=varrho,
                      alpha=alpha, alpha_form=alpha_form, adaptive=adaptive)
-        super().__init__(params, base, hyper, backend, **base_kwargs)
+        super().__init__(params, base, hyper, backend, capturable, **base_kwargs)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         sigma, rho_max, varrho, alpha = group["sigma"], group["rho_max"], group["varrho"], group["alpha"]
@@ -401,11 +446,26 @@ class FusedLESAM(SharpnessAware):
         _check("alpha_form", group["alpha_form"], group["alpha_form"] in ("paper", "released"), "'paper' or 'released'")
         _check("adaptive", group["adaptive"], isinstance(group["adaptive"], bool), "a bool")
 
-    def _radius_args(self, group: dict[str, Any]) -> tuple[float, float, float]:
+    def _radius_args(self, group: dict[str, Any]) -> tuple[float | Tensor, float, float]:
         sigma = group["sigma"]
-        if self.anneal_steps:
+        if self.anneal_steps and self.capturable:
+            sigma = self._sigma_on_device(sigma)
+        elif self.anneal_steps:
             sigma = sigma_at(self._progress.count, sigma, self.total_steps, self.anneal_steps)
         return sigma, group["rho_max"], group["varrho"]
+
+    def _sigma_on_device(self, sigma0: float) -> Tensor:
+        """sigma_t of the annealing looked up on the device from the device step count: a table of
+        sigma_at's values (held at sigma0 before the cosine, then one entry per annealed step, the
+        last one repeated after the end), built once per sigma0 on the host."""
+        table = self._sigma_tables.get(sigma0)
+        start = self.total_steps - self.anneal_steps
+        if table is None:
+            values = [sigma0] + [sigma_at(t, sigma0, self.total_steps, self.anneal_steps) for t in range(start, self.total_steps)]
+            table = torch.tensor(values, dtype=torch.float64, device=self._main_device)
+            self._sigma_tables[sigma0] = table
+        index = (self._device_count - start + 1).clamp(0, self.anneal_steps)
+        return table.gather(0, index.view(1)).view(())  # a gather, not table[index]: no data-dependent shape to trace
 
     def _center_coefs(self, group: dict[str, Any]) -> Optional[tuple[float, float]]:
         alpha = group["alpha"]
@@ -424,8 +484,8 @@ class FusedSAM(SharpnessAware):
     _hyper_names = ("rho", "adaptive")
 
     def __init__(self, params, base: type[torch.optim.Optimizer] = torch.optim.SGD, *, rho: float = 0.05,
-                 adaptive: bool = False, backend: str = "auto", **base_kwargs):
-        super().__init__(params, base, dict(rho=rho, adaptive=adaptive), backend, **base_kwargs)
+                 adaptive: bool = False, backend: str = "auto", capturable: bool = False, **base_kwargs):
+        super().__init__(params, base, dict(rho=rho, adaptive=adaptive), backend, capturable, **base_kwargs)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         rho = group["rho"]

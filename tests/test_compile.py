@@ -1,14 +1,17 @@
 """torch.compile of the optimizer step: first_step traces as one graph (fullgraph=True), through the
 torch ops of the reference backend or the custom ops of the extension, so it holds no host sync;
-second_step compiles too, with the one graph break torch's own optimizers put in their step.
-The compiled steps equal the eager ones."""
+second_step compiles too, and its only graph breaks are the ones torch's own optimizers put around
+their step (torch also declines to trace its fused optimizers' kernels). The compiled steps equal
+the eager ones. capturable=True (tests/test_capturable.py) keeps one graph through an annealing."""
+
+import os
 
 import copy
 
 import pytest
 import torch
 
-from conftest import SmallConvNet, make_batches, sam_step
+from conftest import SmallConvNet, loss_fn, make_batches, sam_step
 from fused_lesam import FusedLESAM
 
 BACKENDS = ["torch", "cpp"]  # Triton's interpreter cannot run under fake tensors: its compile test is a GPU test
@@ -29,3 +32,42 @@ def test_compiled_step_equals_eager(backend):
     for p, q in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(opt.last_rho, eager.last_rho)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("capturable", [False, True])
+def test_second_step_breaks_only_inside_torchs_optimizer(backend, capturable):
+    """Restore, combine, the norm of the final gradient and the skip flag trace without a break (so
+    without a host sync); every break torch.compile reports is in torch/optim (the base step)."""
+    torch.manual_seed(0)
+    model = SmallConvNet()
+    opt = FusedLESAM(model.parameters(), lr=0.05, momentum=0.9, fused=True, sigma=0.2, alpha=0.5,
+                     total_steps=8, anneal_steps=4, capturable=capturable, backend=backend)
+    (x, y), = make_batches(1)
+    sam_step(model, opt, x, y)  # the base optimizer's state exists: its skip is decided on the device
+    loss_fn(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_fn(model, x, y).backward()
+    explained = torch._dynamo.explain(opt.second_step)()
+    assert not opt._progress.perturbed  # the explained call did the step
+    torch_optim = os.path.join("torch", "optim") + os.sep
+    where = [reason.user_stack[-1].filename for reason in explained.break_reasons]
+    assert where and all(torch_optim in filename for filename in where), where
+
+
+def test_optimizers_with_different_hyperparameters_compile_in_one_process():
+    """After a second value of sigma, torch.compile makes the float a symbol; first_step must still
+    trace as one graph (its host-side checks of the hyperparameters are skipped while tracing)."""
+    for sigma in (0.2, 0.3, 0.4):
+        torch.manual_seed(0)
+        model = SmallConvNet()
+        eager_model = copy.deepcopy(model)
+        opt = FusedLESAM(model.parameters(), lr=0.05, sigma=sigma, backend="torch")
+        eager = FusedLESAM(eager_model.parameters(), lr=0.05, sigma=sigma, backend="torch")
+        first = torch.compile(opt.first_step, fullgraph=True, backend="aot_eager")
+        for x, y in make_batches(2):
+            sam_step(model, opt, x, y, first_step=first)
+            sam_step(eager_model, eager, x, y)
+        torch.testing.assert_close(opt.last_rho, eager.last_rho)
+        for p, q in zip(model.parameters(), eager_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

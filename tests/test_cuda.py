@@ -104,3 +104,67 @@ def test_triton_equals_cuda_extension(dtype, adaptive):
         results.append((sq, rho, perturbed, grad))
     for name, a, b in zip(("sq", "rho", "perturbed", "combined grad"), *results):
         assert_close(a, b, msg=f"{name}: cuda and triton differ")
+
+
+CAPTURABLE = dict(lr=0.05, momentum=0.9, weight_decay=5e-3, fused=True, sigma=0.3, rho_max=0.4, alpha=0.5,
+                  total_steps=10, anneal_steps=6, capturable=True)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_graph_replay_equals_eager(backend):
+    """A whole LE-SAM training step (both forward/backward passes and the optimizer) captured once
+    in a CUDA graph and replayed through the annealing gives the eager run's parameters and sigma_t."""
+    torch.manual_seed(0)
+    model = SmallConvNet().cuda()
+    eager_model = copy.deepcopy(model)
+    opt = FusedLESAM(model.parameters(), backend=backend, **CAPTURABLE)
+    eager = FusedLESAM(eager_model.parameters(), backend=backend, **CAPTURABLE)
+    batches = to_cuda(make_batches(10))
+    static_x, static_y = torch.empty_like(batches[0][0]), torch.empty_like(batches[0][1])
+
+    def train_step():
+        opt.zero_grad()  # in place: the gradients stay views of the flat buffer the graph writes
+        loss_fn(model, static_x, static_y).backward()
+        opt.first_step(zero_grad=True)
+        loss_fn(model, static_x, static_y).backward()
+        opt.second_step()
+
+    side = torch.cuda.Stream()  # warm-up on a side stream (torch's recipe): state and buffers exist
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in batches[:2]:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            train_step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step()
+    sigmas = []
+    for x, y in batches[2:]:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        sigmas.append(opt.last_sigma[0].item())
+
+    eager_sigmas = []
+    for x, y in batches:
+        sam_step(eager_model, eager, x, y)
+        eager_sigmas.append(eager.last_sigma[0].item())
+    assert sigmas == eager_sigmas[2:] and sigmas[-1] == 0.0  # sigma_t advanced inside the graph
+    for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
+        assert_close(p, q, msg=name)
+    assert opt.state_dict()["fused_lesam"]["step"] == 10
+
+
+def test_capturing_a_non_capturable_optimizer_is_an_error():
+    model = SmallConvNet().cuda()
+    opt = FusedLESAM(model.parameters(), lr=0.05, fused=True)
+    x, y = to_cuda(make_batches(1))[0]
+    sam_step(model, opt, x, y)
+    loss_fn(model, x, y).backward()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capturable=False"):
+        with torch.cuda.graph(graph):
+            opt.first_step()
+    assert not opt._progress.perturbed

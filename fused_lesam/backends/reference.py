@@ -48,13 +48,14 @@ def sq_norm(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) -> Ten
 def radius_and_scale(sq: Tensor, sigma: float | Tensor, rho_max: float, varrho: float) -> tuple[Tensor, Tensor]:
     """rho_t = min(sigma / (n + varrho), rho_max) and the scale rho_t / (n + 1e-12) applied to g.
 
-    ``sigma`` is a number or a 0-d tensor on the device (rounded to ``sq``'s dtype first either way);
+    ``sigma`` is a number or a 0-d tensor on the device (rounded to ``sq``'s dtype first);
     ``sigma = inf`` means a fixed radius ``rho_max`` (classic SAM). A zero norm gives scale 0 (so
     eps = 0 exactly, whatever varrho); a non-finite norm gives rho_t = 0 and scale 0: no perturbation.
     """
     norm = sq.sqrt()
     usable = torch.isfinite(norm)
-    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=sq.device).to(sq.dtype)
+    # A tensor either way (a fill, not a host-to-device copy), so that both forms divide alike.
+    sigma = sigma.to(norm.dtype) if isinstance(sigma, Tensor) else torch.full_like(norm, sigma)
     rho = torch.clamp(sigma / (norm + varrho), max=rho_max)
     rho = torch.where(usable, rho, 0.0)
     scale = torch.where(usable & (norm > 0), rho / (norm + NORM_EPS), 0.0)
