@@ -168,3 +168,22 @@ def test_capturing_a_non_capturable_optimizer_is_an_error():
         with torch.cuda.graph(graph):
             opt.first_step()
     assert not opt._progress.perturbed
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_compiled_step_equals_eager_on_the_gpu(backend):
+    """first_step as one inductor graph (fullgraph=True) through the backend's ops (the Triton ops
+    can be traced only on the GPU), second_step compiled around torch's base step."""
+    torch.manual_seed(0)
+    model = SmallConvNet().cuda()
+    eager_model = copy.deepcopy(model)
+    opt = FusedLESAM(model.parameters(), backend=backend, **CAPTURABLE)
+    eager = FusedLESAM(eager_model.parameters(), backend=backend, **CAPTURABLE)
+    first = torch.compile(opt.first_step, fullgraph=True)
+    second = torch.compile(opt.second_step)
+    for x, y in to_cuda(make_batches(6)):
+        sam_step(model, opt, x, y, first_step=first, second_step=second)
+        sam_step(eager_model, eager, x, y)
+    for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
+        assert_close(p, q, msg=name)
+    torch.testing.assert_close(opt.last_sigma, eager.last_sigma)
