@@ -151,13 +151,17 @@ class SharpnessAware(torch.optim.Optimizer):
         return None
 
     # ------------------------------------------------------------------ the step
+    def _adaptive(self, bucket: ParamBucket | ShardBucket) -> bool:
+        """ASAM-style perturbation in this bucket's group (kinds without the option never are)."""
+        return bool(self.param_groups[bucket.group_index].get("adaptive", False))
+
     def _global_sq_norm(self, adaptive_aware: bool) -> Tensor:
         """Squared norm over every bucket of every device, as one 0-d tensor on the main device;
         for sharded (FSDP2) parameters summed over the ranks too, on the device."""
         partials = []
         for device, ops in self._ops.items():
             mine = [b for b in self._buckets if b.device == device]
-            weights = [b.param if adaptive_aware and self.param_groups[b.group_index]["adaptive"] else None for b in mine]
+            weights = [b.param if adaptive_aware and self._adaptive(b) else None for b in mine]
             partials.append(ops.sq_norm([b.grad for b in mine], weights).to(self._main_device))
         sq = partials[0] if len(partials) == 1 else torch.stack([p.to(partials[0].dtype) for p in partials]).sum()
         if self._shard_group is not None:
@@ -201,7 +205,7 @@ class SharpnessAware(torch.optim.Optimizer):
             rho_of_group[bucket.group_index] = self._ops[bucket.device].perturb_(
                 bucket.param, bucket.grad, bucket.ensure_backup(), sq_on[bucket.device],
                 0.0 if sigma_t is not None else sigma, rho_max, varrho,
-                bool(self.param_groups[bucket.group_index]["adaptive"]), center, sigma_t,
+                self._adaptive(bucket), center, sigma_t,
             )
         self._progress.perturbed = True
         self._progress.first_sq = sq
@@ -271,6 +275,10 @@ class SharpnessAware(torch.optim.Optimizer):
             self._average_centers()
         self._restore(combine=True)
         found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(self._global_sq_norm(adaptive_aware=False)))
+        self._finish_step(found_inf, zero_grad)
+
+    def _finish_step(self, found_inf: Tensor, zero_grad: bool) -> None:
+        """After the restore: the base step unless ``found_inf``, the counters, the optional zeroing."""
         self.skipped_steps += found_inf
         self._base_step(found_inf)
         self._progress.count += 1
@@ -278,7 +286,7 @@ class SharpnessAware(torch.optim.Optimizer):
             self._device_count += 1
         self._opt_called = True  # what torch's LR schedulers check to know the optimizer has stepped
         if zero_grad:
-            for bucket in self._buckets:  # grads were bound above
+            for bucket in self._buckets:  # grads were bound in second_step
                 bucket.zero_grad()
 
     def _check_capture(self) -> None:

@@ -1,4 +1,4 @@
-"""The "torch" backend: the three bucket ops in plain PyTorch.
+"""The "torch" backend: the bucket ops in plain PyTorch.
 
 This file is the specification. The C++, CUDA and Triton kernels compute the same thing and are
 tested against it; it also runs anywhere torch runs (CPU, CUDA, any dtype). Everything stays on
@@ -6,6 +6,11 @@ the device: no ``.item()``, no Python branch on a tensor value, so no host synch
 
 Each op works on flat 1-D buckets (see ``fused_lesam.buckets``). Arithmetic is done in the
 accumulation dtype (fp32, or fp64 for fp64 buckets) and rounded to the bucket's dtype once.
+
+SAM and LE-SAM use ``sq_norm``, ``perturb_`` and ``restore_``. XSAM (DESIGN.md §1) ascends with
+``sq_norm`` and ``perturb_`` too, then uses ``xsam_dots`` (three reductions in one pass),
+``slerp_coefficients`` (a few scalar ops on the device, shared by every backend) and
+``xsam_restore_`` / ``xsam_probe_`` (one element-wise pass each).
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ def radius_and_scale(sq: Tensor, sigma: float | Tensor, rho_max: float, varrho: 
 def perturb_(
     param: Tensor,
     grad: Tensor,
-    backup: Tensor,
+    backup: Optional[Tensor],
     sq: Tensor,
     sigma: float,
     rho_max: float,
@@ -74,15 +79,18 @@ def perturb_(
     center: Optional[Tensor] = None,
     sigma_t: Optional[Tensor] = None,
 ) -> Tensor:
-    """backup <- w; w <- w + eps with eps = s*g (s*w*w*g if adaptive); center <- g if given.
+    """backup <- w (if given); w <- w + eps with eps = s*g (s*w*w*g if adaptive); center <- g if given.
 
-    ``sq`` is the global squared norm from `sq_norm`. ``sigma_t``, a 0-d float64 tensor on the
+    ``sq`` is the global squared norm from `sq_norm`. XSAM's later ascent steps pass no backup:
+    the one written by the first step is the w_0 to restore. ``sigma_t``, a 0-d float64 tensor on the
     device, replaces ``sigma`` when given (a schedule computed on the device). Returns rho_t (0-d,
     on the device).
     """
     dtype = acc_dtype(param.dtype)
     rho, scale = radius_and_scale(sq.to(dtype), sigma if sigma_t is None else sigma_t, rho_max, varrho)
-    backup.copy_(param)
+    if backup is not None:
+        backup.copy_(param)
+    before = backup if backup is not None else param.clone()  # for the non-finite guard below
     if center is not None:
         center.copy_(grad)
     w = param.to(dtype)  # param itself for fp32/fp64 buckets: then everything below is in place
@@ -90,7 +98,7 @@ def perturb_(
     direction = w * w * g if adaptive else g
     w.addcmul_(direction, scale)
     # A non-finite norm leaves w untouched: scale is 0 then, but 0 * NaN would still be NaN.
-    torch.where(torch.isfinite(sq), w, backup, out=w)
+    torch.where(torch.isfinite(sq), w, before, out=w)
     if w is not param:
         param.copy_(w)
     return rho
@@ -116,3 +124,72 @@ def restore_(
         g.mul_(ghat_coef).sub_(center.to(dtype), alpha=center_coef)
         if g is not grad:
             grad.copy_(g)
+
+
+# ---------------------------------------------------------------------------------------- XSAM
+# Below this sine of the angle between the ascent and the last gradient, the slerp's division is
+# replaced by its limit, the linear interpolation (DESIGN.md §1, XSAM).
+SLERP_MIN_SIN = 1e-8
+
+
+def xsam_dots(params: Sequence[Tensor], backups: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    """[||D||^2, ||g||^2, D . g] summed over buckets, D = param - backup (w_k - w_0), g the last
+    gradient: a (3,) tensor on the buckets' device, fp32 (fp64 if any bucket is fp64)."""
+    out_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    sums = []
+    for param, backup, grad in zip(params, backups, grads):
+        dtype = acc_dtype(param.dtype)
+        delta = param.to(dtype) - backup.to(dtype)
+        g = grad.to(dtype)
+        sums.append(torch.stack([torch.dot(delta, delta), torch.dot(g, g), torch.dot(delta, g)]).to(out_dtype))
+    return torch.stack(sums).sum(0)
+
+
+def slerp_coefficients(dots: Tensor, alpha: float | Tensor, length: float | Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(c0, c1) with c0 * D + c1 * g = length * d(alpha), from ``xsam_dots``'s dots.
+
+    v0 = D / (||D|| + eps), v1 = g / (||g|| + eps), theta = arccos(clamp(v0 . v1, -1, 1)) and
+    d(alpha) = sin((1 - alpha) theta) / sin theta * v0 + sin(alpha theta) / sin theta * v1 (slerp).
+    Guards: sin theta < 1e-8 takes the slerp's limit (1 - alpha) v0 + alpha v1; a zero ascent
+    (D = 0) has no direction to turn from, so d = v1; non-finite dots give c0 = c1 = 0. Also
+    returns theta. Everything stays on the device.
+    """
+    dots = dots.to(torch.float64 if dots.dtype == torch.float64 else torch.float32)
+    norm_d, norm_g = dots[0].sqrt(), dots[1].sqrt()
+    cos = (dots[2] / ((norm_d + eps) * (norm_g + eps))).clamp(-1.0, 1.0)
+    theta = torch.arccos(cos)
+    sin = torch.sin(theta)
+    alpha = torch.as_tensor(alpha, dtype=dots.dtype, device=dots.device) if not isinstance(alpha, Tensor) else alpha.to(dots.dtype)
+    straight = sin < SLERP_MIN_SIN
+    safe_sin = torch.where(straight, 1.0, sin)
+    a = torch.where(straight, 1.0 - alpha, torch.sin((1.0 - alpha) * theta) / safe_sin)
+    b = torch.where(straight, alpha, torch.sin(alpha * theta) / safe_sin)
+    no_ascent = norm_d == 0
+    a = torch.where(no_ascent, 0.0, a)
+    b = torch.where(no_ascent, 1.0, b)
+    c0 = length * a / (norm_d + eps)
+    c1 = length * b / (norm_g + eps)
+    finite = torch.isfinite(dots).all()
+    coefs = torch.where(finite, torch.stack([c0, c1]), 0.0)
+    return coefs, theta
+
+
+def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Optional[Tensor], coefs: Tensor) -> None:
+    """g <- c0 * D + c1 * g with D = delta if given, else param - backup; then w <- backup (bit-exact).
+
+    ``coefs`` is the (2,) tensor of `slerp_coefficients` (length ||g||: XSAM's update gradient)."""
+    dtype = acc_dtype(param.dtype)
+    d = delta.to(dtype) if delta is not None else param.to(dtype) - backup.to(dtype)
+    c = coefs.to(dtype)
+    grad.copy_(d * c[0] + grad.to(dtype) * c[1])
+    param.copy_(backup)
+
+
+def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coefs: Tensor, save_delta: bool) -> None:
+    """w <- backup + c0 * D + c1 * g, a point of XSAM's alpha search; with ``save_delta`` first
+    delta <- param - backup (D = w_k - w_0, which the probe overwrites in param)."""
+    dtype = acc_dtype(param.dtype)
+    if save_delta:
+        delta.copy_(param.to(dtype) - backup.to(dtype))
+    c = coefs.to(dtype)
+    param.copy_(backup.to(dtype) + delta.to(dtype) * c[0] + grad.to(dtype) * c[1])

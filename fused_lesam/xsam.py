@@ -1,0 +1,266 @@
+"""FusedXSAM: explicit sharpness-aware minimization (Chen & Zhou, ICLR 2026; DESIGN.md §1 "XSAM").
+
+XSAM ascends like SAM, in ``steps`` steps of length rho / steps, then updates w_0 along an explicit
+estimate of the direction to the neighbourhood's maximum: the slerp d(alpha) between where the
+ascent went (v0, from w_k - w_0) and where the loss rises at its end (v1, from the last gradient),
+scaled to the last gradient's length. alpha = 1 is SAM; ``dynamic=True`` re-chooses alpha by the
+largest loss at w_0 + rho_max d(alpha) on a grid, when ``step`` is given ``search_alpha``.
+
+On the engine of FusedLESAM/FusedSAM (`SharpnessAware`): the ascent steps are its norm and perturb
+ops (the backup of w_0 written at the first only); the end of the step is ``xsam_dots`` (three
+reductions in one pass), the slerp coefficients on the device, and ``xsam_restore_``, one pass
+that restores w_0 and writes the update gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .backends import reference
+from .optimizer import SharpnessAware, _check, _is_real
+
+__all__ = ["FusedXSAM"]
+
+
+class FusedXSAM(SharpnessAware):
+    """XSAM on the fused engine.
+
+    Args:
+        params, base, **base_kwargs: as for `FusedLESAM`.
+        rho: total ascent length, split over ``steps`` ascent steps (per param group).
+        steps: ascent steps k (each needs a forward and backward: ``closure`` runs k times).
+        alpha: the slerp's position, 0 = along the ascent, 1 = SAM (per param group); with
+            ``dynamic`` the starting value of the one alpha the search chooses for the model.
+        dynamic: choose alpha by the search (`step(closure, search_alpha=loss_fn)`).
+        rho_max: the probe radius of the search (per param group).
+        alpha_max, alpha_delta: the search grid {0, delta, 2 delta, ..., alpha_max}.
+        eps: added to ||w_k - w_0|| and ||g_hat|| before dividing by them. The ascent steps use
+            the engine's perturbation (the same guard, 1e-12, as FusedSAM), the default here.
+
+    Telemetry (device tensors, no sync until read): ``last_alpha``, ``last_theta`` (angle
+    between the ascent and g_hat), ``last_ghat_norm``, ``last_ascent_norm`` (||w_k - w_0||),
+    with the engine's ``last_grad_norm``, ``last_rho`` (rho / steps) and ``skipped_steps``.
+    """
+
+    _hyper_names = ("rho", "rho_max", "alpha")
+
+    def __init__(
+        self,
+        params,
+        base: type[torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        rho: float = 0.15,
+        steps: int = 1,
+        alpha: float = 1.0,
+        dynamic: bool = False,
+        rho_max: float = 0.3,
+        alpha_max: float = 2.0,
+        alpha_delta: float = 0.1,
+        eps: float = 1e-12,
+        backend: str = "auto",
+        capturable: bool = False,
+        **base_kwargs,
+    ):
+        _check("steps", steps, isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "an int >= 1")
+        _check("dynamic", dynamic, isinstance(dynamic, bool), "a bool")
+        _check("alpha_delta", alpha_delta, _is_real(alpha_delta) and math.isfinite(alpha_delta) and alpha_delta > 0,
+               "a finite number > 0")
+        _check("alpha_max", alpha_max, _is_real(alpha_max) and math.isfinite(alpha_max) and alpha_max >= 0,
+               "a finite number >= 0")
+        _check("eps", eps, _is_real(eps) and math.isfinite(eps) and eps > 0, "a finite number > 0")
+        points = alpha_max / alpha_delta
+        _check("alpha_max", alpha_max, abs(points - round(points)) < 1e-6,
+               f"a whole multiple of alpha_delta={alpha_delta!r}")
+        self.steps, self.dynamic, self.eps = steps, dynamic, eps
+        self.alpha_grid = [i * alpha_delta for i in range(round(points) + 1)]
+        self._initial_alpha = alpha
+        self._ascents = 0  # ascent steps taken in the current step
+        super().__init__(params, base, dict(rho=rho, rho_max=rho_max, alpha=alpha), backend, capturable, **base_kwargs)
+
+    def _build(self) -> None:
+        super()._build()
+        main = self._main_device
+        # The chosen alpha of dynamic mode: one value for the model (the search maximises one loss).
+        old = getattr(self, "alpha", None)
+        self.alpha = torch.tensor(float(self._initial_alpha), device=main) if old is None else old.to(main)
+        self.last_alpha = torch.zeros(len(self.param_groups), device=main)
+        self.last_theta = torch.zeros((), device=main)
+        self.last_ghat_norm = torch.zeros((), device=main)
+        self.last_ascent_norm = torch.zeros((), device=main)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        rho, rho_max, alpha = group["rho"], group["rho_max"], group["alpha"]
+        _check("rho", rho, _is_real(rho) and math.isfinite(rho) and rho >= 0, "a finite number >= 0")
+        _check("rho_max", rho_max, _is_real(rho_max) and math.isfinite(rho_max) and rho_max >= 0, "a finite number >= 0")
+        _check("alpha", alpha, _is_real(alpha) and math.isfinite(alpha), "a finite number")
+
+    def _radius_args(self, group: dict[str, Any]) -> tuple[float, float, float]:
+        return math.inf, group["rho"] / self.steps, 1.0  # a fixed step: SAM's perturbation, length rho / k
+
+    # ------------------------------------------------------------------ the step
+    def first_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+        """The first ascent step, from the gradient at w_0 (the caller's first backward); it writes
+        the exact backup of w_0. ``grad_scaler`` only with steps=1 (GradScaler unscales once per pass
+        of an optimizer, and the later ascent steps have none)."""
+        if grad_scaler is not None and self.steps != 1:
+            raise ValueError(f"grad_scaler works with steps=1; this FusedXSAM has steps={self.steps}")
+        super().first_step(zero_grad, grad_scaler)
+        self._ascents = 1
+
+    @torch.no_grad()
+    def ascent_step(self, zero_grad: bool = False) -> None:
+        """Ascent steps 2..k: w_i = w_{i-1} + (rho / k) g_i / ||g_i|| from the gradient at w_{i-1}."""
+        if not self._progress.perturbed:
+            raise RuntimeError("ascent_step() called before first_step(): the first ascent step writes the backup of w")
+        if self._ascents >= self.steps:
+            raise RuntimeError(f"ascent_step() after {self._ascents} of steps={self.steps} ascent steps: call second_step()")
+        for bucket in self._buckets:
+            bucket.bind_grads()
+        sq = self._global_sq_norm(adaptive_aware=False)
+        sq_on = {d: sq if d == self._main_device else sq.to(d) for d in self._ops}
+        for bucket in self._buckets:
+            _, step_length, _ = self._radius_args(self.param_groups[bucket.group_index])
+            self._ops[bucket.device].perturb_(bucket.param, bucket.grad, None, sq_on[bucket.device],
+                                              math.inf, step_length, 1.0, False)
+        # A non-finite gradient on the way skips the step at the end, as one in the first pass does.
+        self._progress.first_sq = self._progress.first_sq + sq
+        self._ascents += 1
+        if zero_grad:
+            for bucket in self._buckets:
+                bucket.zero_grad()
+
+    def _dots(self) -> Tensor:
+        """[||w_k - w_0||^2, ||g_hat||^2, (w_k - w_0) . g_hat] over every bucket, on the main device."""
+        partials = []
+        for device, ops in self._ops.items():
+            mine = [b for b in self._buckets if b.device == device]
+            partials.append(ops.xsam_dots([b.param for b in mine], [b.backup for b in mine],
+                                          [b.grad for b in mine]).to(self._main_device))
+        dots = partials[0] if len(partials) == 1 else torch.stack([p.to(partials[0].dtype) for p in partials]).sum(0)
+        if self._shard_group is not None:
+            dist.all_reduce(dots, group=self._shard_group)
+        return dots
+
+    def _check_search(self, search_alpha: Optional[Callable[[], Any]]) -> None:
+        if search_alpha is not None and not self.dynamic:
+            raise ValueError("search_alpha is for dynamic=True: with a fixed alpha there is nothing to search")
+
+    def _group_alpha(self, group: dict[str, Any]) -> float | Tensor:
+        return self.alpha if self.dynamic else group["alpha"]
+
+    def _probe(self, dots: Tensor, search_alpha: Callable[[], Any]) -> None:
+        """Dynamic alpha: w <- w_0 + rho_max d(alpha) for each alpha of the grid, keep the one with
+        the largest loss (on the device; a non-finite loss never wins, and when all are, alpha stays)."""
+        deltas = [bucket.ensure_center() for bucket in self._buckets]  # D = w_k - w_0, saved by the first probe
+        losses = []
+        for i, alpha in enumerate(self.alpha_grid):
+            for bucket, delta in zip(self._buckets, deltas):
+                group = self.param_groups[bucket.group_index]
+                coefs, _ = reference.slerp_coefficients(dots.to(bucket.device), alpha, group["rho_max"], self.eps)
+                self._ops[bucket.device].xsam_probe_(bucket.param, bucket.backup, bucket.grad, delta, coefs, i == 0)
+            loss = search_alpha()
+            losses.append(torch.as_tensor(loss, device=self._main_device).detach().float().reshape(()))
+        losses = torch.stack(losses)
+        losses = torch.where(torch.isfinite(losses), losses, -math.inf)
+        best = torch.tensor(self.alpha_grid, device=self._main_device)[losses.argmax()]
+        self.alpha.copy_(torch.where(torch.isfinite(losses).any(), best, self.alpha))
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None,
+                    search_alpha: Optional[Callable[[], Any]] = None) -> None:
+        """After the last backward (g_hat at w_k): with ``search_alpha`` (dynamic mode) choose alpha;
+        then restore w_0 exactly, write ||g_hat|| d(alpha) into the gradient, and base-step."""
+        if not self._progress.perturbed:
+            raise RuntimeError("second_step() called before first_step(): nothing to restore; the parameters were not changed")
+        if self._ascents != self.steps:
+            raise RuntimeError(f"second_step() after {self._ascents} of steps={self.steps} ascent steps: "
+                               f"call ascent_step() after each backward until all are done")
+        self._check_search(search_alpha)
+        if grad_scaler is not None:
+            grad_scaler.unscale_(self.base)
+        for bucket in self._buckets:
+            bucket.bind_grads()
+        dots = self._dots()
+        searched = search_alpha is not None
+        if searched:
+            try:
+                self._probe(dots, search_alpha)
+            except BaseException:
+                self._restore()
+                raise
+        by_group = {}
+        for index, group in enumerate(self.param_groups):
+            alpha = self._group_alpha(group)
+            coefs, theta = reference.slerp_coefficients(dots, alpha, dots[1].sqrt(), self.eps)
+            by_group[index] = coefs
+            if isinstance(alpha, Tensor):
+                self.last_alpha[index].copy_(alpha)
+            else:
+                self.last_alpha[index].fill_(alpha)
+        for bucket in self._buckets:
+            delta = bucket.center if searched else None  # the probes overwrote w_k
+            self._ops[bucket.device].xsam_restore_(bucket.param, bucket.backup, bucket.grad, delta,
+                                                   by_group[bucket.group_index].to(bucket.device))
+        self._progress.perturbed = False
+        self._ascents = 0
+        self.last_theta.copy_(theta)
+        self.last_ascent_norm.copy_(dots[0].sqrt())
+        self.last_ghat_norm.copy_(dots[1].sqrt())
+        found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(dots).all())
+        self._finish_step(found_inf, zero_grad)
+
+    def _restore(self, combine: bool = False) -> None:
+        super()._restore(combine)
+        self._ascents = 0
+
+    @contextlib.contextmanager
+    def perturbed(self, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Iterator["FusedXSAM"]:
+        if self.steps != 1:
+            raise RuntimeError(f"perturbed() covers one ascent step; with steps={self.steps} use step(closure)")
+        with super().perturbed(grad_scaler) as opt:
+            yield opt
+
+    def step(self, closure: Optional[Callable[[], Any]] = None,
+             grad_scaler: Optional["torch.amp.GradScaler"] = None,
+             search_alpha: Optional[Callable[[], Any]] = None) -> Any:
+        """One XSAM step. The first backward (at w_0) is done by the caller; ``closure`` redoes the
+        forward and backward and runs once per ascent step (at w_1, ..., w_k); its last loss is
+        returned. ``search_alpha`` (dynamic mode): a function returning the loss at the current
+        parameters, forward only (it is called under no_grad, once per grid point).
+
+        If ``closure`` or ``search_alpha`` raises, w_0 is restored bit-exactly and the step is skipped."""
+        if closure is None:
+            raise RuntimeError("FusedXSAM.step() needs a closure that re-evaluates the loss and calls backward()")
+        self._check_search(search_alpha)
+        self.first_step(zero_grad=True, grad_scaler=grad_scaler)
+        try:
+            for i in range(self.steps):
+                with torch.enable_grad():
+                    loss = closure()
+                if i + 1 < self.steps:
+                    self.ascent_step(zero_grad=True)
+        except BaseException:
+            with torch.no_grad():
+                self._restore()
+            raise
+        self.second_step(grad_scaler=grad_scaler, search_alpha=search_alpha)
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["fused_lesam"]["alpha"] = self.alpha.clone()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        alpha = state_dict.get("fused_lesam", {}).get("alpha")
+        if alpha is None:
+            raise ValueError("this state dict has no XSAM alpha: it was not saved by FusedXSAM.state_dict()")
+        super().load_state_dict(state_dict)
+        self.alpha.copy_(alpha)
