@@ -76,12 +76,14 @@ inline void check_sq_norm_args(at::TensorList grads, const c10::List<std::option
   }
 }
 
-inline void check_perturb_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& backup,
+inline void check_perturb_args(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& backup,
                                const at::Tensor& sq, const std::optional<at::Tensor>& center,
                                const std::optional<at::Tensor>& sigma_t) {
   check_bucket(param, "perturb_", "param");
   check_same_bucket(grad, param, "perturb_", "grad", "param");
-  check_same_bucket(backup, param, "perturb_", "backup", "param");
+  if (backup.has_value()) {
+    check_same_bucket(*backup, param, "perturb_", "backup", "param");
+  }
   if (center.has_value()) {
     check_same_bucket(*center, param, "perturb_", "center", "param");
   }
@@ -107,6 +109,51 @@ inline void check_restore_args(const at::Tensor& param, const at::Tensor& backup
   if (center.has_value()) {
     check_same_bucket(*center, param, "restore_", "center", "param");
   }
+}
+
+inline void check_xsam_dots_args(at::TensorList params, at::TensorList backups, at::TensorList grads) {
+  TORCH_CHECK(params.size() == backups.size() && params.size() == grads.size(), "fused_lesam::xsam_dots: got ",
+              params.size(), " param, ", backups.size(), " backup and ", grads.size(),
+              " grad buckets; they must match one to one");
+  TORCH_CHECK(!params.empty(), "fused_lesam::xsam_dots: needs at least one bucket");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::string index = "[" + std::to_string(i) + "]";
+    const std::string param_name = "params" + index;
+    check_bucket(params[i], "xsam_dots", param_name.c_str());
+    check_same_bucket(backups[i], params[i], "xsam_dots", ("backups" + index).c_str(), param_name.c_str());
+    check_same_bucket(grads[i], params[i], "xsam_dots", ("grads" + index).c_str(), param_name.c_str());
+    TORCH_CHECK(params[i].device() == params[0].device(), "fused_lesam::xsam_dots: params", index, " is on ",
+                params[i].device(), " but params[0] is on ", params[0].device(), "; one call sums one device");
+  }
+}
+
+inline void check_coefs(const at::Tensor& coefs, const at::Tensor& param, const char* op) {
+  TORCH_CHECK(coefs.dim() == 1 && coefs.numel() == 2 &&
+                  (coefs.scalar_type() == at::kFloat || coefs.scalar_type() == at::kDouble),
+              "fused_lesam::", op, ": coefs must be a (2,) float32/float64 tensor, got a ", coefs.scalar_type(),
+              " tensor of shape ", coefs.sizes());
+  TORCH_CHECK(coefs.device() == param.device(), "fused_lesam::", op, ": coefs is on ", coefs.device(),
+              " but param is on ", param.device());
+}
+
+inline void check_xsam_restore_args(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
+                                    const std::optional<at::Tensor>& delta, const at::Tensor& coefs) {
+  check_bucket(param, "xsam_restore_", "param");
+  check_same_bucket(backup, param, "xsam_restore_", "backup", "param");
+  check_same_bucket(grad, param, "xsam_restore_", "grad", "param");
+  if (delta.has_value()) {
+    check_same_bucket(*delta, param, "xsam_restore_", "delta", "param");
+  }
+  check_coefs(coefs, param, "xsam_restore_");
+}
+
+inline void check_xsam_probe_args(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
+                                  const at::Tensor& delta, const at::Tensor& coefs) {
+  check_bucket(param, "xsam_probe_", "param");
+  check_same_bucket(backup, param, "xsam_probe_", "backup", "param");
+  check_same_bucket(grad, param, "xsam_probe_", "grad", "param");
+  check_same_bucket(delta, param, "xsam_probe_", "delta", "param");
+  check_coefs(coefs, param, "xsam_probe_");
 }
 
 }  // namespace fused_lesam

@@ -1,4 +1,4 @@
-// The fused_lesam operator library: the schemas of the three bucket ops, declared once.
+// The fused_lesam operator library: the schemas of the bucket ops, declared once.
 // Each device adds its kernels with TORCH_LIBRARY_IMPL in its own file (cpu/, cuda/); the fake
 // (meta) kernels that torch.compile traces with are in fused_lesam/backends/compiled.py.
 #include <Python.h>
@@ -8,16 +8,27 @@ TORCH_LIBRARY(fused_lesam, m) {
   // sum over buckets of sum(g^2), or sum((|w| g)^2) where weights[i] is given: a 0-d float32
   // tensor (float64 when a bucket is float64) on the buckets' device.
   m.def("sq_norm(Tensor[] grads, Tensor?[] weights) -> Tensor");
-  // backup <- w; center <- g if given; w <- w + eps with rho_t, eps computed on the device from
+  // backup <- w if given (XSAM's later ascent steps keep the first one's); center <- g if given;
+  // w <- w + eps with rho_t, eps computed on the device from
   // the squared norm sq. Returns rho_t (0-d). A non-finite sq leaves w untouched. sigma_t, a 0-d
   // float64 tensor on param's device, is read on the device in place of sigma when given (so a
   // schedule computed on the device needs no host sync and can run inside a CUDA graph).
   m.def(
-      "perturb_(Tensor(a!) param, Tensor grad, Tensor(b!) backup, Tensor sq, float sigma, float rho_max, "
+      "perturb_(Tensor(a!) param, Tensor grad, Tensor(b!)? backup, Tensor sq, float sigma, float rho_max, "
       "float varrho, bool adaptive, Tensor(c!)? center=None, Tensor? sigma_t=None) -> Tensor");
   // w <- backup (bit-exact); with a center gradient, g <- ghat_coef * g - center_coef * center.
   m.def("restore_(Tensor(a!) param, Tensor backup, Tensor(b!) grad, Tensor? center, float ghat_coef, "
         "float center_coef) -> ()");
+  // XSAM. [sum (w - b)^2, sum g^2, sum (w - b) g] over buckets (D = w - b = w_k - w_0): a (3,)
+  // float32 tensor (float64 when a bucket is float64) on the buckets' device.
+  m.def("xsam_dots(Tensor[] params, Tensor[] backups, Tensor[] grads) -> Tensor");
+  // g <- coefs[0] * D + coefs[1] * g with D = delta if given, else w - backup; then w <- backup.
+  // coefs: (2,) float32/float64 on the device (the slerp coefficients, never read on the host).
+  m.def("xsam_restore_(Tensor(a!) param, Tensor backup, Tensor(b!) grad, Tensor? delta, Tensor coefs) -> ()");
+  // A point of the alpha search: w <- backup + coefs[0] * D + coefs[1] * g, D = delta; with
+  // save_delta, first delta <- w - backup (rounded to the bucket's dtype, then used).
+  m.def("xsam_probe_(Tensor(a!) param, Tensor backup, Tensor grad, Tensor(b!) delta, Tensor coefs, "
+        "bool save_delta) -> ()");
 }
 
 // `import fused_lesam._C` loads this library, which registers the ops above; the module itself

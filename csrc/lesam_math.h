@@ -84,5 +84,23 @@ FL_HOST_DEVICE acc_t combined(acc_t ghat, acc_t center, acc_t ghat_coef, acc_t c
   return ghat * ghat_coef - center * center_coef;
 }
 
+// XSAM: one element's terms of the three reductions [D^2, g^2, D g], D = w_k - w_0.
+template <typename acc_t>
+struct Dots {
+  acc_t dd, gg, dg;
+};
+
+template <typename acc_t>
+FL_HOST_DEVICE Dots<acc_t> dots_term(acc_t delta, acc_t g) {
+  return {delta * delta, g * g, delta * g};
+}
+
+// XSAM's update gradient ||g_hat|| d(alpha), or a probe's step rho_max d(alpha), as c0 D + c1 g:
+// the slerp coefficients c0, c1 are computed on the device from the dots, once per call.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t slerped(acc_t delta, acc_t g, acc_t c0, acc_t c1) {
+  return delta * c0 + g * c1;
+}
+
 }  // namespace math
 }  // namespace fused_lesam

@@ -83,13 +83,15 @@ at::Tensor sq_norm_cpu(at::TensorList grads, const c10::List<std::optional<at::T
   return out;
 }
 
-template <typename scalar_t, typename acc_t, bool adaptive, bool save_center>
+template <typename scalar_t, typename acc_t, bool adaptive, bool save_backup, bool save_center>
 void perturb_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ g, scalar_t* __restrict__ backup,
                    scalar_t* __restrict__ center, acc_t scale, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t wi = w[i];
     const scalar_t gi = g[i];
-    backup[i] = wi;
+    if constexpr (save_backup) {
+      backup[i] = wi;
+    }
     if constexpr (save_center) {
       center[i] = gi;
     }
@@ -103,7 +105,8 @@ void copy_range(const scalar_t* __restrict__ from, scalar_t* __restrict__ to, in
   std::copy(from + begin, from + end, to + begin);
 }
 
-at::Tensor perturb_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& backup, const at::Tensor& sq,
+at::Tensor perturb_cpu(at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& backup,
+                       const at::Tensor& sq,
                        double sigma, double rho_max, double varrho, bool adaptive,
                        const std::optional<at::Tensor>& center, const std::optional<at::Tensor>& sigma_t) {
   check_perturb_args(param, grad, backup, sq, center, sigma_t);
@@ -119,20 +122,33 @@ at::Tensor perturb_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& ba
     *rho.data_ptr<acc_t>() = r.rho;
     scalar_t* w = param.data_ptr<scalar_t>();
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    scalar_t* bak = backup.data_ptr<scalar_t>();
+    scalar_t* bak = backup.has_value() ? backup->data_ptr<scalar_t>() : nullptr;
     scalar_t* ctr = center.has_value() ? center->data_ptr<scalar_t>() : nullptr;
+    // One loop per combination of the three switches, chosen once per task, not per element.
+    auto range = [&](int64_t begin, int64_t end, auto adaptive_tag, auto backup_tag, auto center_tag) {
+      perturb_range<scalar_t, acc_t, decltype(adaptive_tag)::value, decltype(backup_tag)::value,
+                    decltype(center_tag)::value>(w, g, bak, ctr, r.scale, begin, end);
+    };
+    using yes = std::true_type;
+    using no = std::false_type;
+    auto with_center = [&](int64_t begin, int64_t end, auto adaptive_tag, auto backup_tag) {
+      ctr ? range(begin, end, adaptive_tag, backup_tag, yes{}) : range(begin, end, adaptive_tag, backup_tag, no{});
+    };
+    auto with_backup = [&](int64_t begin, int64_t end, auto adaptive_tag) {
+      bak ? with_center(begin, end, adaptive_tag, yes{}) : with_center(begin, end, adaptive_tag, no{});
+    };
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
       if (!r.finite) {  // no perturbation; the backup and the center are still written
-        copy_range(w, bak, begin, end);
+        if (bak) {
+          copy_range(w, bak, begin, end);
+        }
         if (ctr) {
           copy_range(g, ctr, begin, end);
         }
       } else if (adaptive) {
-        ctr ? perturb_range<scalar_t, acc_t, true, true>(w, g, bak, ctr, r.scale, begin, end)
-            : perturb_range<scalar_t, acc_t, true, false>(w, g, bak, ctr, r.scale, begin, end);
+        with_backup(begin, end, yes{});
       } else {
-        ctr ? perturb_range<scalar_t, acc_t, false, true>(w, g, bak, ctr, r.scale, begin, end)
-            : perturb_range<scalar_t, acc_t, false, false>(w, g, bak, ctr, r.scale, begin, end);
+        with_backup(begin, end, no{});
       }
     });
   });
@@ -167,12 +183,129 @@ void restore_cpu(at::Tensor& param, const at::Tensor& backup, at::Tensor& grad, 
   });
 }
 
+// ------------------------------------------------------------------------------------------- XSAM
+template <typename scalar_t, typename acc_t>
+math::Dots<acc_t> chunk_dots(const scalar_t* __restrict__ w, const scalar_t* __restrict__ b,
+                             const scalar_t* __restrict__ g, int64_t n) {
+  acc_t dd[kLanes] = {}, gg[kLanes] = {}, dg[kLanes] = {};
+  auto add = [&](int64_t i, int j) {
+    const math::Dots<acc_t> t = math::dots_term(static_cast<acc_t>(w[i]) - static_cast<acc_t>(b[i]),
+                                                static_cast<acc_t>(g[i]));
+    dd[j] += t.dd;
+    gg[j] += t.gg;
+    dg[j] += t.dg;
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      add(i + j, j);
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    add(i, j);
+  }
+  math::Dots<acc_t> sum{0, 0, 0};
+  for (int j = 0; j < kLanes; ++j) {
+    sum.dd += dd[j];
+    sum.gg += gg[j];
+    sum.dg += dg[j];
+  }
+  return sum;
+}
+
+at::Tensor xsam_dots_cpu(at::TensorList params, at::TensorList backups, at::TensorList grads) {
+  check_xsam_dots_args(params, backups, grads);
+  const ReduceLayout layout = reduce_layout(params);
+  at::Tensor out = at::empty({3}, at::TensorOptions().dtype(layout.out_type));
+  AT_DISPATCH_FLOATING_TYPES(layout.out_type, "fused_lesam::xsam_dots", [&] {
+    using out_t = scalar_t;
+    std::vector<math::Dots<out_t>> partials(layout.total());
+    for (size_t k = 0; k < params.size(); ++k) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[k].scalar_type(), "fused_lesam::xsam_dots", [&] {
+        const scalar_t* w = params[k].const_data_ptr<scalar_t>();
+        const scalar_t* b = backups[k].const_data_ptr<scalar_t>();
+        const scalar_t* g = grads[k].const_data_ptr<scalar_t>();
+        const int64_t n = params[k].numel();
+        math::Dots<out_t>* part = partials.data() + layout.first_chunk[k];
+        at::parallel_for(0, layout.chunks(k), 1, [&](int64_t begin, int64_t end) {
+          for (int64_t c = begin; c < end; ++c) {
+            const int64_t start = c * math::kReduceChunk;
+            const int64_t len = std::min(math::kReduceChunk, n - start);
+            part[c] = chunk_dots<scalar_t, out_t>(w + start, b + start, g + start, len);
+          }
+        });
+      });
+    }
+    math::Dots<out_t> total{0, 0, 0};  // second stage, in a fixed order, as in sq_norm
+    for (const auto& p : partials) {
+      total.dd += p.dd;
+      total.gg += p.gg;
+      total.dg += p.dg;
+    }
+    out_t* o = out.data_ptr<out_t>();
+    o[0] = total.dd;
+    o[1] = total.gg;
+    o[2] = total.dg;
+  });
+  return out;
+}
+
+void xsam_restore_cpu(at::Tensor& param, const at::Tensor& backup, at::Tensor& grad,
+                      const std::optional<at::Tensor>& delta, const at::Tensor& coefs) {
+  check_xsam_restore_args(param, backup, grad, delta, coefs);
+  const at::Tensor c = coefs.to(acc_scalar_type(param.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::xsam_restore_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t c0 = c.const_data_ptr<acc_t>()[0];
+    const acc_t c1 = c.const_data_ptr<acc_t>()[1];
+    scalar_t* __restrict__ w = param.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ bak = backup.const_data_ptr<scalar_t>();
+    scalar_t* __restrict__ g = grad.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ d = delta.has_value() ? delta->const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t bi = static_cast<acc_t>(bak[i]);
+        const acc_t di = d ? static_cast<acc_t>(d[i]) : static_cast<acc_t>(w[i]) - bi;
+        g[i] = static_cast<scalar_t>(math::slerped(di, static_cast<acc_t>(g[i]), c0, c1));
+        w[i] = bak[i];
+      }
+    });
+  });
+}
+
+void xsam_probe_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad, at::Tensor& delta,
+                    const at::Tensor& coefs, bool save_delta) {
+  check_xsam_probe_args(param, backup, grad, delta, coefs);
+  const at::Tensor c = coefs.to(acc_scalar_type(param.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::xsam_probe_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t c0 = c.const_data_ptr<acc_t>()[0];
+    const acc_t c1 = c.const_data_ptr<acc_t>()[1];
+    scalar_t* __restrict__ w = param.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ bak = backup.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ g = grad.const_data_ptr<scalar_t>();
+    scalar_t* __restrict__ d = delta.data_ptr<scalar_t>();
+    at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t bi = static_cast<acc_t>(bak[i]);
+        if (save_delta) {
+          d[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) - bi);
+        }
+        w[i] = static_cast<scalar_t>(bi + math::slerped(static_cast<acc_t>(d[i]), static_cast<acc_t>(g[i]), c0, c1));
+      }
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lesam, CPU, m) {
   m.impl("sq_norm", &sq_norm_cpu);
   m.impl("perturb_", &perturb_cpu);
   m.impl("restore_", &restore_cpu);
+  m.impl("xsam_dots", &xsam_dots_cpu);
+  m.impl("xsam_restore_", &xsam_restore_cpu);
+  m.impl("xsam_probe_", &xsam_probe_cpu);
 }
 
 }  // namespace fused_lesam

@@ -115,10 +115,12 @@ __global__ void __launch_bounds__(kThreads) sq_partials_kernel(const scalar_t* _
   }
 }
 
-// Stage 2: one block sums every partial of every bucket into *out.
+// Stage 2: block j sums the count partials of reduction j (every bucket's) into out[j].
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const acc_t* __restrict__ partials, int64_t count,
                                                                 acc_t* __restrict__ out) {
+  partials += blockIdx.x * count;
+  out += blockIdx.x;
   acc_t sum = 0;
   for (int64_t i = threadIdx.x; i < count; i += kThreads) {
     sum += partials[i];
@@ -196,7 +198,8 @@ __device__ void grid_stride(int64_t n, bool vectorized, VecOp vec_op, ElemOp ele
 }
 
 // Every thread back-solves rho_t from *sq itself (a few flops, no second kernel); block 0 stores it.
-// sigma comes from device memory when sigma_t is given (a schedule computed on the device).
+// sigma comes from device memory when sigma_t is given (a schedule computed on the device). The
+// backup is written when given (a uniform branch: XSAM's later ascent steps have none).
 template <typename scalar_t, typename acc_t, bool adaptive, bool save_center>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ g, scalar_t* __restrict__ backup,
@@ -216,20 +219,26 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < vec_len<scalar_t>(); ++j) {
       perturb_element<scalar_t, acc_t, adaptive, save_center>(wv.v[j], gv.v[j], bv.v[j], cv.v[j], r);
     }
-    reinterpret_cast<VecT*>(backup)[k] = bv;
+    if (backup != nullptr) {
+      reinterpret_cast<VecT*>(backup)[k] = bv;
+    }
     if constexpr (save_center) {
       reinterpret_cast<VecT*>(center)[k] = cv;
     }
     reinterpret_cast<VecT*>(w)[k] = wv;
   };
   auto elem_op = [&](int64_t i) {
-    scalar_t unused;
-    perturb_element<scalar_t, acc_t, adaptive, save_center>(w[i], g[i], backup[i], save_center ? center[i] : unused, r);
+    scalar_t unused, b;
+    perturb_element<scalar_t, acc_t, adaptive, save_center>(w[i], g[i], b, save_center ? center[i] : unused, r);
+    if (backup != nullptr) {
+      backup[i] = b;
+    }
   };
   grid_stride<scalar_t>(n, vectorized, vec_op, elem_op);
 }
 
-at::Tensor perturb_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& backup, const at::Tensor& sq,
+at::Tensor perturb_cuda(at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& backup,
+                        const at::Tensor& sq,
                         double sigma, double rho_max, double varrho, bool adaptive,
                         const std::optional<at::Tensor>& center, const std::optional<at::Tensor>& sigma_t) {
   check_perturb_args(param, grad, backup, sq, center, sigma_t);
@@ -242,7 +251,7 @@ at::Tensor perturb_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& b
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* w = param.data_ptr<scalar_t>();
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    scalar_t* bak = backup.data_ptr<scalar_t>();
+    scalar_t* bak = backup.has_value() ? backup->data_ptr<scalar_t>() : nullptr;
     scalar_t* ctr = center.has_value() ? center->data_ptr<scalar_t>() : nullptr;
     const int64_t n = param.numel();
     const bool vectorized = all_aligned({w, g, bak, ctr});
@@ -335,12 +344,208 @@ void restore_cuda(at::Tensor& param, const at::Tensor& backup, at::Tensor& grad,
   });
 }
 
+// ------------------------------------------------------------------------------------------- XSAM
+// Stage 1 of the three XSAM reductions: block c sums chunk c of one bucket into partials[j * total
+// + c] for j = D^2, g^2, D g (D = w - b); stage 2 is sum_partials_kernel with one block per j.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    dots_partials_kernel(const scalar_t* __restrict__ w, const scalar_t* __restrict__ b,
+                         const scalar_t* __restrict__ g, int64_t n, bool vectorized, acc_t* __restrict__ partials,
+                         int64_t total) {
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * math::kReduceChunk;
+  const int64_t len = n - start < math::kReduceChunk ? n - start : math::kReduceChunk;
+  w += start;
+  b += start;
+  g += start;
+  math::Dots<acc_t> sum{0, 0, 0};
+  auto add = [&](scalar_t wi, scalar_t bi, scalar_t gi) {
+    const math::Dots<acc_t> t =
+        math::dots_term(static_cast<acc_t>(wi) - static_cast<acc_t>(bi), static_cast<acc_t>(gi));
+    sum.dd += t.dd;
+    sum.gg += t.gg;
+    sum.dg += t.dg;
+  };
+  int64_t done = 0;
+  if (vectorized) {
+    constexpr int V = vec_len<scalar_t>();
+    for (int64_t k = threadIdx.x; k < len / V; k += kThreads) {
+      const Vec<scalar_t> wv = reinterpret_cast<const Vec<scalar_t>*>(w)[k];
+      const Vec<scalar_t> bv = reinterpret_cast<const Vec<scalar_t>*>(b)[k];
+      const Vec<scalar_t> gv = reinterpret_cast<const Vec<scalar_t>*>(g)[k];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        add(wv.v[j], bv.v[j], gv.v[j]);
+      }
+    }
+    done = len / V * V;
+  }
+  for (int64_t i = done + threadIdx.x; i < len; i += kThreads) {
+    add(w[i], b[i], g[i]);
+  }
+  const acc_t dd = block_sum(sum.dd);
+  const acc_t gg = block_sum(sum.gg);
+  const acc_t dg = block_sum(sum.dg);
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = dd;
+    partials[total + blockIdx.x] = gg;
+    partials[2 * total + blockIdx.x] = dg;
+  }
+}
+
+at::Tensor xsam_dots_cuda(at::TensorList params, at::TensorList backups, at::TensorList grads) {
+  check_xsam_dots_args(params, backups, grads);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const ReduceLayout layout = reduce_layout(params);
+  const int64_t total = layout.total();
+  at::Tensor out = at::empty({3}, params[0].options().dtype(layout.out_type));
+  at::Tensor partials = at::empty({3 * total}, params[0].options().dtype(layout.out_type));
+  AT_DISPATCH_FLOATING_TYPES(layout.out_type, "fused_lesam::xsam_dots", [&] {
+    using out_t = scalar_t;
+    for (size_t k = 0; k < params.size(); ++k) {
+      const int64_t chunks = layout.chunks(k);
+      if (chunks == 0) {
+        continue;
+      }
+      out_t* part = partials.data_ptr<out_t>() + layout.first_chunk[k];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[k].scalar_type(), "fused_lesam::xsam_dots", [&] {
+        const scalar_t* w = params[k].const_data_ptr<scalar_t>();
+        const scalar_t* b = backups[k].const_data_ptr<scalar_t>();
+        const scalar_t* g = grads[k].const_data_ptr<scalar_t>();
+        dots_partials_kernel<scalar_t, out_t><<<chunks, kThreads, 0, stream>>>(
+            w, b, g, params[k].numel(), all_aligned({w, b, g}), part, total);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    sum_partials_kernel<out_t><<<3, kThreads, 0, stream>>>(partials.const_data_ptr<out_t>(), total,
+                                                           out.data_ptr<out_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// g <- c0 D + c1 g, w <- backup; D from delta when given, else w - backup. coefs read on the device.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    xsam_restore_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ backup, scalar_t* __restrict__ g,
+                        const scalar_t* __restrict__ delta, const acc_t* __restrict__ coefs, int64_t n,
+                        bool vectorized) {
+  const acc_t c0 = coefs[0];
+  const acc_t c1 = coefs[1];
+  auto element = [&](scalar_t& wi, scalar_t bi, scalar_t& gi, scalar_t di) {
+    const acc_t d = delta != nullptr ? static_cast<acc_t>(di) : static_cast<acc_t>(wi) - static_cast<acc_t>(bi);
+    gi = static_cast<scalar_t>(math::slerped(d, static_cast<acc_t>(gi), c0, c1));
+    wi = bi;
+  };
+  using VecT = Vec<scalar_t>;
+  auto vec_op = [&](int64_t k) {
+    VecT wv = reinterpret_cast<VecT*>(w)[k];
+    const VecT bv = reinterpret_cast<const VecT*>(backup)[k];
+    VecT gv = reinterpret_cast<VecT*>(g)[k];
+    VecT dv;
+    if (delta != nullptr) {
+      dv = reinterpret_cast<const VecT*>(delta)[k];
+    }
+#pragma unroll
+    for (int j = 0; j < vec_len<scalar_t>(); ++j) {
+      element(wv.v[j], bv.v[j], gv.v[j], dv.v[j]);
+    }
+    reinterpret_cast<VecT*>(w)[k] = wv;
+    reinterpret_cast<VecT*>(g)[k] = gv;
+  };
+  auto elem_op = [&](int64_t i) { element(w[i], backup[i], g[i], delta != nullptr ? delta[i] : scalar_t(0)); };
+  grid_stride<scalar_t>(n, vectorized, vec_op, elem_op);
+}
+
+void xsam_restore_cuda(at::Tensor& param, const at::Tensor& backup, at::Tensor& grad,
+                       const std::optional<at::Tensor>& delta, const at::Tensor& coefs) {
+  check_xsam_restore_args(param, backup, grad, delta, coefs);
+  const c10::cuda::CUDAGuard guard(param.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor c = coefs.to(acc_scalar_type(param.scalar_type()));  // no copy when it has the type
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::xsam_restore_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* w = param.data_ptr<scalar_t>();
+    const scalar_t* bak = backup.const_data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* d = delta.has_value() ? delta->const_data_ptr<scalar_t>() : nullptr;
+    const int64_t n = param.numel();
+    if (n == 0) {
+      return;
+    }
+    const bool vectorized = all_aligned({w, bak, g, d});
+    xsam_restore_kernel<scalar_t, acc_t><<<grid_for(vectorized ? n / vec_len<scalar_t>() : n), kThreads, 0, stream>>>(
+        w, bak, g, d, c.const_data_ptr<acc_t>(), n, vectorized);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// w <- backup + (c0 D + c1 g); with save_delta, D = w - backup is first stored (rounded) in delta.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    xsam_probe_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ backup, const scalar_t* __restrict__ g,
+                      scalar_t* __restrict__ delta, const acc_t* __restrict__ coefs, bool save_delta, int64_t n,
+                      bool vectorized) {
+  const acc_t c0 = coefs[0];
+  const acc_t c1 = coefs[1];
+  auto element = [&](scalar_t& wi, scalar_t bi, scalar_t gi, scalar_t& di) {
+    const acc_t b = static_cast<acc_t>(bi);
+    if (save_delta) {
+      di = static_cast<scalar_t>(static_cast<acc_t>(wi) - b);
+    }
+    wi = static_cast<scalar_t>(b + math::slerped(static_cast<acc_t>(di), static_cast<acc_t>(gi), c0, c1));
+  };
+  using VecT = Vec<scalar_t>;
+  auto vec_op = [&](int64_t k) {
+    VecT wv = reinterpret_cast<VecT*>(w)[k];
+    const VecT bv = reinterpret_cast<const VecT*>(backup)[k];
+    const VecT gv = reinterpret_cast<const VecT*>(g)[k];
+    VecT dv = reinterpret_cast<VecT*>(delta)[k];
+#pragma unroll
+    for (int j = 0; j < vec_len<scalar_t>(); ++j) {
+      element(wv.v[j], bv.v[j], gv.v[j], dv.v[j]);
+    }
+    reinterpret_cast<VecT*>(w)[k] = wv;
+    if (save_delta) {
+      reinterpret_cast<VecT*>(delta)[k] = dv;
+    }
+  };
+  auto elem_op = [&](int64_t i) { element(w[i], backup[i], g[i], delta[i]); };
+  grid_stride<scalar_t>(n, vectorized, vec_op, elem_op);
+}
+
+void xsam_probe_cuda(at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad, at::Tensor& delta,
+                     const at::Tensor& coefs, bool save_delta) {
+  check_xsam_probe_args(param, backup, grad, delta, coefs);
+  const c10::cuda::CUDAGuard guard(param.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor c = coefs.to(acc_scalar_type(param.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::xsam_probe_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* w = param.data_ptr<scalar_t>();
+    const scalar_t* bak = backup.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* d = delta.data_ptr<scalar_t>();
+    const int64_t n = param.numel();
+    if (n == 0) {
+      return;
+    }
+    const bool vectorized = all_aligned({w, bak, g, d});
+    xsam_probe_kernel<scalar_t, acc_t><<<grid_for(vectorized ? n / vec_len<scalar_t>() : n), kThreads, 0, stream>>>(
+        w, bak, g, d, c.const_data_ptr<acc_t>(), save_delta, n, vectorized);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lesam, CUDA, m) {
   m.impl("sq_norm", &sq_norm_cuda);
   m.impl("perturb_", &perturb_cuda);
   m.impl("restore_", &restore_cuda);
+  m.impl("xsam_dots", &xsam_dots_cuda);
+  m.impl("xsam_restore_", &xsam_restore_cuda);
+  m.impl("xsam_probe_", &xsam_probe_cuda);
 }
 
 }  // namespace fused_lesam

@@ -1,6 +1,7 @@
-"""Backends: who runs the three bucket ops (``sq_norm``, ``perturb_``, ``restore_``).
+"""Backends: who runs the bucket ops (``sq_norm``, ``perturb_``, ``restore_``, and XSAM's
+``xsam_dots``, ``xsam_restore_``, ``xsam_probe_``).
 
-Every backend is a module exposing those three functions with the signatures of
+Every backend is a module exposing those functions with the signatures of
 ``fused_lesam.backends.reference`` (the "torch" backend, the specification). A backend knows
 nothing of optimizers; the optimizer knows nothing of kernels. ``backend="auto"`` tries, in order,
 cuda -> triton -> torch on CUDA tensors and cpp -> torch on CPU tensors (DESIGN.md §2).

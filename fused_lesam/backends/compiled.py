@@ -17,7 +17,7 @@ from . import reference
 
 import fused_lesam._C  # noqa: F401  (registers torch.ops.fused_lesam)
 
-_OPS = ("sq_norm", "perturb_", "restore_")
+_OPS = ("sq_norm", "perturb_", "restore_", "xsam_dots", "xsam_restore_", "xsam_probe_")
 
 
 def has_kernels(dispatch_key: str) -> bool:
@@ -47,7 +47,26 @@ def _restore_fake(param, backup, grad, center, ghat_coef, center_coef) -> None:
     return None
 
 
+@torch.library.register_fake("fused_lesam::xsam_dots")
+def _xsam_dots_fake(params: Sequence[Tensor], backups: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return params[0].new_empty((3,), dtype=out_dtype)
+
+
+@torch.library.register_fake("fused_lesam::xsam_restore_")
+def _xsam_restore_fake(param, backup, grad, delta, coefs) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_lesam::xsam_probe_")
+def _xsam_probe_fake(param, backup, grad, delta, coefs, save_delta) -> None:
+    return None
+
+
 # The ops take the arguments of the reference backend's functions, in the same order.
 sq_norm = torch.ops.fused_lesam.sq_norm
 perturb_ = torch.ops.fused_lesam.perturb_
 restore_ = torch.ops.fused_lesam.restore_
+xsam_dots = torch.ops.fused_lesam.xsam_dots
+xsam_restore_ = torch.ops.fused_lesam.xsam_restore_
+xsam_probe_ = torch.ops.fused_lesam.xsam_probe_

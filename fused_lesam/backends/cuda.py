@@ -2,11 +2,11 @@
 
 import torch
 
-from .compiled import perturb_, require_kernels, restore_, sq_norm
+from .compiled import perturb_, require_kernels, restore_, sq_norm, xsam_dots, xsam_probe_, xsam_restore_
 
 NAME = "cuda"
 require_kernels("CUDA")
 if not torch.cuda.is_available():
     raise ImportError("the CUDA kernels are built, but no CUDA device is visible")
 
-__all__ = ["NAME", "sq_norm", "perturb_", "restore_"]
+__all__ = ["NAME", "sq_norm", "perturb_", "restore_", "xsam_dots", "xsam_restore_", "xsam_probe_"]

@@ -192,4 +192,4 @@ def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coef
     if save_delta:
         delta.copy_(param.to(dtype) - backup.to(dtype))
     c = coefs.to(dtype)
-    param.copy_(backup.to(dtype) + delta.to(dtype) * c[0] + grad.to(dtype) * c[1])
+    param.copy_(backup.to(dtype) + (delta.to(dtype) * c[0] + grad.to(dtype) * c[1]))

@@ -1,4 +1,4 @@
-"""The "triton" backend: the three bucket ops as Triton kernels, registered as PyTorch custom ops.
+"""The "triton" backend: the bucket ops as Triton kernels, registered as PyTorch custom ops.
 
 The same maths as the reference backend (reference.py, the specification) and the C++/CUDA
 kernels, over flat buckets:
@@ -8,6 +8,8 @@ kernels, over flat buckets:
 - ``perturb_``: every program reads the squared norm from device memory and back-solves rho_t,
   the guards and the scale itself; program 0 stores rho_t. The backup is written exactly.
 - ``restore_``: the bit-exact restore, with the LE-SAM+ combine fused in.
+- XSAM: ``xsam_dots`` (three partial sums per chunk, then three fixed-order sums),
+  ``xsam_restore_`` and ``xsam_probe_`` (one pass each; the coefficients read from device memory).
 
 Arithmetic is fp32 for fp32/bf16/fp16 buckets (loaded, converted, computed, converted back once).
 Float arguments are not specialised by Triton, so one compiled kernel serves every sigma_t of an
@@ -88,8 +90,8 @@ def _sum_kernel(partials_ptr, count, out_ptr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _perturb_kernel(w_ptr, g_ptr, backup_ptr, center_ptr, sq_ptr, sigma_ptr, rho_ptr, n, sigma, rho_max, varrho,
-                    ADAPTIVE: tl.constexpr, SAVE_CENTER: tl.constexpr, SIGMA_ON_DEVICE: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    ADAPTIVE: tl.constexpr, SAVE_BACKUP: tl.constexpr, SAVE_CENTER: tl.constexpr,
+                    SIGMA_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):
     # The radius back-solve (reference.radius_and_scale): rho_t = min(sigma / (n + varrho), rho_max),
     # scale = rho_t / (n + 1e-12); both 0 for a non-finite norm, the scale 0 for a zero norm.
     if SIGMA_ON_DEVICE:
@@ -105,7 +107,8 @@ def _perturb_kernel(w_ptr, g_ptr, backup_ptr, center_ptr, sq_ptr, sigma_ptr, rho
     mask = offsets < n
     w = tl.load(w_ptr + offsets, mask=mask)
     g = tl.load(g_ptr + offsets, mask=mask)
-    tl.store(backup_ptr + offsets, w, mask=mask)
+    if SAVE_BACKUP:
+        tl.store(backup_ptr + offsets, w, mask=mask)
     if SAVE_CENTER:
         tl.store(center_ptr + offsets, g, mask=mask)
     wf = w.to(tl.float32)
@@ -170,11 +173,12 @@ def sq_norm(grads: list[Tensor], weights: list[Optional[Tensor]]) -> Tensor:
 
 
 @triton_op("fused_lesam_triton::perturb_", mutates_args=("param", "backup", "center"))
-def perturb_(param: Tensor, grad: Tensor, backup: Tensor, sq: Tensor, sigma: float, rho_max: float, varrho: float,
-             adaptive: bool, center: Optional[Tensor] = None, sigma_t: Optional[Tensor] = None) -> Tensor:
+def perturb_(param: Tensor, grad: Tensor, backup: Optional[Tensor], sq: Tensor, sigma: float, rho_max: float,
+             varrho: float, adaptive: bool, center: Optional[Tensor] = None, sigma_t: Optional[Tensor] = None) -> Tensor:
     _check("perturb_", "param", param)
     _check("perturb_", "grad", grad, param, "param")
-    _check("perturb_", "backup", backup, param, "param")
+    if backup is not None:
+        _check("perturb_", "backup", backup, param, "param")
     if center is not None:
         _check("perturb_", "center", center, param, "param")
     if sq.dim() != 0 or sq.dtype not in (torch.float32, torch.float64) or sq.device != param.device:
@@ -191,9 +195,10 @@ def perturb_(param: Tensor, grad: Tensor, backup: Tensor, sq: Tensor, sigma: flo
     block = ELEMENTWISE_BLOCK[param.dtype]
     grid = (max(1, triton.cdiv(param.numel(), block)),)  # one program at least: it stores rho_t
     wrap_triton(_perturb_kernel)[grid](
-        param, grad, backup, param if center is None else center, sq, sq if sigma_t is None else sigma_t, rho,
-        param.numel(), sigma, rho_max, varrho, ADAPTIVE=adaptive, SAVE_CENTER=center is not None,
-        SIGMA_ON_DEVICE=sigma_t is not None, BLOCK=block, num_warps=NUM_WARPS)
+        param, grad, param if backup is None else backup, param if center is None else center, sq,
+        sq if sigma_t is None else sigma_t, rho, param.numel(), sigma, rho_max, varrho, ADAPTIVE=adaptive,
+        SAVE_BACKUP=backup is not None, SAVE_CENTER=center is not None, SIGMA_ON_DEVICE=sigma_t is not None,
+        BLOCK=block, num_warps=NUM_WARPS)
     return rho
 
 
@@ -214,3 +219,133 @@ def restore_(param: Tensor, backup: Tensor, grad: Tensor, center: Optional[Tenso
     wrap_triton(_restore_kernel)[(triton.cdiv(param.numel(), block),)](
         param, backup, grad, grad if center is None else center, param.numel(), ghat_coef, center_coef,
         COMBINE=center is not None, BLOCK=block, num_warps=NUM_WARPS)
+
+
+# ---------------------------------------------------------------------------------------- XSAM
+@triton.jit
+def _dots_partials_kernel(w_ptr, b_ptr, g_ptr, n, partials_ptr, total, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """partials[j * total + pid] for j = sum D^2, sum g^2, sum D g over chunk pid (D = w - b)."""
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * CHUNK
+    acc_type = partials_ptr.dtype.element_ty
+    dd = tl.zeros([BLOCK], dtype=acc_type)
+    gg = tl.zeros([BLOCK], dtype=acc_type)
+    dg = tl.zeros([BLOCK], dtype=acc_type)
+    for i in tl.static_range(0, CHUNK, BLOCK):
+        offsets = start + i + tl.arange(0, BLOCK)
+        mask = offsets < n
+        d = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(acc_type) - tl.load(b_ptr + offsets, mask=mask, other=0.0).to(acc_type)
+        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(acc_type)
+        dd += d * d
+        gg += g * g
+        dg += d * g
+    tl.store(partials_ptr + pid, tl.sum(dd, axis=0))
+    tl.store(partials_ptr + total + pid, tl.sum(gg, axis=0))
+    tl.store(partials_ptr + 2 * total + pid, tl.sum(dg, axis=0))
+
+
+@triton.jit
+def _xsam_restore_kernel(w_ptr, backup_ptr, g_ptr, delta_ptr, coefs_ptr, n, HAS_DELTA: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    c0 = tl.load(coefs_ptr).to(tl.float32)
+    c1 = tl.load(coefs_ptr + 1).to(tl.float32)
+    b = tl.load(backup_ptr + offsets, mask=mask)
+    g = tl.load(g_ptr + offsets, mask=mask)
+    if HAS_DELTA:
+        d = tl.load(delta_ptr + offsets, mask=mask).to(tl.float32)
+    else:
+        d = tl.load(w_ptr + offsets, mask=mask).to(tl.float32) - b.to(tl.float32)
+    tl.store(g_ptr + offsets, _narrow(d * c0 + g.to(tl.float32) * c1, g.dtype), mask=mask)
+    tl.store(w_ptr + offsets, b, mask=mask)
+
+
+@triton.jit
+def _xsam_probe_kernel(w_ptr, backup_ptr, g_ptr, delta_ptr, coefs_ptr, n, SAVE_DELTA: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    c0 = tl.load(coefs_ptr).to(tl.float32)
+    c1 = tl.load(coefs_ptr + 1).to(tl.float32)
+    w = tl.load(w_ptr + offsets, mask=mask)
+    b = tl.load(backup_ptr + offsets, mask=mask).to(tl.float32)
+    if SAVE_DELTA:
+        d = _narrow(w.to(tl.float32) - b, w.dtype)
+        tl.store(delta_ptr + offsets, d, mask=mask)
+    else:
+        d = tl.load(delta_ptr + offsets, mask=mask)
+    g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
+    tl.store(w_ptr + offsets, _narrow(b + (d.to(tl.float32) * c0 + g * c1), w.dtype), mask=mask)
+
+
+def _check_coefs(op: str, coefs: Tensor, param: Tensor) -> None:
+    if coefs.dim() != 1 or coefs.numel() != 2 or coefs.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"fused_lesam_triton::{op}: coefs must be a (2,) float32/float64 tensor, got a {coefs.dtype} "
+                           f"tensor of shape {tuple(coefs.shape)}")
+    if coefs.device != param.device:
+        raise RuntimeError(f"fused_lesam_triton::{op}: coefs is on {coefs.device} but param is on {param.device}")
+
+
+@triton_op("fused_lesam_triton::xsam_dots", mutates_args=())
+def xsam_dots(params: list[Tensor], backups: list[Tensor], grads: list[Tensor]) -> Tensor:
+    if not (len(params) == len(backups) == len(grads)):
+        raise RuntimeError(f"fused_lesam_triton::xsam_dots: got {len(params)} param, {len(backups)} backup and "
+                           f"{len(grads)} grad buckets; they must match one to one")
+    if not params:
+        raise RuntimeError("fused_lesam_triton::xsam_dots: needs at least one bucket")
+    for i, (param, backup, grad) in enumerate(zip(params, backups, grads)):
+        _check("xsam_dots", f"params[{i}]", param)
+        _check("xsam_dots", f"backups[{i}]", backup, param, f"params[{i}]")
+        _check("xsam_dots", f"grads[{i}]", grad, param, f"params[{i}]")
+    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    chunks = [triton.cdiv(p.numel(), CHUNK) for p in params]
+    total = sum(chunks)
+    partials = torch.zeros(3 * max(total, 1), dtype=out_dtype, device=params[0].device)
+    first = 0
+    for param, backup, grad, count in zip(params, backups, grads, chunks):
+        if count:
+            wrap_triton(_dots_partials_kernel)[(count,)](
+                param, backup, grad, param.numel(), partials[first:], total, CHUNK=CHUNK, BLOCK=REDUCE_BLOCK,
+                num_warps=NUM_WARPS)
+        first += count
+    out = torch.empty(3, dtype=out_dtype, device=params[0].device)
+    for j in range(3):
+        wrap_triton(_sum_kernel)[(1,)](partials[j * total:], total, out[j:], BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS)
+    return out
+
+
+@triton_op("fused_lesam_triton::xsam_restore_", mutates_args=("param", "grad"))
+def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Optional[Tensor], coefs: Tensor) -> None:
+    _check("xsam_restore_", "param", param)
+    _check("xsam_restore_", "backup", backup, param, "param")
+    _check("xsam_restore_", "grad", grad, param, "param")
+    if delta is not None:
+        _check("xsam_restore_", "delta", delta, param, "param")
+    _check_coefs("xsam_restore_", coefs, param)
+    if param.dtype == torch.float64:
+        reference.xsam_restore_(param, backup, grad, delta, coefs)
+        return
+    if param.numel() == 0:
+        return
+    block = ELEMENTWISE_BLOCK[param.dtype]
+    wrap_triton(_xsam_restore_kernel)[(triton.cdiv(param.numel(), block),)](
+        param, backup, grad, param if delta is None else delta, coefs, param.numel(), HAS_DELTA=delta is not None,
+        BLOCK=block, num_warps=NUM_WARPS)
+
+
+@triton_op("fused_lesam_triton::xsam_probe_", mutates_args=("param", "delta"))
+def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coefs: Tensor, save_delta: bool) -> None:
+    _check("xsam_probe_", "param", param)
+    _check("xsam_probe_", "backup", backup, param, "param")
+    _check("xsam_probe_", "grad", grad, param, "param")
+    _check("xsam_probe_", "delta", delta, param, "param")
+    _check_coefs("xsam_probe_", coefs, param)
+    if param.dtype == torch.float64:
+        reference.xsam_probe_(param, backup, grad, delta, coefs, save_delta)
+        return
+    if param.numel() == 0:
+        return
+    block = ELEMENTWISE_BLOCK[param.dtype]
+    wrap_triton(_xsam_probe_kernel)[(triton.cdiv(param.numel(), block),)](
+        param, backup, grad, delta, coefs, param.numel(), SAVE_DELTA=save_delta, BLOCK=block, num_warps=NUM_WARPS)

@@ -1,0 +1,188 @@
+"""XSAM's bucket ops (xsam_dots, xsam_restore_, xsam_probe_) and perturb_ without a backup, on every
+kernel backend, against the "torch" reference: the same targets, sizes, dtypes and unaligned
+offsets as tests/test_ops.py, opcheck, whole-graph tracing, and errors that name the argument."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import assert_bits_equal, assert_close
+from fused_lesam.backends import reference, resolve
+from test_ops import DTYPES, LESAM, OFFSETS, TRACEABLE, clone_at, largest_size, random_bucket, targets, targets_and_sizes
+
+
+def coefs_for(device, dtype=torch.float32):
+    return torch.tensor([0.37, -1.25], dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("backend,device,size", targets_and_sizes())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_xsam_dots(backend, device, dtype, size, offset):
+    ops = resolve(backend, torch.device(device))
+    w, b, g = (random_bucket(size, dtype, device, seed=s, offset=offset) for s in (40, 41, 42))
+    got, want = ops.xsam_dots([w], [b], [g]), reference.xsam_dots([w], [b], [g])
+    assert got.shape == (3,) and got.dtype == want.dtype and got.device == want.device
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend,device", targets())
+def test_xsam_dots_sums_several_buckets(backend, device):
+    ops = resolve(backend, torch.device(device))
+    specs = [(torch.float32, 17, 3), (torch.bfloat16, 4095, 0), (torch.float16, 16, 1), (torch.float32, 0, 0),
+             (torch.float32, 70001, 5)]
+    buckets = [[random_bucket(n, dt, device, seed=10 * i + k, offset=off) for k in range(3)]
+               for i, (dt, n, off) in enumerate(specs)]
+    params, backups, grads = (list(t) for t in zip(*buckets))
+    got = ops.xsam_dots(params, backups, grads)
+    assert got.dtype == torch.float32
+    assert_close(got, reference.xsam_dots(params, backups, grads))
+    for bucket_list, seed in zip((params, backups, grads), (97, 98, 99)):
+        bucket_list.append(random_bucket(33, torch.float64, device, seed=seed))
+    got = ops.xsam_dots(params, backups, grads)
+    assert got.dtype == torch.float64
+    assert_close(got, reference.xsam_dots(params, backups, grads), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", targets())
+def test_xsam_dots_is_deterministic(backend, device):
+    ops = resolve(backend, torch.device(device))
+    n = largest_size(backend, device)
+    w, b, g = (random_bucket(n, torch.float32, device, seed=s) for s in (43, 44, 45))
+    first = ops.xsam_dots([w], [b], [g])
+    threads = torch.get_num_threads()
+    try:
+        for count in {1, threads, max(2, threads)}:
+            torch.set_num_threads(count)
+            assert torch.equal(ops.xsam_dots([w], [b], [g]), first), f"differs with {count} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend,device,size", targets_and_sizes())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_xsam_restore(backend, device, dtype, size, offset, with_delta):
+    ops = resolve(backend, torch.device(device))
+    w_k, w_0, ghat, delta = (random_bucket(size, dtype, device, seed=s) for s in (46, 47, 48, 49))
+    results = []
+    for impl in (ops, reference):
+        param, grad = clone_at(w_k, offset), clone_at(ghat, offset)
+        impl.xsam_restore_(param, clone_at(w_0, offset), grad, clone_at(delta, offset) if with_delta else None,
+                           coefs_for(device))
+        results.append((param, grad))
+    (param, grad), (_, ref_grad) = results
+    assert_bits_equal(param, w_0, "the restore of w_0 must be bit-exact")
+    assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("backend,device,size", targets_and_sizes())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_xsam_probe(backend, device, dtype, size, offset):
+    """The first probe saves D = w_k - w_0, the next ones reuse it: both against the reference."""
+    ops = resolve(backend, torch.device(device))
+    w_k, w_0, ghat = (random_bucket(size, dtype, device, seed=s) for s in (50, 51, 52))
+    results = []
+    for impl in (ops, reference):
+        param, backup, grad = clone_at(w_k, offset), clone_at(w_0, offset), clone_at(ghat, offset)
+        delta = clone_at(torch.full_like(w_k, 7.0), offset)  # garbage the first probe must overwrite
+        impl.xsam_probe_(param, backup, grad, delta, coefs_for(device), True)
+        first = param.clone()
+        impl.xsam_probe_(param, backup, grad, delta, coefs_for(device) * 2, False)
+        assert_bits_equal(backup, w_0, "a probe must not write the backup")
+        assert_bits_equal(grad, ghat, "a probe must not write the gradient")
+        results.append((first, param, delta))
+    for got, want in zip(*results):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend,device", targets())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("regime", ["normal", "nan"])
+def test_perturb_without_a_backup(backend, device, dtype, regime):
+    """XSAM's later ascent steps: the same w as with a backup, and untouched for a non-finite norm."""
+    ops = resolve(backend, torch.device(device))
+    w = random_bucket(3001, dtype, device, seed=53, offset=3)
+    g = random_bucket(3001, dtype, device, seed=54, offset=3, regime=regime)
+    sq = reference.sq_norm([g], [None])
+    with_backup, without = clone_at(w, 3), clone_at(w, 3)
+    ops.perturb_(with_backup, g, torch.empty_like(w), sq, *LESAM, False, None)
+    ops.perturb_(without, g, None, sq, *LESAM, False, None)
+    assert_bits_equal(without, with_backup, "the backup must not change the perturbation")
+    if regime == "nan":
+        assert_bits_equal(without, w, "a non-finite norm leaves w untouched")
+
+
+def _bucket(n=8, dtype=torch.float32):
+    return torch.zeros(n, dtype=dtype)
+
+
+ERRORS = {
+    "dots counts": (lambda ops: ops.xsam_dots([_bucket()], [_bucket()], []), "they must match one to one"),
+    "dots backup size": (lambda ops: ops.xsam_dots([_bucket()], [_bucket(5)], [_bucket()]), "backups\\[0\\] has 5 elements"),
+    "restore coefs shape": (lambda ops: ops.xsam_restore_(_bucket(), _bucket(), _bucket(), None, torch.zeros(3)),
+                            "coefs must be a \\(2,\\) float32/float64 tensor"),
+    "restore delta dtype": (lambda ops: ops.xsam_restore_(_bucket(), _bucket(), _bucket(), _bucket(dtype=torch.float16),
+                                                          torch.zeros(2)), "delta has dtype"),
+    "probe coefs dtype": (lambda ops: ops.xsam_probe_(_bucket(), _bucket(), _bucket(), _bucket(),
+                                                      torch.zeros(2, dtype=torch.int64), True), "coefs must be"),
+    "probe grad size": (lambda ops: ops.xsam_probe_(_bucket(), _bucket(), _bucket(2), _bucket(), torch.zeros(2), True),
+                        "grad has 2 elements"),
+}
+
+
+@pytest.mark.parametrize("backend,device", [t for t in targets() if t.values[1] == "cpu"])
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_input_is_a_clear_error(backend, device, case):
+    call, message = ERRORS[case]
+    with pytest.raises(RuntimeError, match=message):
+        call(resolve(backend, torch.device(device)))
+
+
+@pytest.mark.parametrize("backend,device", targets())
+def test_opcheck(backend, device):
+    ops = resolve(backend, torch.device(device))
+    checks = ("test_schema", "test_autograd_registration")
+    if any(t.values[:2] == (backend, device) for t in TRACEABLE):
+        checks += ("test_faketensor", "test_aot_dispatch_dynamic")
+    w, b, g = (random_bucket(300, torch.float32, device, seed=s) for s in (55, 56, 57))
+    h = random_bucket(40, torch.bfloat16, device, seed=58)
+    sq = reference.sq_norm([g], [None])
+    samples = [
+        (ops.xsam_dots, ([w, h], [b, h + 1], [g, h])),
+        (ops.xsam_restore_, (w.clone(), b, g.clone(), None, coefs_for(device))),
+        (ops.xsam_restore_, (h.clone(), h + 1, h.clone(), h * 2, coefs_for(device, torch.float64))),
+        (ops.xsam_probe_, (w.clone(), b, g, torch.empty_like(w), coefs_for(device), True)),
+        (ops.xsam_probe_, (w.clone(), b, g, w - b, coefs_for(device), False)),
+        (ops.perturb_, (w.clone(), g, None, sq, math.inf, 0.05, 1.0, False, None)),
+    ]
+    for op, args in samples:
+        torch.library.opcheck(op, args, test_utils=checks)
+
+
+@pytest.mark.parametrize("backend,device", TRACEABLE)
+def test_xsam_ops_trace_whole_graph(backend, device):
+    """An XSAM step's ops (two ascent steps, dots, coefficients, restore) as one fullgraph graph."""
+    ops = resolve(backend, torch.device(device))
+
+    def xsam_ops(param, grad, backup, ghat):
+        sq = ops.sq_norm([grad], [None])
+        ops.perturb_(param, grad, backup, sq, math.inf, 0.05, 1.0, False)
+        ops.perturb_(param, grad, None, sq, math.inf, 0.05, 1.0, False)
+        dots = ops.xsam_dots([param], [backup], [ghat])
+        coefs, theta = reference.slerp_coefficients(dots, 0.5, dots[1].sqrt(), 1e-12)
+        ops.xsam_restore_(param, backup, ghat, None, coefs)
+        return dots, theta
+
+    def inputs():
+        w, g = random_bucket(100, torch.float32, device, seed=59), random_bucket(100, torch.float32, device, seed=60)
+        return w, g, torch.empty_like(w), random_bucket(100, torch.float32, device, seed=61)
+
+    eager_in, compiled_in = inputs(), inputs()
+    eager_out = xsam_ops(*eager_in)
+    compiled_out = torch.compile(xsam_ops, fullgraph=True, backend="aot_eager")(*compiled_in)
+    for a, b in zip(eager_out + eager_in, compiled_out + compiled_in):
+        assert torch.equal(a, b)
