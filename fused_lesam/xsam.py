@@ -93,6 +93,7 @@ class FusedXSAM(SharpnessAware):
         self.last_theta = torch.zeros((), device=main)
         self.last_ghat_norm = torch.zeros((), device=main)
         self.last_ascent_norm = torch.zeros((), device=main)
+        self._alpha_grid = torch.tensor(self.alpha_grid, device=main)  # on the device once, for the search
 
     def _check_group(self, group: dict[str, Any]) -> None:
         rho, rho_max, alpha = group["rho"], group["rho_max"], group["alpha"]
@@ -156,7 +157,8 @@ class FusedXSAM(SharpnessAware):
 
     def _probe(self, dots: Tensor, search_alpha: Callable[[], Any]) -> None:
         """Dynamic alpha: w <- w_0 + rho_max d(alpha) for each alpha of the grid, keep the one with
-        the largest loss (on the device; a non-finite loss never wins, and when all are, alpha stays)."""
+        the largest loss (on the device; a non-finite loss never wins, and when all are, alpha stays).
+        Under torch.distributed the losses are summed over the ranks (one all-reduce per search)."""
         deltas = [bucket.ensure_center() for bucket in self._buckets]  # D = w_k - w_0, saved by the first probe
         losses = []
         for i, alpha in enumerate(self.alpha_grid):
@@ -167,8 +169,11 @@ class FusedXSAM(SharpnessAware):
             loss = search_alpha()
             losses.append(torch.as_tensor(loss, device=self._main_device).detach().float().reshape(()))
         losses = torch.stack(losses)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self._shard_group) > 1:
+            # Each rank saw its own batch: sum the losses so that every rank keeps the same alpha.
+            dist.all_reduce(losses, group=self._shard_group)
         losses = torch.where(torch.isfinite(losses), losses, -math.inf)
-        best = torch.tensor(self.alpha_grid, device=self._main_device)[losses.argmax()]
+        best = self._alpha_grid.gather(0, losses.argmax().view(1)).view(())
         self.alpha.copy_(torch.where(torch.isfinite(losses).any(), best, self.alpha))
 
     @torch.no_grad()
