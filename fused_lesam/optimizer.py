@@ -292,8 +292,8 @@ class SharpnessAware(torch.optim.Optimizer):
     def _check_capture(self) -> None:
         """torch's rule for its own optimizers: only a capturable optimizer may be captured (a graph
         would replay the step count and sigma_t of the capture forever otherwise)."""
-        if torch.compiler.is_compiling() or not torch.cuda.is_available():
-            return
+        if torch.compiler.is_compiling() or not torch.cuda.is_initialized():
+            return  # (a capture needs CUDA initialised; asking is_available() would initialise it)
         if torch.cuda.is_current_stream_capturing():
             if not self.capturable:
                 raise RuntimeError(f"{type(self).__name__} is being captured in a CUDA graph but was built with "

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import SmallConvNet, assert_close, loss_fn, make_batches, sam_step
-from fused_lesam import FusedLESAM, FusedSAM, available_backends
+from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM, available_backends
 
 pytestmark = pytest.mark.cuda
 
@@ -22,6 +22,7 @@ CASES = {
     "lesam": (FusedLESAM, dict(sigma=0.35, rho_max=0.4, alpha=0.5, total_steps=8, anneal_steps=4)),
     "lesam-adaptive": (FusedLESAM, dict(sigma=0.5, rho_max=2.0, adaptive=True)),
     "sam": (FusedSAM, dict(rho=0.05)),
+    "xsam": (FusedXSAM, dict(rho=0.15, alpha=0.5)),
 }
 
 
@@ -187,3 +188,48 @@ def test_compiled_step_equals_eager_on_the_gpu(backend):
     for (name, p), q in zip(model.named_parameters(), eager_model.parameters()):
         assert_close(p, q, msg=name)
     torch.testing.assert_close(opt.last_sigma, eager.last_sigma)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_xsam_step_with_search_never_syncs(backend):
+    """XSAM with three ascent steps and the dynamic alpha search, under torch's sync-debug mode."""
+    torch.manual_seed(0)
+    model = SmallConvNet().cuda()
+    opt = FusedXSAM(model.parameters(), lr=0.05, momentum=0.9, fused=True, rho=0.15, steps=3, dynamic=True,
+                    backend=backend)
+    x, y = to_cuda(make_batches(1))[0]
+
+    def step():
+        loss_fn(model, x, y).backward()
+        opt.step(lambda: loss_fn(model, x, y).backward(), search_alpha=lambda: loss_fn(model, x, y))
+        opt.zero_grad()
+
+    step()  # warm-up: lazy allocations, the base optimizer's state
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(opt.last_theta) and 0.0 <= opt.alpha.item() <= 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_equals_cuda_extension_for_xsam(dtype):
+    from fused_lesam.backends import reference, resolve
+
+    cuda_ops, triton_ops = resolve("cuda", torch.device("cuda")), resolve("triton", torch.device("cuda"))
+    gen = torch.Generator().manual_seed(1)
+    n = (1 << 20) + 3
+    w_k, w_0, ghat = (torch.randn(n, generator=gen).to(dtype).cuda() for _ in range(3))
+    results = []
+    for ops in (cuda_ops, triton_ops):
+        dots = ops.xsam_dots([w_k], [w_0], [ghat])
+        coefs, _ = reference.slerp_coefficients(dots, 0.5, 0.3, 1e-12)
+        probe, delta = w_k.clone(), torch.empty_like(w_k)
+        ops.xsam_probe_(probe, w_0, ghat, delta, coefs, True)
+        param, grad = w_k.clone(), ghat.clone()
+        ops.xsam_restore_(param, w_0, grad, None, coefs)
+        assert torch.equal(param, w_0)
+        results.append((dots, probe, delta, grad))
+    for name, a, b in zip(("dots", "probe", "delta", "update gradient"), *results):
+        assert_close(a, b, msg=f"{name}: cuda and triton differ")

@@ -128,7 +128,8 @@ def restore_(
 
 # ---------------------------------------------------------------------------------------- XSAM
 # Below this sine of the angle between the ascent and the last gradient, the slerp's division is
-# replaced by its limit, the linear interpolation (DESIGN.md §1, XSAM).
+# replaced by its limit, the linear interpolation (DESIGN.md §1 writes (v0 + v1) / 2 there, which
+# is the limit only at alpha = 0.5: the limit keeps alpha = 1 exactly SAM).
 SLERP_MIN_SIN = 1e-8
 
 
@@ -159,7 +160,8 @@ def slerp_coefficients(dots: Tensor, alpha: float | Tensor, length: float | Tens
     cos = (dots[2] / ((norm_d + eps) * (norm_g + eps))).clamp(-1.0, 1.0)
     theta = torch.arccos(cos)
     sin = torch.sin(theta)
-    alpha = torch.as_tensor(alpha, dtype=dots.dtype, device=dots.device) if not isinstance(alpha, Tensor) else alpha.to(dots.dtype)
+    if isinstance(alpha, Tensor):  # a Python alpha stays a Python number: no host-to-device copy
+        alpha = alpha.to(dots.dtype)
     straight = sin < SLERP_MIN_SIN
     safe_sin = torch.where(straight, 1.0, sin)
     a = torch.where(straight, 1.0 - alpha, torch.sin((1.0 - alpha) * theta) / safe_sin)
