@@ -64,6 +64,35 @@ def verdict(ok: bool) -> str:
     return "pass" if ok else "SHORT"
 
 
+def xsam_table(write, sets) -> list[dict]:
+    """FusedXSAM's step against the per-tensor XSAM loop, as the LE-SAM table does for FusedLESAM."""
+    rows = []
+    for param_set in sets:
+        sgd, loop = _results.get((param_set, "sgd")), _results.get((param_set, "xsam-loop"))
+        backends = [impl[len("xsam-"):] for s, impl in _results if s == param_set and impl.startswith("xsam-")
+                    and impl != "xsam-loop"]
+        for backend in backends:
+            fused = _results[(param_set, f"xsam-{backend}")]
+            if not (sgd and loop):
+                continue
+            speedup = loop["seconds"] / fused["seconds"]
+            overhead = (loop["seconds"] - sgd["seconds"]) / (fused["seconds"] - sgd["seconds"])
+            rows.append(dict(set=param_set, backend=backend, loop_step_s=loop["seconds"], fused_step_s=fused["seconds"],
+                             step_speedup=speedup, overhead_speedup=overhead, fused_dispatches=fused["dispatches"],
+                             loop_dispatches=loop["dispatches"]))
+    if rows:
+        write("")
+        write(f"FusedXSAM (one ascent step, fixed alpha) against the per-tensor XSAM loop; target >= {TARGET_SPEEDUP}x")
+        write("| set | backend | step ms (loop) | step vs loop | overhead vs loop | dispatches / step (loop) |")
+        write("| --- | --- | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            write(f"| {r['set']} | {r['backend']} | {r['fused_step_s'] * 1e3:.2f} ({r['loop_step_s'] * 1e3:.2f}) "
+                  f"| {r['step_speedup']:.2f}x {verdict(r['step_speedup'] >= TARGET_SPEEDUP)} "
+                  f"| {r['overhead_speedup']:.2f}x {verdict(r['overhead_speedup'] >= TARGET_SPEEDUP)} "
+                  f"| {r['fused_dispatches']} ({r['loop_dispatches']}) |")
+    return rows
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _results:
         return
@@ -108,6 +137,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                   f"| {fused['dispatches']} ({loop['dispatches']}) |")
     write("(overhead = step - SGD step alone: the sharpness-aware part. dispatches: on the CPU the operators "
           "called from Python outside the base optimizer's step, on the GPU the kernels the whole step launches)")
-    path = write_json("step_overhead.json", dict(machine=machine(device), rows=report,
+    xsam_report = xsam_table(write, sets)
+    path = write_json("step_overhead.json", dict(machine=machine(device), rows=report, xsam_rows=xsam_report,
                                                  raw={f"{s}/{i}": r for (s, i), r in _results.items()}))
     write(f"wrote {path}")

@@ -1,9 +1,12 @@
 """Training time per epoch on CIFAR-100, SAM vs LE-SAM: the paper's Table 6 (Appendix C), extended.
 
 The paper times SAM's and LE-SAM's own two-pass training loops (RTX 5090, 5 epochs averaged).
-Here each model gets these rows: SGD (one pass, the floor); SAM and LE-SAM as per-tensor loops
-(the papers' style, bench/baselines.py); FusedSAM and FusedLESAM on every backend available on the
-device. Columns: time per epoch, the ratio to SAM's loop, and the optimizer's share of the step.
+Here each model gets these rows: SGD (one pass, the floor); SAM, LE-SAM and XSAM as per-tensor
+loops (the papers' style, bench/baselines.py); FusedSAM, FusedLESAM and FusedXSAM on every backend
+available on the device. Columns: time per epoch, the ratio to SAM's loop, and the optimizer's
+share of the step. XSAM rows take one ascent step with a fixed alpha (the per-step cost); its
+dynamic alpha search, which the paper runs once per epoch, is timed apart (one search, per
+FusedXSAM row) and printed under the table.
 
 Quick default (under a minute on a 2-core CPU): ResNet-18, batch 32, 3 timed steps after 2
 warm-up steps per row, the rows taking turns step by step; the epoch is extrapolated from the
@@ -27,12 +30,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from baselines import PerTensorSAM
+from baselines import PerTensorSAM, PerTensorXSAM
 from common import Batches, Progress, machine, results_dir, sync, write_json
 from models import MODELS, PAPER_NAMES
 
 import fused_lesam
-from fused_lesam import FusedLESAM, FusedSAM, frozen_bn_stats
+from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM, frozen_bn_stats
 
 # The paper's Table 6: seconds per epoch, RTX 5090, its own training loops.
 PAPER_TABLE6 = {("resnet18", "SAM"): 9.06, ("resnet18", "LE-SAM"): 9.32,
@@ -45,7 +48,8 @@ HYPER = {
     "pyramidnet110": dict(batch=256, lr=0.1, weight_decay=5e-4, sigma=0.3, rho_max=None),
 }
 SAM_RHO = 0.1
-SAM_ROW, LESAM_ROW = "SAM (per-tensor loop)", "LE-SAM (per-tensor loop)"
+XSAM = dict(rho=0.15, alpha=0.5)  # the XSAM reference's rho; alpha fixed mid-grid for the per-step rows
+SAM_ROW, LESAM_ROW, XSAM_ROW = "SAM (per-tensor loop)", "LE-SAM (per-tensor loop)", "XSAM (per-tensor loop)"
 
 
 def optimizer_rows(model_name: str, device: torch.device, fused_sgd: bool) -> dict[str, Callable]:
@@ -57,6 +61,7 @@ def optimizer_rows(model_name: str, device: torch.device, fused_sgd: bool) -> di
         "SGD": lambda ps: torch.optim.SGD(ps, **sgd),
         SAM_ROW: lambda ps: PerTensorSAM(ps, torch.optim.SGD, rho=SAM_RHO, **sgd),
         LESAM_ROW: lambda ps: PerTensorSAM(ps, torch.optim.SGD, sigma=h["sigma"], rho_max=rho_max, **sgd),
+        XSAM_ROW: lambda ps: PerTensorXSAM(ps, torch.optim.SGD, **XSAM, **sgd),
     }
     for name, why in fused_lesam.available_backends().items():
         # Triton runs on the CPU only in its interpreter: a test tool, not something to time.
@@ -65,6 +70,9 @@ def optimizer_rows(model_name: str, device: torch.device, fused_sgd: bool) -> di
         rows[f"FusedSAM ({name})"] = lambda ps, b=name: FusedSAM(ps, torch.optim.SGD, rho=SAM_RHO, backend=b, **sgd)
         rows[f"FusedLESAM ({name})"] = lambda ps, b=name: FusedLESAM(
             ps, torch.optim.SGD, sigma=h["sigma"], rho_max=h["rho_max"], backend=b, **sgd)
+        # dynamic=True only so that the search can be timed apart: without search_alpha, alpha stays.
+        rows[f"FusedXSAM ({name})"] = lambda ps, b=name: FusedXSAM(
+            ps, torch.optim.SGD, dynamic=True, backend=b, **XSAM, **sgd)
     return rows
 
 
@@ -89,11 +97,16 @@ class Timer:
         return Block()
 
 
-def train_step(model, opt, x, y, one_pass: bool, amp: bool, timer: Timer) -> None:
-    """One training step as the papers' loops do it; the optimizer's own time goes to "optimizer"."""
+def train_step(model, opt, x, y, one_pass: bool, amp: bool, timer: Timer, search: bool = False) -> None:
+    """One training step as the papers' loops do it; the optimizer's own time goes to "optimizer".
+    ``search``: FusedXSAM's dynamic alpha search in this step (forward passes, BatchNorm frozen)."""
     def loss():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             return F.cross_entropy(model(x), y)
+
+    def loss_at():
+        with frozen_bn_stats(model):
+            return loss()
 
     loss().backward()
     if one_pass:
@@ -106,7 +119,23 @@ def train_step(model, opt, x, y, one_pass: bool, amp: bool, timer: Timer) -> Non
     with frozen_bn_stats(model):  # the second forward must not update BatchNorm statistics again
         loss().backward()
     with timer("optimizer"):
-        opt.second_step(zero_grad=True)
+        if search:
+            opt.second_step(zero_grad=True, search_alpha=loss_at)
+        else:
+            opt.second_step(zero_grad=True)
+
+
+def time_search(model, opt, batches: Batches, args) -> float:
+    """Seconds one dynamic alpha search adds to a step: a step with it minus a step without (after
+    one warm-up step)."""
+    seconds = []
+    for search in (False, False, True):
+        x, y = batches.make(torch.randint(0, batches.size, (batches.batch,), generator=batches.gen))
+        timer = Timer(batches.device)
+        with timer("step"):
+            train_step(model, opt, x, y, False, args.amp, timer, search=search)
+        seconds.append(timer.total["step"])
+    return seconds[2] - seconds[1]
 
 
 def build(model_name, make_opt, device, channels_last):
@@ -221,13 +250,18 @@ def main(argv=None) -> list[dict]:
                                args, progress) for name, batches, row, make_opt in plan]
     else:
         results = time_steps(plan, args, progress)
+    for r, (name, batches, row, make_opt) in zip(results, plan):
+        if row.startswith("FusedXSAM"):
+            model, opt = build(name, make_opt, batches.device, args.channels_last)
+            r["alpha_search_s"] = time_search(model, opt, batches, args)
+            r["alpha_search_points"] = len(opt.alpha_grid)
     for r, (name, batches, row, _) in zip(results, plan):
         r.update(model=name, row=row, batch=batches.batch, data=batches.source)
     for r in results:
         sam = next(s for s in results if s["model"] == r["model"] and s["row"] == SAM_ROW) \
             if any(s["row"] == SAM_ROW for s in results) else r
         r["vs_sam"] = r["epoch_s"] / sam["epoch_s"]
-        paper_row = {SAM_ROW: "SAM", LESAM_ROW: "LE-SAM"}.get(r["row"])
+        paper_row = {SAM_ROW: "SAM", LESAM_ROW: "LE-SAM"}.get(r["row"])  # Table 6 has no XSAM
         r["paper_epoch_s"] = PAPER_TABLE6.get((r["model"], paper_row))
     info = machine(device)
     where = f"{info.get('gpu', info['cpu'])}, torch {info['torch']}"
@@ -236,6 +270,10 @@ def main(argv=None) -> list[dict]:
           f"{'AMP bf16, ' if args.amp else ''}{'channels_last, ' if args.channels_last else ''}"
           f"batch {', '.join(sorted({str(r['batch']) for r in results}))}")
     print(markdown(results))
+    for r in results:
+        if "alpha_search_s" in r:
+            print(f"{PAPER_NAMES[r['model']]}, {r['row']}: one dynamic alpha search ({r['alpha_search_points']} forward passes) "
+                  f"adds {r['alpha_search_s']:.2f} s (one measurement); the paper searches once per epoch")
     write_json("epoch_time.json", dict(machine=info, config=vars(args), results=results, paper_table6=
                                        {f"{m}/{o}": s for (m, o), s in PAPER_TABLE6.items()}))
     plot(results, f"time per epoch, {where}", results_dir() / "epoch_time.png")

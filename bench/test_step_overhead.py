@@ -8,10 +8,12 @@ Per parameter set, in one run:
   sgd         the base SGD step alone (momentum, weight decay)
   loop        a whole step of the per-tensor SAM loop users copy (bench/baselines.py)
   fused-<b>   a whole FusedLESAM step (first_step + second_step, SGD base) on backend b
+  xsam-loop   a whole step of XSAM written as the same kind of per-tensor loop (one ascent step)
+  xsam-<b>    a whole FusedXSAM step (one ascent step, fixed alpha) on backend b
 bench/conftest.py then prints, per set and backend, the ops as a fraction of copy bandwidth, the
-fused step against the loop (whole step, and overhead = step - SGD step), and the ops dispatched
-(CPU) or kernels launched (GPU) per step, with pass/short against the targets; and writes
-bench/results/step_overhead.json.
+fused steps against their loops (whole step, and overhead = step - SGD step), and the ops
+dispatched (CPU) or kernels launched (GPU) per step, with pass/short against the targets; and
+writes bench/results/step_overhead.json.
 
     .venv/bin/python -m pytest bench/test_step_overhead.py [--device cuda] [--sets resnet18,wrn28_10,vit]
                                                            [--rounds 10] [--fused-sgd]
@@ -22,12 +24,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines import PerTensorSAM
+from baselines import PerTensorSAM, PerTensorXSAM
 from common import sync
 from models import param_shapes
 
 import fused_lesam
-from fused_lesam import FusedLESAM
+from fused_lesam import FusedLESAM, FusedXSAM
 from fused_lesam.backends import resolve
 
 def make_params(shapes, device, seed=0):
@@ -106,3 +108,14 @@ def test_loop_step(benchmark, record, device, rounds, param_set, sgd):
 def test_fused_step(benchmark, record, device, rounds, param_set, backend, sgd):
     opt = FusedLESAM(make_params(param_shapes(param_set), device), torch.optim.SGD, backend=backend, **sgd)
     run(benchmark, record, two_steps(opt), device, param_set, f"fused-{backend}", rounds)
+
+
+def test_xsam_loop_step(benchmark, record, device, rounds, param_set, sgd):
+    opt = PerTensorXSAM(make_params(param_shapes(param_set), device), torch.optim.SGD, rho=0.15, alpha=0.5, **sgd)
+    run(benchmark, record, two_steps(opt), device, param_set, "xsam-loop", rounds)
+
+
+def test_fused_xsam_step(benchmark, record, device, rounds, param_set, backend, sgd):
+    opt = FusedXSAM(make_params(param_shapes(param_set), device), torch.optim.SGD, rho=0.15, alpha=0.5,
+                    backend=backend, **sgd)
+    run(benchmark, record, two_steps(opt), device, param_set, f"xsam-{backend}", rounds)

@@ -1,6 +1,7 @@
 """The benchmark suite's own logic: the CIFAR-100 reader, the epoch-time table and the radius
 dynamics run, on tiny settings (their timings are not checked, only what they compute and write)."""
 
+import copy
 import json
 import os
 import pickle
@@ -12,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+import baselines
 import epoch_time
 import radius_dynamics
 from common import CIFAR_MEAN, CIFAR_STD, Batches
+from conftest import SmallConvNet, assert_close, make_batches, sam_step
+from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM
 
 
 @pytest.fixture(autouse=True)
@@ -98,3 +102,29 @@ def test_step_microbenchmarks_report(results_in_tmp):
     assert cpp["params"] == 11220132
     assert cpp["step_speedup"] == pytest.approx(cpp["loop_step_s"] / cpp["fused_step_s"])
     assert cpp["fused_dispatches"] < cpp["loop_dispatches"]  # O(buckets) ops, not O(tensors)
+
+
+BASELINES = {  # bench/baselines.py row -> the fused optimizer computing the same maths (torch backend)
+    "sam": (lambda ps: baselines.PerTensorSAM(ps, torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9),
+            lambda ps: FusedSAM(ps, rho=0.1, lr=0.05, momentum=0.9, backend="torch")),
+    "lesam": (lambda ps: baselines.PerTensorSAM(ps, torch.optim.SGD, sigma=0.35, rho_max=0.4, lr=0.05, momentum=0.9),
+              lambda ps: FusedLESAM(ps, sigma=0.35, rho_max=0.4, lr=0.05, momentum=0.9, backend="torch")),
+    "xsam": (lambda ps: baselines.PerTensorXSAM(ps, torch.optim.SGD, rho=0.15, alpha=0.5, lr=0.05, momentum=0.9),
+             lambda ps: FusedXSAM(ps, rho=0.15, alpha=0.5, lr=0.05, momentum=0.9, backend="torch")),
+}
+
+
+@pytest.mark.parametrize("kind", list(BASELINES))
+def test_benchmark_baselines_compute_the_optimizers_maths(kind):
+    """The per-tensor loops the benchmarks time against do the same step as the fused optimizers
+    (which tests/test_equivalence.py and tests/test_xsam.py check against tests/reference/)."""
+    make_baseline, make_fused = BASELINES[kind]
+    torch.manual_seed(0)
+    model = SmallConvNet()
+    other = copy.deepcopy(model)
+    baseline, fused = make_baseline(list(model.parameters())), make_fused(list(other.parameters()))
+    for x, y in make_batches(4):
+        sam_step(model, baseline, x, y)
+        sam_step(other, fused, x, y)
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert_close(p, q)
