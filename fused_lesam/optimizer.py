@@ -48,6 +48,7 @@ class _Progress:
     def __init__(self):
         self.count = 0  # completed steps: t of the schedule (capturable: the device copy is authoritative)
         self.perturbed = False
+        self.ascents = 0  # perturbation (ascent) steps taken in the current step: 1 for SAM and LE-SAM
         self.first_sq: Optional[Tensor] = None  # the first pass's squared norm, for the skip decision
         self.combine: list[Optional[tuple[float, float]]] = []  # LE-SAM+ coefficients per bucket
         self.local_pending = False  # set by local_first_pass, taken by the next first_step
@@ -208,6 +209,7 @@ class SharpnessAware(torch.optim.Optimizer):
                 self._adaptive(bucket), center, sigma_t,
             )
         self._progress.perturbed = True
+        self._progress.ascents = 1
         self._progress.first_sq = sq
         self.last_grad_norm.copy_(sq.sqrt())
         for index, rho in rho_of_group.items():
@@ -228,6 +230,7 @@ class SharpnessAware(torch.optim.Optimizer):
             ghat_coef, center_coef = coefs if center is not None else (1.0, 0.0)
             self._ops[bucket.device].restore_(bucket.param, bucket.backup, bucket.grad, center, ghat_coef, center_coef)
         self._progress.perturbed = False
+        self._progress.ascents = 0
 
     @contextlib.contextmanager
     def local_first_pass(self, model: torch.nn.Module) -> Iterator[None]:

@@ -80,7 +80,6 @@ class FusedXSAM(SharpnessAware):
         self.steps, self.dynamic, self.eps = steps, dynamic, eps
         self.alpha_grid = [i * alpha_delta for i in range(round(points) + 1)]
         self._initial_alpha = alpha
-        self._ascents = 0  # ascent steps taken in the current step
         super().__init__(params, base, dict(rho=rho, rho_max=rho_max, alpha=alpha), backend, capturable, **base_kwargs)
 
     def _build(self) -> None:
@@ -112,15 +111,15 @@ class FusedXSAM(SharpnessAware):
         if grad_scaler is not None and self.steps != 1:
             raise ValueError(f"grad_scaler works with steps=1; this FusedXSAM has steps={self.steps}")
         super().first_step(zero_grad, grad_scaler)
-        self._ascents = 1
 
     @torch.no_grad()
     def ascent_step(self, zero_grad: bool = False) -> None:
         """Ascent steps 2..k: w_i = w_{i-1} + (rho / k) g_i / ||g_i|| from the gradient at w_{i-1}."""
         if not self._progress.perturbed:
             raise RuntimeError("ascent_step() called before first_step(): the first ascent step writes the backup of w")
-        if self._ascents >= self.steps:
-            raise RuntimeError(f"ascent_step() after {self._ascents} of steps={self.steps} ascent steps: call second_step()")
+        if self._progress.ascents >= self.steps:
+            raise RuntimeError(f"ascent_step() after {self._progress.ascents} of steps={self.steps} ascent steps: "
+                               f"call second_step()")
         for bucket in self._buckets:
             bucket.bind_grads()
         sq = self._global_sq_norm(adaptive_aware=False)
@@ -131,7 +130,7 @@ class FusedXSAM(SharpnessAware):
                                               math.inf, step_length, 1.0, False)
         # A non-finite gradient on the way skips the step at the end, as one in the first pass does.
         self._progress.first_sq = self._progress.first_sq + sq
-        self._ascents += 1
+        self._progress.ascents += 1
         if zero_grad:
             for bucket in self._buckets:
                 bucket.zero_grad()
@@ -183,8 +182,8 @@ class FusedXSAM(SharpnessAware):
         then restore w_0 exactly, write ||g_hat|| d(alpha) into the gradient, and base-step."""
         if not self._progress.perturbed:
             raise RuntimeError("second_step() called before first_step(): nothing to restore; the parameters were not changed")
-        if self._ascents != self.steps:
-            raise RuntimeError(f"second_step() after {self._ascents} of steps={self.steps} ascent steps: "
+        if self._progress.ascents != self.steps:
+            raise RuntimeError(f"second_step() after {self._progress.ascents} of steps={self.steps} ascent steps: "
                                f"call ascent_step() after each backward until all are done")
         self._check_search(search_alpha)
         if grad_scaler is not None:
@@ -213,16 +212,12 @@ class FusedXSAM(SharpnessAware):
             self._ops[bucket.device].xsam_restore_(bucket.param, bucket.backup, bucket.grad, delta,
                                                    by_group[bucket.group_index].to(bucket.device))
         self._progress.perturbed = False
-        self._ascents = 0
+        self._progress.ascents = 0
         self.last_theta.copy_(theta)
         self.last_ascent_norm.copy_(dots[0].sqrt())
         self.last_ghat_norm.copy_(dots[1].sqrt())
         found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(dots).all())
         self._finish_step(found_inf, zero_grad)
-
-    def _restore(self, combine: bool = False) -> None:
-        super()._restore(combine)
-        self._ascents = 0
 
     @contextlib.contextmanager
     def perturbed(self, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Iterator["FusedXSAM"]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import SmallConvNet, loss_fn, make_batches, sam_step
-from fused_lesam import FusedLESAM
+from fused_lesam import FusedLESAM, FusedXSAM
 
 BACKENDS = ["torch", "cpp"]  # Triton's interpreter cannot run under fake tensors: its compile test is a GPU test
 
@@ -71,3 +71,36 @@ def test_optimizers_with_different_hyperparameters_compile_in_one_process():
         torch.testing.assert_close(opt.last_rho, eager.last_rho)
         for p, q in zip(model.parameters(), eager_model.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_xsam_step_traces_without_a_sync(backend):
+    """FusedXSAM: every ascent step as one fullgraph graph, and second_step, alpha search included
+    (the model's forward passes traced with it), breaking only inside torch's base step; the
+    compiled run equals the eager one."""
+    torch.manual_seed(0)
+    model = SmallConvNet()
+    eager_model = copy.deepcopy(model)
+    hyper = dict(lr=0.05, momentum=0.9, fused=True, rho=0.2, steps=2, dynamic=True, alpha_delta=0.5, backend=backend)
+    opt, eager = FusedXSAM(model.parameters(), **hyper), FusedXSAM(eager_model.parameters(), **hyper)
+    first = torch.compile(opt.first_step, fullgraph=True, backend="aot_eager")
+    ascent = torch.compile(opt.ascent_step, fullgraph=True, backend="aot_eager")
+    torch_optim = os.path.join("torch", "optim") + os.sep
+    for i, (x, y) in enumerate(make_batches(3)):
+        for m, o, compiled in ((model, opt, True), (eager_model, eager, False)):
+            loss_fn(m, x, y).backward()
+            (first if compiled else o.first_step)(zero_grad=True)
+            loss_fn(m, x, y).backward()
+            (ascent if compiled else o.ascent_step)(zero_grad=True)
+            loss_fn(m, x, y).backward()
+            search = lambda m=m: loss_fn(m, x, y)  # noqa: E731
+            if compiled and i > 0:  # after the first step the base optimizer's state exists
+                explained = torch._dynamo.explain(o.second_step)(search_alpha=search)
+                where = [reason.user_stack[-1].filename for reason in explained.break_reasons]
+                assert all(torch_optim in filename for filename in where), where
+            else:
+                o.second_step(search_alpha=search)
+            o.zero_grad()
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert opt.alpha.item() == eager.alpha.item()

@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SmallConvNet, make_batches
-from fused_lesam import FusedLESAM, available_backends, frozen_bn_stats
+from fused_lesam import FusedLESAM, FusedXSAM, available_backends, frozen_bn_stats
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
-HYPER = dict(lr=0.05, momentum=0.9, sigma=0.2, rho_max=0.4, alpha=0.5)
+KINDS = {  # optimizer class and its hyperparameters (XSAM: one ascent step, the scaler's case)
+    "lesam": (FusedLESAM, dict(lr=0.05, momentum=0.9, sigma=0.2, rho_max=0.4, alpha=0.5)),
+    "xsam": (FusedXSAM, dict(lr=0.05, momentum=0.9, rho=0.15, alpha=0.5)),
+}
 
 
 def loss_of(model, x, y):
@@ -38,14 +41,16 @@ def scaled_step(model, opt, scaler, x, y, overflow=None):
     opt.zero_grad()
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fused", [False, True], ids=["sgd", "fused-sgd"])
-def test_scaled_run_equals_unscaled_run(backend, fused):
+def test_scaled_run_equals_unscaled_run(kind, backend, fused):
+    cls, hyper = KINDS[kind]
     torch.manual_seed(0)
     model = SmallConvNet()
     plain = copy.deepcopy(model)
-    opt = FusedLESAM(model.parameters(), backend=backend, fused=fused, **HYPER)
-    ref = FusedLESAM(plain.parameters(), backend=backend, fused=fused, **HYPER)
+    opt = cls(model.parameters(), backend=backend, fused=fused, **hyper)
+    ref = cls(plain.parameters(), backend=backend, fused=fused, **hyper)
     # A power-of-two scale that never overflows: scaling and unscaling are exact.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
     for x, y in make_batches(5):
@@ -58,12 +63,14 @@ def test_scaled_run_equals_unscaled_run(backend, fused):
     assert scaler.get_scale() == 2.0**10 and int(opt.skipped_steps) == 0
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("fused", [False, True], ids=["sgd", "fused-sgd"])
 @pytest.mark.parametrize("overflow", ["first", "second"])
-def test_overflow_in_either_pass_skips_the_step_and_backs_off(fused, overflow):
+def test_overflow_in_either_pass_skips_the_step_and_backs_off(kind, fused, overflow):
+    cls, hyper = KINDS[kind]
     torch.manual_seed(0)
     model = SmallConvNet()
-    opt = FusedLESAM(model.parameters(), fused=fused, **HYPER)
+    opt = cls(model.parameters(), fused=fused, **hyper)
     init = 2.0**4
     scaler = torch.amp.GradScaler("cpu", init_scale=init, backoff_factor=0.5)
     before = [p.detach().clone() for p in model.parameters()]
