@@ -70,6 +70,15 @@ def make_batches(n, dtype=torch.float32, seed=0, batch=8):
     return [(torch.randn(batch, 3, 6, 6, generator=gen).to(dtype), torch.randint(0, 5, (batch,), generator=gen)) for _ in range(n)]
 
 
+def groups_of(model, split):
+    """One group, or two groups with their own lr / hyperparameters (the head apart)."""
+    if not split:
+        return list(model.parameters())
+    head = list(model.head.parameters())
+    rest = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+    return [{"params": rest}, {"params": head, "lr": 0.02, **split}]
+
+
 def loss_fn(model, x, y):
     return F.cross_entropy(model(x).float(), y)
 

@@ -30,6 +30,15 @@ def to_cuda(batches):
     return [(x.cuda(), y.cuda()) for x, y in batches]
 
 
+def gpu_kernel_backends_and_buckets(dtype, seed):
+    """The cuda and triton backends, and three random GPU buckets of 2^20 + 3 elements."""
+    from fused_lesam.backends import resolve
+
+    gen = torch.Generator().manual_seed(seed)
+    buckets = tuple(torch.randn((1 << 20) + 3, generator=gen).to(dtype).cuda() for _ in range(3))
+    return resolve("cuda", torch.device("cuda")), resolve("triton", torch.device("cuda")), buckets
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cpu_backend", CPU_BACKENDS)
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
@@ -88,12 +97,7 @@ def test_non_finite_gradient_is_skipped_on_the_gpu():
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_triton_equals_cuda_extension(dtype, adaptive):
     """The two GPU kernel backends on the same inputs: norm, perturbation and LE-SAM+ restore."""
-    from fused_lesam.backends import resolve
-
-    cuda_ops, triton_ops = resolve("cuda", torch.device("cuda")), resolve("triton", torch.device("cuda"))
-    gen = torch.Generator().manual_seed(0)
-    n = (1 << 20) + 3
-    w, g, ghat = (torch.randn(n, generator=gen).to(dtype).cuda() for _ in range(3))
+    cuda_ops, triton_ops, (w, g, ghat) = gpu_kernel_backends_and_buckets(dtype, seed=0)
     results = []
     for ops in (cuda_ops, triton_ops):
         sq = ops.sq_norm([g], [w if adaptive else None])
@@ -215,12 +219,9 @@ def test_xsam_step_with_search_never_syncs(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_equals_cuda_extension_for_xsam(dtype):
-    from fused_lesam.backends import reference, resolve
+    from fused_lesam.backends import reference
 
-    cuda_ops, triton_ops = resolve("cuda", torch.device("cuda")), resolve("triton", torch.device("cuda"))
-    gen = torch.Generator().manual_seed(1)
-    n = (1 << 20) + 3
-    w_k, w_0, ghat = (torch.randn(n, generator=gen).to(dtype).cuda() for _ in range(3))
+    cuda_ops, triton_ops, (w_k, w_0, ghat) = gpu_kernel_backends_and_buckets(dtype, seed=1)
     results = []
     for ops in (cuda_ops, triton_ops):
         dots = ops.xsam_dots([w_k], [w_0], [ghat])

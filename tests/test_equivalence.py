@@ -5,21 +5,12 @@ import copy
 import pytest
 import torch
 
-from conftest import SmallConvNet, assert_close, make_batches, sam_step
+from conftest import SmallConvNet, assert_close, groups_of, make_batches, sam_step
 from fused_lesam import FusedLESAM, FusedSAM, available_backends
 from reference.lesam_loop import PerTensorSAM
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
 STEPS = 12
-
-
-def groups_of(model, split):
-    """One group, or two groups with their own lr / hyperparameters (the head apart)."""
-    if not split:
-        return list(model.parameters())
-    head = list(model.head.parameters())
-    rest = [p for n, p in model.named_parameters() if not n.startswith("head.")]
-    return [{"params": rest}, {"params": head, "lr": 0.02, **split}]
 
 
 CASES = {

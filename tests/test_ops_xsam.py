@@ -9,7 +9,8 @@ import torch
 
 from conftest import assert_bits_equal, assert_close
 from fused_lesam.backends import reference, resolve
-from test_ops import DTYPES, LESAM, OFFSETS, TRACEABLE, clone_at, largest_size, random_bucket, targets, targets_and_sizes
+from test_ops import (DTYPES, LESAM, OFFSETS, TRACEABLE, assert_same_bits_with_any_thread_count, clone_at, largest_size,
+                      random_bucket, targets, targets_and_sizes)
 
 
 def coefs_for(device, dtype=torch.float32):
@@ -50,14 +51,7 @@ def test_xsam_dots_is_deterministic(backend, device):
     ops = resolve(backend, torch.device(device))
     n = largest_size(backend, device)
     w, b, g = (random_bucket(n, torch.float32, device, seed=s) for s in (43, 44, 45))
-    first = ops.xsam_dots([w], [b], [g])
-    threads = torch.get_num_threads()
-    try:
-        for count in {1, threads, max(2, threads)}:
-            torch.set_num_threads(count)
-            assert torch.equal(ops.xsam_dots([w], [b], [g]), first), f"differs with {count} threads"
-    finally:
-        torch.set_num_threads(threads)
+    assert_same_bits_with_any_thread_count(lambda: ops.xsam_dots([w], [b], [g]))
 
 
 @pytest.mark.parametrize("backend,device,size", targets_and_sizes())

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import SmallConvNet, assert_close, loss_fn, make_batches, sam_step
+from conftest import SmallConvNet, assert_close, groups_of, loss_fn, make_batches, sam_step
 from fused_lesam import FusedSAM, FusedXSAM, available_backends, frozen_bn_stats
 from fused_lesam.backends import reference
 from reference.xsam_loop import PerTensorXSAM
@@ -17,14 +17,6 @@ from reference.xsam_loop import PerTensorXSAM
 BACKENDS = [name for name, why in available_backends().items() if not why]
 STEPS = 8
 BASE = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
-
-
-def groups_of(model, split):
-    if not split:
-        return list(model.parameters())
-    head = list(model.head.parameters())
-    rest = [p for n, p in model.named_parameters() if not n.startswith("head.")]
-    return [{"params": rest}, {"params": head, "lr": 0.02, **split}]
 
 
 def xsam_step(model, opt, x, y, search=False):

@@ -245,12 +245,16 @@ def _dots_partials_kernel(w_ptr, b_ptr, g_ptr, n, partials_ptr, total, CHUNK: tl
 
 
 @triton.jit
+def _block_and_coefs(coefs_ptr, n, BLOCK: tl.constexpr):
+    """This program's offsets and mask, and the slerp coefficients (c0, c1) read from the device."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offsets, offsets < n, tl.load(coefs_ptr).to(tl.float32), tl.load(coefs_ptr + 1).to(tl.float32)
+
+
+@triton.jit
 def _xsam_restore_kernel(w_ptr, backup_ptr, g_ptr, delta_ptr, coefs_ptr, n, HAS_DELTA: tl.constexpr,
                          BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    c0 = tl.load(coefs_ptr).to(tl.float32)
-    c1 = tl.load(coefs_ptr + 1).to(tl.float32)
+    offsets, mask, c0, c1 = _block_and_coefs(coefs_ptr, n, BLOCK)
     b = tl.load(backup_ptr + offsets, mask=mask)
     g = tl.load(g_ptr + offsets, mask=mask)
     if HAS_DELTA:
@@ -264,10 +268,7 @@ def _xsam_restore_kernel(w_ptr, backup_ptr, g_ptr, delta_ptr, coefs_ptr, n, HAS_
 @triton.jit
 def _xsam_probe_kernel(w_ptr, backup_ptr, g_ptr, delta_ptr, coefs_ptr, n, SAVE_DELTA: tl.constexpr,
                        BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    c0 = tl.load(coefs_ptr).to(tl.float32)
-    c1 = tl.load(coefs_ptr + 1).to(tl.float32)
+    offsets, mask, c0, c1 = _block_and_coefs(coefs_ptr, n, BLOCK)
     w = tl.load(w_ptr + offsets, mask=mask)
     b = tl.load(backup_ptr + offsets, mask=mask).to(tl.float32)
     if SAVE_DELTA:
