@@ -219,6 +219,11 @@ class FusedXSAM(SharpnessAware):
         found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(dots).all())
         self._finish_step(found_inf, zero_grad)
 
+    def local_first_pass(self, model: torch.nn.Module):
+        raise RuntimeError("FusedXSAM has no local (per-rank) perturbation mode: its update is built from the "
+                           "ascent direction w_k - w_0, which would differ between ranks and make their weights "
+                           "drift apart; let DDP all-reduce every backward (the default)")
+
     @contextlib.contextmanager
     def perturbed(self, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Iterator["FusedXSAM"]:
         if self.steps != 1:

@@ -303,3 +303,5 @@ def test_bad_arguments_are_clear_errors():
     assert not opt._progress.perturbed
     with pytest.raises(RuntimeError, match="ascent_step\\(\\) called before first_step"):
         opt.ascent_step()
+    with pytest.raises(RuntimeError, match="no local \\(per-rank\\) perturbation mode"):
+        opt.local_first_pass(model)
