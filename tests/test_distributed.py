@@ -127,6 +127,30 @@ def test_xsam_with_alpha_search_under_ddp_equals_whole_batch(tmp_path):
                 torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"rank {rank}, step {step}")
 
 
+def _search_main(rank, out):
+    with process_group(rank, out):
+        model = DistributedDataParallel(mlp())
+        opt = FusedXSAM(model.parameters(), **XSAM_HYPER)
+        x, y = batches()[0]
+        calls = []
+
+        def loss_at():  # rank 0 alone would choose grid point 2, rank 1 alone grid point 5
+            calls.append(None)
+            peak = {0: (2, 1.0), 1: (5, 3.0)}[rank]
+            return torch.tensor(peak[1] if len(calls) - 1 == peak[0] else 0.0)
+
+        F.cross_entropy(model(x), y).backward()
+        opt.step(lambda: F.cross_entropy(model(x), y).backward(), search_alpha=loss_at)
+        torch.save(opt.alpha, f"{out}/rank{rank}.pt")
+
+
+def test_xsam_search_chooses_one_alpha_for_all_ranks(tmp_path):
+    """Each rank's own losses would pick another alpha; summed over the ranks, both pick the same."""
+    mp.spawn(_search_main, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    alphas = [torch.load(tmp_path / f"rank{rank}.pt").item() for rank in range(WORLD)]
+    assert alphas == [5 * XSAM_HYPER["alpha_delta"]] * WORLD
+
+
 def _resume_main(rank, out):
     with process_group(rank, out):
         data = batches()
