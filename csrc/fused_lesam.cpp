@@ -9,10 +9,10 @@ TORCH_LIBRARY(fused_lesam, m) {
   // tensor (float64 when a bucket is float64) on the buckets' device.
   m.def("sq_norm(Tensor[] grads, Tensor?[] weights) -> Tensor");
   // backup <- w if given (XSAM's later ascent steps keep the first one's); center <- g if given;
-  // w <- w + eps with rho_t, eps computed on the device from
-  // the squared norm sq. Returns rho_t (0-d). A non-finite sq leaves w untouched. sigma_t, a 0-d
-  // float64 tensor on param's device, is read on the device in place of sigma when given (so a
-  // schedule computed on the device needs no host sync and can run inside a CUDA graph).
+  // w <- w + eps with rho_t, eps computed on the device from the squared norm sq. Returns rho_t
+  // (0-d). A non-finite sq leaves w untouched. sigma_t, a 0-d float64 tensor on param's device,
+  // is read on the device in place of sigma when given (so a schedule computed on the device
+  // needs no host sync and can run inside a CUDA graph).
   m.def(
       "perturb_(Tensor(a!) param, Tensor grad, Tensor(b!)? backup, Tensor sq, float sigma, float rho_max, "
       "float varrho, bool adaptive, Tensor(c!)? center=None, Tensor? sigma_t=None) -> Tensor");
