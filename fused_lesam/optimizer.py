@@ -156,18 +156,25 @@ class SharpnessAware(torch.optim.Optimizer):
         """ASAM-style perturbation in this bucket's group (kinds without the option never are)."""
         return bool(self.param_groups[bucket.group_index].get("adaptive", False))
 
-    def _global_sq_norm(self, adaptive_aware: bool) -> Tensor:
-        """Squared norm over every bucket of every device, as one 0-d tensor on the main device;
-        for sharded (FSDP2) parameters summed over the ranks too, on the device."""
-        partials = []
-        for device, ops in self._ops.items():
-            mine = [b for b in self._buckets if b.device == device]
-            weights = [b.param if adaptive_aware and self._adaptive(b) else None for b in mine]
-            partials.append(ops.sq_norm([b.grad for b in mine], weights).to(self._main_device))
-        sq = partials[0] if len(partials) == 1 else torch.stack([p.to(partials[0].dtype) for p in partials]).sum()
+    def _reduce_buckets(self, partial: Callable[[Any, list], Tensor]) -> Tensor:
+        """``partial(ops, buckets)`` for each device's buckets, summed on the main device; for
+        sharded (FSDP2) parameters summed over the ranks too, on the device, so that every rank
+        gets the value of the whole model."""
+        partials = [partial(ops, [b for b in self._buckets if b.device == device]).to(self._main_device)
+                    for device, ops in self._ops.items()]
+        total = partials[0] if len(partials) == 1 else torch.stack([p.to(partials[0].dtype) for p in partials]).sum(0)
         if self._shard_group is not None:
-            dist.all_reduce(sq, group=self._shard_group)  # every rank gets the norm of the whole model
-        return sq
+            dist.all_reduce(total, group=self._shard_group)
+        return total
+
+    def _global_sq_norm(self, adaptive_aware: bool) -> Tensor:
+        """Squared norm of the gradients (of |w| g in adaptive groups) over every bucket: 0-d, main device."""
+        return self._reduce_buckets(lambda ops, mine: ops.sq_norm(
+            [b.grad for b in mine], [b.param if adaptive_aware and self._adaptive(b) else None for b in mine]))
+
+    def _on_devices(self, t: Tensor) -> dict[torch.device, Tensor]:
+        """A main-device scalar made available on every device that holds buckets."""
+        return {d: t if d == self._main_device else t.to(d) for d in self._ops}
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
@@ -194,7 +201,7 @@ class SharpnessAware(torch.optim.Optimizer):
         for bucket in self._buckets:
             bucket.bind_grads()
         sq = self._global_sq_norm(adaptive_aware=True)
-        sq_on = {d: sq if d == self._main_device else sq.to(d) for d in self._ops}
+        sq_on = self._on_devices(sq)
         radius_args = [self._radius_args(group) for group in self.param_groups]
         # Decided here, once: second_step must combine with the center gradient saved now.
         self._progress.combine = [self._center_coefs(self.param_groups[b.group_index]) for b in self._buckets]

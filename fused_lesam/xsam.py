@@ -123,7 +123,7 @@ class FusedXSAM(SharpnessAware):
         for bucket in self._buckets:
             bucket.bind_grads()
         sq = self._global_sq_norm(adaptive_aware=False)
-        sq_on = {d: sq if d == self._main_device else sq.to(d) for d in self._ops}
+        sq_on = self._on_devices(sq)
         for bucket in self._buckets:
             _, step_length, _ = self._radius_args(self.param_groups[bucket.group_index])
             self._ops[bucket.device].perturb_(bucket.param, bucket.grad, None, sq_on[bucket.device],
@@ -137,15 +137,8 @@ class FusedXSAM(SharpnessAware):
 
     def _dots(self) -> Tensor:
         """[||w_k - w_0||^2, ||g_hat||^2, (w_k - w_0) . g_hat] over every bucket, on the main device."""
-        partials = []
-        for device, ops in self._ops.items():
-            mine = [b for b in self._buckets if b.device == device]
-            partials.append(ops.xsam_dots([b.param for b in mine], [b.backup for b in mine],
-                                          [b.grad for b in mine]).to(self._main_device))
-        dots = partials[0] if len(partials) == 1 else torch.stack([p.to(partials[0].dtype) for p in partials]).sum(0)
-        if self._shard_group is not None:
-            dist.all_reduce(dots, group=self._shard_group)
-        return dots
+        return self._reduce_buckets(lambda ops, mine: ops.xsam_dots(
+            [b.param for b in mine], [b.backup for b in mine], [b.grad for b in mine]))
 
     def _check_search(self, search_alpha: Optional[Callable[[], Any]]) -> None:
         if search_alpha is not None and not self.dynamic:
@@ -161,9 +154,10 @@ class FusedXSAM(SharpnessAware):
         deltas = [bucket.ensure_center() for bucket in self._buckets]  # D = w_k - w_0, saved by the first probe
         losses = []
         for i, alpha in enumerate(self.alpha_grid):
+            by_group = [reference.slerp_coefficients(dots, alpha, group["rho_max"], self.eps)[0]
+                        for group in self.param_groups]
             for bucket, delta in zip(self._buckets, deltas):
-                group = self.param_groups[bucket.group_index]
-                coefs, _ = reference.slerp_coefficients(dots.to(bucket.device), alpha, group["rho_max"], self.eps)
+                coefs = by_group[bucket.group_index].to(bucket.device)
                 self._ops[bucket.device].xsam_probe_(bucket.param, bucket.backup, bucket.grad, delta, coefs, i == 0)
             loss = search_alpha()
             losses.append(torch.as_tensor(loss, device=self._main_device).detach().float().reshape(()))
@@ -198,11 +192,11 @@ class FusedXSAM(SharpnessAware):
             except BaseException:
                 self._restore()
                 raise
+        ghat_norm = dots[1].sqrt()
         by_group = {}
         for index, group in enumerate(self.param_groups):
             alpha = self._group_alpha(group)
-            coefs, theta = reference.slerp_coefficients(dots, alpha, dots[1].sqrt(), self.eps)
-            by_group[index] = coefs
+            by_group[index], theta = reference.slerp_coefficients(dots, alpha, ghat_norm, self.eps)
             if isinstance(alpha, Tensor):
                 self.last_alpha[index].copy_(alpha)
             else:
@@ -215,7 +209,7 @@ class FusedXSAM(SharpnessAware):
         self._progress.ascents = 0
         self.last_theta.copy_(theta)
         self.last_ascent_norm.copy_(dots[0].sqrt())
-        self.last_ghat_norm.copy_(dots[1].sqrt())
+        self.last_ghat_norm.copy_(ghat_norm)
         found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(dots).all())
         self._finish_step(found_inf, zero_grad)
 
