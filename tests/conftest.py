@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import pytest
@@ -77,6 +78,14 @@ def groups_of(model, split):
     head = list(model.head.parameters())
     rest = [p for n, p in model.named_parameters() if not n.startswith("head.")]
     return [{"params": rest}, {"params": head, "lr": 0.02, **split}]
+
+
+def through_bytes(checkpoint):
+    """``checkpoint`` saved with torch.save and loaded back (weights_only), as a resumed run sees it."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
 
 
 def loss_fn(model, x, y):

@@ -8,12 +8,11 @@ tests/test_cuda.py::test_cuda_graph_replay_equals_eager.
 """
 
 import copy
-import io
 
 import pytest
 import torch
 
-from conftest import SmallConvNet, loss_fn, make_batches, sam_step
+from conftest import SmallConvNet, groups_of, loss_fn, make_batches, sam_step, through_bytes
 from fused_lesam import FusedLESAM, FusedSAM, available_backends
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
@@ -22,19 +21,13 @@ HYPER = dict(lr=0.05, momentum=0.9, weight_decay=5e-3, fused=True, sigma=0.3, rh
              total_steps=STEPS, anneal_steps=6)
 
 
-def two_groups(model):
-    head = list(model.head.parameters())
-    rest = [p for n, p in model.named_parameters() if not n.startswith("head.")]
-    return [{"params": rest}, {"params": head, "sigma": 0.1}]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_capturable_run_equals_the_default_bit_for_bit(backend):
     torch.manual_seed(0)
     model = SmallConvNet()
     other = copy.deepcopy(model)
-    opt = FusedLESAM(two_groups(model), backend=backend, capturable=True, **HYPER)
-    default = FusedLESAM(two_groups(other), backend=backend, **HYPER)
+    opt = FusedLESAM(groups_of(model, dict(sigma=0.1)), backend=backend, capturable=True, **HYPER)
+    default = FusedLESAM(groups_of(other, dict(sigma=0.1)), backend=backend, **HYPER)
     sigmas = []
     for x, y in make_batches(STEPS + 2):  # two steps past the end of the schedule
         sam_step(model, opt, x, y)
@@ -81,10 +74,7 @@ def test_capturable_checkpoint_resumes_bit_identically():
     opt1 = FusedLESAM(half.parameters(), capturable=True, **HYPER)
     for x, y in batches[:5]:  # stopped inside the annealing
         sam_step(half, opt1, x, y)
-    buffer = io.BytesIO()
-    torch.save({"model": half.state_dict(), "opt": opt1.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = through_bytes({"model": half.state_dict(), "opt": opt1.state_dict()})
     resumed = SmallConvNet()
     opt2 = FusedLESAM(resumed.parameters(), capturable=True, **HYPER)
     resumed.load_state_dict(saved["model"])

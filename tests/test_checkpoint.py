@@ -1,12 +1,11 @@
 """Checkpoints resume bit-identically; LR schedulers reach the base optimizer."""
 
 import copy
-import io
 import warnings
 
 import torch
 
-from conftest import SmallConvNet, make_batches, sam_step
+from conftest import SmallConvNet, make_batches, sam_step, through_bytes
 from fused_lesam import FusedLESAM, SigmaAnnealing
 
 OPT_KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-3, sigma=0.35, rho_max=0.4, alpha=0.3, total_steps=12, anneal_steps=6)
@@ -34,10 +33,7 @@ def test_resume_from_checkpoint_is_bit_identical():
     opt1 = FusedLESAM(first.parameters(), **OPT_KW)
     sched1 = torch.optim.lr_scheduler.StepLR(opt1, step_size=4, gamma=0.5)
     train(first, opt1, batches[:6], sched1)
-    buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(), "sched": sched1.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = through_bytes({"model": first.state_dict(), "opt": opt1.state_dict(), "sched": sched1.state_dict()})
 
     resumed = SmallConvNet()
     opt2 = FusedLESAM(resumed.parameters(), **OPT_KW)

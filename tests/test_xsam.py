@@ -3,13 +3,12 @@ SAM at alpha = 1, and keeps the engine's guarantees: exact restore, skipped non-
 bit-identical resume. The guards of the slerp each have a test that fails without them."""
 
 import copy
-import io
 import math
 
 import pytest
 import torch
 
-from conftest import SmallConvNet, assert_close, groups_of, loss_fn, make_batches, sam_step
+from conftest import SmallConvNet, assert_close, groups_of, loss_fn, make_batches, sam_step, through_bytes
 from fused_lesam import FusedSAM, FusedXSAM, available_backends, frozen_bn_stats
 from fused_lesam.backends import reference
 from reference.xsam_loop import PerTensorXSAM
@@ -261,10 +260,7 @@ def test_checkpoint_with_dynamic_alpha_resumes_bit_identically():
     opt1 = FusedXSAM(half.parameters(), **kwargs)
     for i, (x, y) in enumerate(batches[:3]):
         xsam_step(half, opt1, x, y, search=i == 0)
-    buffer = io.BytesIO()
-    torch.save({"model": half.state_dict(), "opt": opt1.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = through_bytes({"model": half.state_dict(), "opt": opt1.state_dict()})
     resumed = SmallConvNet()
     opt2 = FusedXSAM(resumed.parameters(), **kwargs)
     resumed.load_state_dict(saved["model"])
