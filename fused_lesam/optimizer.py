@@ -277,15 +277,20 @@ class SharpnessAware(torch.optim.Optimizer):
         """
         if not self._progress.perturbed:
             raise RuntimeError("second_step() called before first_step(): nothing to restore; the parameters were not changed")
-        if grad_scaler is not None:
-            grad_scaler.unscale_(self.base)
-        for bucket in self._buckets:
-            bucket.bind_grads()
+        self._take_final_grads(grad_scaler)
         if self._progress.local:
             self._average_centers()
         self._restore(combine=True)
         found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(self._global_sq_norm(adaptive_aware=False)))
         self._finish_step(found_inf, zero_grad)
+
+    def _take_final_grads(self, grad_scaler: Optional["torch.amp.GradScaler"]) -> None:
+        """The last backward's gradients, unscaled (through the base optimizer, see second_step) and
+        bound into the flat grad buffers."""
+        if grad_scaler is not None:
+            grad_scaler.unscale_(self.base)
+        for bucket in self._buckets:
+            bucket.bind_grads()
 
     def _finish_step(self, found_inf: Tensor, zero_grad: bool) -> None:
         """After the restore: the base step unless ``found_inf``, the counters, the optional zeroing."""

@@ -180,10 +180,7 @@ class FusedXSAM(SharpnessAware):
             raise RuntimeError(f"second_step() after {self._progress.ascents} of steps={self.steps} ascent steps: "
                                f"call ascent_step() after each backward until all are done")
         self._check_search(search_alpha)
-        if grad_scaler is not None:
-            grad_scaler.unscale_(self.base)
-        for bucket in self._buckets:
-            bucket.bind_grads()
+        self._take_final_grads(grad_scaler)
         dots = self._dots()
         searched = search_alpha is not None
         if searched:
