@@ -88,8 +88,6 @@ class ParamBucket:
 
     def check_storage(self) -> None:
         """RuntimeError if a parameter no longer lives in this bucket (e.g. ``model.to()`` after the optimizer)."""
-        if torch.compiler.is_compiling():
-            return  # data pointers cannot be traced; the graph is specialised to these parameters anyway
         for i, (p, view) in enumerate(zip(self.params, self.param_views)):
             if p.data_ptr() != view.data_ptr() or p.dtype != view.dtype or p.device != view.device:
                 raise RuntimeError(

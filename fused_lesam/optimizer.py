@@ -190,11 +190,13 @@ class SharpnessAware(torch.optim.Optimizer):
                 "(a second perturbation would overwrite the exact backup of w)"
             )
         self._check_capture()
-        if not torch.compiler.is_compiling():  # host checks of values the compiler may treat as symbols
+        # Host checks, skipped while tracing: the compiler may treat hyperparameters as symbols and
+        # cannot trace data pointers (the graph is specialised to these parameters anyway).
+        if not torch.compiler.is_compiling():
             for group in self.param_groups:
                 self._check_group(group)
-        for bucket in self._buckets:
-            bucket.check_storage()
+            for bucket in self._buckets:
+                bucket.check_storage()
         if grad_scaler is not None:
             grad_scaler.unscale_(self)
         self._progress.local, self._progress.local_pending = self._progress.local_pending, False
