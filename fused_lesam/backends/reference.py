@@ -195,3 +195,128 @@ def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coef
         delta.copy_(param.to(dtype) - backup.to(dtype))
     c = coefs.to(dtype)
     param.copy_(backup.to(dtype) + (delta.to(dtype) * c[0] + grad.to(dtype) * c[1]))
+
+
+# ------------------------------------------------------------------ the base update, fused into the restore
+# One pass that ends a step: it reads the saved weights w0 (``backup``), the final gradient and the
+# base optimizer's state, and writes the weights and the state, with the LE-SAM+ combine fused in.
+# It computes what torch.optim.SGD / Adam / AdamW (``foreach=False``) compute for the step at w0,
+# in the accumulation dtype (fp32 for fp32/bf16/fp16 buckets, fp64 for fp64), rounding each stored
+# value once to the bucket's dtype (state tensors have the parameter's dtype, as torch keeps them).
+# ``found_inf`` (0-d float32 on the device, nonzero: the step is skipped) is read on the device:
+# a skipped step restores w0 bit-exactly and writes no state.
+
+
+def _final_grad(grad: Tensor, center: Optional[Tensor], ghat_coef: float, center_coef: float,
+                maximize: bool, dtype: torch.dtype) -> Tensor:
+    """The gradient the base optimizer steps with: the LE-SAM+ combine, then maximize's sign."""
+    g = grad.to(dtype)
+    if center is not None:
+        g = g * ghat_coef - center.to(dtype) * center_coef
+    return -g if maximize else g
+
+
+def _skip_or(found_inf: Tensor, param: Tensor, backup: Tensor, new: Tensor) -> None:
+    """param <- backup where the step is skipped, else ``new`` rounded to the bucket's dtype."""
+    param.copy_(torch.where(found_inf != 0, backup, new.to(param.dtype)))
+
+
+def _write_state(found_inf: Tensor, state: Tensor, new: Tensor) -> Tensor:
+    """state <- new (rounded to its dtype) unless the step is skipped; returns the stored value in
+    the accumulation dtype, which the rest of the step uses (as torch's reads of its state do)."""
+    state.copy_(torch.where(found_inf != 0, state, new.to(state.dtype)))
+    return state.to(new.dtype)
+
+
+def sgd_step_(
+    param: Tensor,
+    backup: Tensor,
+    grad: Tensor,
+    momentum_buffer: Optional[Tensor],
+    center: Optional[Tensor],
+    found_inf: Tensor,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    init_buffer: bool,
+    ghat_coef: float,
+    center_coef: float,
+) -> None:
+    """w <- SGD step of torch.optim.SGD from w0 = backup with the final gradient g (combined with
+    ``center`` for LE-SAM+: ghat_coef * g - center_coef * center):
+
+        g <- -g if maximize;  g <- g + weight_decay * w0
+        b <- g if init_buffer else momentum * b + (1 - dampening) * g     (when momentum != 0)
+        d <- g + momentum * b if nesterov else b                          (d = g without momentum)
+        w <- w0 - lr * d
+
+    ``momentum_buffer`` is None exactly when momentum == 0. ``init_buffer`` is torch's first step
+    of a parameter (its buffer is a copy of g). The gradient is not written.
+    """
+    dtype = acc_dtype(param.dtype)
+    w0 = backup.to(dtype)
+    g = _final_grad(grad, center, ghat_coef, center_coef, maximize, dtype)
+    if weight_decay != 0:
+        g = g + w0 * weight_decay
+    d = g
+    if momentum != 0:
+        b = g if init_buffer else momentum_buffer.to(dtype) * momentum + g * (1 - dampening)
+        b = _write_state(found_inf, momentum_buffer, b)
+        d = g + b * momentum if nesterov else b
+    _skip_or(found_inf, param, backup, w0 - d * lr)
+
+
+def adam_step_(
+    param: Tensor,
+    backup: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Optional[Tensor],
+    center: Optional[Tensor],
+    step: Tensor,
+    found_inf: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+    ghat_coef: float,
+    center_coef: float,
+) -> None:
+    """w <- Adam (AdamW with ``decoupled_weight_decay``) step of torch.optim.Adam from w0 = backup
+    with the final gradient g (combined as in `sgd_step_`):
+
+        g <- -g if maximize
+        w0 <- w0 * (1 - lr * weight_decay) if decoupled, else g <- g + weight_decay * w0
+        m <- lerp(m, g, 1 - beta1);  v <- beta2 * v + (1 - beta2) * g * g
+        vmax <- max(vmax, v) (amsgrad; then v below reads vmax)
+        w <- w0 - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    ``step`` (0-d float32 on the device) holds t, the step count this update is (the caller has
+    already advanced it); the bias corrections are computed from it in fp64 on the device.
+    ``max_exp_avg_sq`` is None exactly when not amsgrad. The gradient is not written.
+    """
+    dtype = acc_dtype(param.dtype)
+    t = step.to(torch.float64)
+    step_size = (lr / (1 - beta1 ** t)).to(dtype)
+    bias2_sqrt = (1 - beta2 ** t).sqrt().to(dtype)
+    w0 = backup.to(dtype)
+    g = _final_grad(grad, center, ghat_coef, center_coef, maximize, dtype)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            w0 = w0 * (1 - lr * weight_decay)
+        else:
+            g = g + w0 * weight_decay
+    m = _write_state(found_inf, exp_avg, torch.lerp(exp_avg.to(dtype), g, 1 - beta1))
+    v = _write_state(found_inf, exp_avg_sq, exp_avg_sq.to(dtype) * beta2 + g * g * (1 - beta2))
+    if amsgrad:
+        v = _write_state(found_inf, max_exp_avg_sq, torch.maximum(max_exp_avg_sq.to(dtype), v))
+    denom = v.sqrt() / bias2_sqrt + eps
+    _skip_or(found_inf, param, backup, w0 - step_size * (m / denom))
