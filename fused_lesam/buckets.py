@@ -73,6 +73,7 @@ class ParamBucket:
         self.param_views = []
         self.grad_views = []
         self._bound = [False] * len(params)
+        self._n_bound = 0
         with torch.no_grad():
             for p, offset in zip(params, self.offsets):
                 view = _view(self.param, offset, p)
@@ -85,6 +86,22 @@ class ParamBucket:
     @property
     def device(self) -> torch.device:
         return self.param.device
+
+    def view_of(self, flat: Tensor, i: int) -> Tensor:
+        """Parameter i's region of a flat buffer laid out like this bucket, shaped like the parameter."""
+        return _view(flat, self.offsets[i], self.params[i])
+
+    def span(self, first: int, stop: int) -> slice:
+        """The elements of parameters first .. stop - 1 in the flat buffers, with the padding after them."""
+        return slice(self.offsets[first], self.offsets[stop] if stop < len(self.params) else self.param.numel())
+
+    def all_grads_bound(self) -> bool:
+        """Every parameter had a gradient at the last `bind_grads`."""
+        return self._n_bound == len(self.params)
+
+    def grads_bound(self) -> list[bool]:
+        """Per parameter: whether it had a gradient at the last `bind_grads`."""
+        return list(self._bound)
 
     def check_storage(self) -> None:
         """RuntimeError if a parameter no longer lives in this bucket (e.g. ``model.to()`` after the optimizer)."""
@@ -108,11 +125,13 @@ class ParamBucket:
                 if self._bound[i]:  # dropped since last time: its region must read as "no gradient"
                     view.zero_()
                     self._bound[i] = False
+                    self._n_bound -= 1
                 continue
             if g.is_sparse:
                 raise RuntimeError("fused_lesam does not support sparse gradients")
             view.copy_(g)
             p.grad = view
+            self._n_bound += not self._bound[i]
             self._bound[i] = True
 
     @torch.no_grad()
@@ -126,6 +145,7 @@ class ParamBucket:
         for p in self.params:
             p.grad = None
         self._bound = [False] * len(self.params)
+        self._n_bound = 0
 
     def ensure_backup(self) -> Tensor:
         if self.backup is None:

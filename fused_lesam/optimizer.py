@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import backends
+from .base_update import FusedBaseUpdate, fused_kind
 from .buckets import ParamBucket, ShardBucket, build_buckets
 from .schedule import check_schedule, sigma_at
 
@@ -68,19 +69,25 @@ class SharpnessAware(torch.optim.Optimizer):
 
     ``capturable=True`` keeps every scalar of the step on the device (the step count, sigma_t of
     the annealing, the skip flag), so that a whole training step can be captured in a CUDA graph
-    and replayed; it needs a base optimizer that skips on the device (``fused=True``).
+    and replayed; it needs a base update that skips on the device (the fused one, or ``fused=True``).
+
+    ``base_update``: "auto" fuses the base optimizer's step into the restore when the base is
+    torch.optim.SGD, Adam or AdamW (`fused_lesam.base_update`), whatever ``foreach``/``fused`` it
+    was given, and otherwise restores and calls ``base.step()``; "fused" requires the first,
+    "generic" forces the second. ``opt.base_update`` says which was chosen, and ``repr(opt)`` too.
     """
 
     # Hyperparameter names of this kind of optimizer; they live in each param group.
     _hyper_names: tuple[str, ...] = ()
 
     def __init__(self, params, base: type[torch.optim.Optimizer], hyper: dict[str, Any], backend: str,
-                 capturable: bool = False, **base_kwargs):
+                 capturable: bool = False, base_update: str = "auto", **base_kwargs):
         if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
             raise TypeError(f"base must be a torch.optim.Optimizer class such as torch.optim.SGD, got {base!r}")
         if not isinstance(backend, str):
             raise ValueError(f"backend must be a string, got {backend!r}")
         _check("capturable", capturable, isinstance(capturable, bool), "a bool")
+        _check("base_update", base_update, base_update in ("auto", "fused", "generic"), "'auto', 'fused' or 'generic'")
         self._check_group(hyper)
         super().__init__(params, hyper)
         for group in self.param_groups:
@@ -91,15 +98,17 @@ class SharpnessAware(torch.optim.Optimizer):
         self.param_groups = self.base.param_groups
         self.state = self.base.state
         self.defaults.update(self.base.defaults)
-        if capturable and not getattr(self.base, "_step_supports_amp_scaling", False):
-            raise ValueError(
-                f"capturable=True needs a base optimizer that can skip a non-finite step on the device, such as "
-                f"torch.optim.SGD/Adam/AdamW with fused=True; {base.__name__}({base_kwargs}) would need a host sync to skip"
-            )
         self.capturable = capturable
         self.backend = backend
+        self._base_update_request = base_update
         self._progress = _Progress()
         self._build()
+        if capturable and self.base_update != "fused" and not getattr(self.base, "_step_supports_amp_scaling", False):
+            raise ValueError(
+                f"capturable=True needs a base update that can skip a non-finite step on the device: the fused one "
+                f"(base torch.optim.SGD/Adam/AdamW) or a base with fused=True; {base.__name__}({base_kwargs}) would "
+                f"need a host sync to skip"
+            )
 
     # ------------------------------------------------------------------ set-up
     def _build(self) -> None:
@@ -109,6 +118,7 @@ class SharpnessAware(torch.optim.Optimizer):
         self._shard_group = self._buckets[0].mesh.get_group() if sharded else None
         devices = list(dict.fromkeys(b.device for b in self._buckets))
         self._ops = {d: backends.resolve(self.backend, d) for d in devices}
+        self._choose_base_update()
         main = devices[0] if devices else torch.device("cpu")
         self._main_device = main
         n_groups = len(self.param_groups)
@@ -120,6 +130,26 @@ class SharpnessAware(torch.optim.Optimizer):
         if self.capturable:  # the step count the schedule reads, advanced on the device
             old = getattr(self, "_device_count", None)
             self._device_count = torch.zeros((), dtype=torch.int64, device=main) if old is None else old.to(main)
+
+    def _choose_base_update(self) -> None:
+        """Fuse the base optimizer's step into the restore where it can be (see the class docstring)."""
+        kind, why = fused_kind(self.base, self._buckets)
+        if kind is not None and not all(hasattr(ops, f"{kind}_step_") for ops in self._ops.values()):  # TEMP until merge
+            kind, why = None, "backend lacks the op"
+        if self._base_update_request == "fused" and kind is None:
+            raise ValueError(f"base_update='fused' is not possible: {why}; use base_update='auto' or 'generic'")
+        if self._base_update_request == "generic" or kind is None:
+            self.base_update = "generic"
+            self._fused_update: Optional[FusedBaseUpdate] = None
+            self.base_update_reason = why or "base_update='generic' was asked for"
+            return
+        self.base_update = "fused"
+        self.base_update_reason = f"{type(self.base).__name__}'s step runs in the backends' {kind}_step_ op"
+        self._fused_update = FusedBaseUpdate(self.base, kind)
+        self._fused_update.adopt(self._buckets)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}Base update: {self.base_update} ({self.base_update_reason})\n)"
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not hasattr(self, "base"):  # during our own __init__
@@ -282,9 +312,21 @@ class SharpnessAware(torch.optim.Optimizer):
         self._take_final_grads(grad_scaler)
         if self._progress.local:
             self._average_centers()
-        self._restore(combine=True)
+        # The final gradient's check reads it once more (4 B per parameter): a skip must be known
+        # before the update writes anything, and the update is one pass over every bucket.
         found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(self._global_sq_norm(adaptive_aware=False)))
+        fused = self._fused_update
+        if fused is not None and not fused.why_not():
+            self.skipped_steps += found_inf
+            fused.step(self._ops, self._progress.combine, self._on_devices(found_inf.to(torch.float32)))
+            self._progress.perturbed = False
+            self._progress.ascents = 0
+            self._count_step(zero_grad)
+            return
+        self._restore(combine=True)
         self._finish_step(found_inf, zero_grad)
+        if fused is not None:  # torch's own step may have created state that is not in the flat buffers
+            fused.stale = True
 
     def _take_final_grads(self, grad_scaler: Optional["torch.amp.GradScaler"]) -> None:
         """The last backward's gradients, unscaled (through the base optimizer, see second_step) and
@@ -298,6 +340,10 @@ class SharpnessAware(torch.optim.Optimizer):
         """After the restore: the base step unless ``found_inf``, the counters, the optional zeroing."""
         self.skipped_steps += found_inf
         self._base_step(found_inf)
+        self._count_step(zero_grad)
+
+    def _count_step(self, zero_grad: bool) -> None:
+        """The end of every step: the step counts, what LR schedulers check, the optional zeroing."""
         self._progress.count += 1
         if self.capturable:
             self._device_count += 1
@@ -394,18 +440,32 @@ class SharpnessAware(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this optimizer, or of a plain torch optimizer of the base's class
+        (then the hyperparameters of this optimizer's groups and its step counts are kept)."""
         if self._progress.perturbed:
             raise RuntimeError("load_state_dict() between first_step() and second_step(): finish the step first")
         state_dict = dict(state_dict)
         ours = state_dict.pop(_STATE_KEY, None)
-        if ours is None:
-            raise ValueError(f"this state dict has no '{_STATE_KEY}' entry: it was not saved by {type(self).__name__}.state_dict()")
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) == len(self.param_groups):
+            groups = []
+            for saved, current in zip(saved_groups, self.param_groups):
+                missing = [name for name in self._hyper_names if name not in saved]
+                if missing and ours is not None:  # checked before anything changes
+                    raise ValueError(f"this state dict was saved by another kind of optimizer: its param groups lack "
+                                     f"{missing}, which {type(self).__name__} needs; load it into the class that saved it")
+                groups.append({**{name: current[name] for name in missing}, **saved})
+            state_dict["param_groups"] = groups
         self.base.load_state_dict(state_dict)
         # torch's load_state_dict builds new group dicts and a new state: share them again.
         self.param_groups = self.base.param_groups
         self.state = self.base.state
         for group in self.param_groups:
             self._check_group(group)
+        if self._fused_update is not None:  # the loaded tensors go into the flat buffers
+            self._fused_update.adopt(self._buckets)
+        if ours is None:  # a plain torch optimizer's state: our counters go on as they were
+            return
         self._progress.count = int(ours["step"])
         if self.capturable:
             self._device_count.fill_(self._progress.count)
@@ -432,7 +492,9 @@ class FusedLESAM(SharpnessAware):
             paper use `fused_lesam.SigmaAnnealing` instead.
         backend: "auto", "torch", "cpp", "cuda" or "triton".
         capturable: the step count and sigma_t live on the device (CUDA graphs; one torch.compile
-            graph for the whole annealing); needs a base optimizer with ``fused=True``.
+            graph for the whole annealing); needs the fused base update or a base with ``fused=True``.
+        base_update: "auto" (fuse torch.optim.SGD/Adam/AdamW's step into the restore when the base
+            is one of them), "fused" (require it) or "generic" (restore, then ``base.step()``).
     """
 
     _hyper_names = ("sigma", "rho_max", "varrho", "alpha", "alpha_form", "adaptive")
@@ -452,6 +514,7 @@ class FusedLESAM(SharpnessAware):
         anneal_steps: int = 0,
         backend: str = "auto",
         capturable: bool = False,
+        base_update: str = "auto",
         **base_kwargs,
     ):
         check_schedule(total_steps, anneal_steps, names=("total_steps", "anneal_steps", "warmup"))
@@ -460,7 +523,7 @@ class FusedLESAM(SharpnessAware):
         self._sigma_tables: dict[float, Tensor] = {}
         hyper = dict(sigma=sigma, rho_max=math.inf if rho_max is None else rho_max, varrho=varrho,
                      alpha=alpha, alpha_form=alpha_form, adaptive=adaptive)
-        super().__init__(params, base, hyper, backend, capturable, **base_kwargs)
+        super().__init__(params, base, hyper, backend, capturable, base_update, **base_kwargs)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         sigma, rho_max, varrho, alpha = group["sigma"], group["rho_max"], group["varrho"], group["alpha"]
@@ -509,8 +572,9 @@ class FusedSAM(SharpnessAware):
     _hyper_names = ("rho", "adaptive")
 
     def __init__(self, params, base: type[torch.optim.Optimizer] = torch.optim.SGD, *, rho: float = 0.05,
-                 adaptive: bool = False, backend: str = "auto", capturable: bool = False, **base_kwargs):
-        super().__init__(params, base, dict(rho=rho, adaptive=adaptive), backend, capturable, **base_kwargs)
+                 adaptive: bool = False, backend: str = "auto", capturable: bool = False, base_update: str = "auto",
+                 **base_kwargs):
+        super().__init__(params, base, dict(rho=rho, adaptive=adaptive), backend, capturable, base_update, **base_kwargs)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         rho = group["rho"]

@@ -40,8 +40,9 @@ class FusedXSAM(SharpnessAware):
         dynamic: choose alpha by the search (`step(closure, search_alpha=loss_fn)`).
         rho_max: the probe radius of the search (per param group).
         alpha_max, alpha_delta: the search grid {0, delta, 2 delta, ..., alpha_max}.
-        eps: added to ||w_k - w_0|| and ||g_hat|| before dividing by them. The ascent steps use
+||w_k - w_0|| and ||g_hat|| before dividing by them. The ascent steps use
             the engine's perturbation (the same guard, 1e-12, as FusedSAM), the default here.
+        base_update: "generic" only: the base optimizer steps after ``xsam_restore_``.
 
     Telemetry (device tensors, no sync until read): ``last_alpha``, ``last_theta`` (angle
     between the ascent and g_hat), ``last_ghat_norm``, ``last_ascent_norm`` (||w_k - w_0||),
@@ -65,6 +66,7 @@ class FusedXSAM(SharpnessAware):
         eps: float = 1e-12,
         backend: str = "auto",
         capturable: bool = False,
+        base_update: str = "generic",
         **base_kwargs,
     ):
         _check("steps", steps, isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "an int >= 1")
@@ -80,7 +82,11 @@ class FusedXSAM(SharpnessAware):
         self.steps, self.dynamic, self.eps = steps, dynamic, eps
         self.alpha_grid = [i * alpha_delta for i in range(round(points) + 1)]
         self._initial_alpha = alpha
-        super().__init__(params, base, dict(rho=rho, rho_max=rho_max, alpha=alpha), backend, capturable, **base_kwargs)
+        if base_update != "generic":
+            raise ValueError(f"FusedXSAM takes base_update='generic' only (its update gradient is built by xsam_restore_, "
+                             f"and the base optimizer steps after it), got {base_update!r}")
+        super().__init__(params, base, dict(rho=rho, rho_max=rho_max, alpha=alpha), backend, capturable, base_update,
+                         **base_kwargs)
 
     def _build(self) -> None:
         super()._build()

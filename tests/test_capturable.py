@@ -106,7 +106,10 @@ def test_capturable_sam_counts_a_non_finite_step_on_the_device():
 
 def test_capturable_needs_a_base_that_skips_on_the_device():
     model = SmallConvNet()
-    with pytest.raises(ValueError, match="capturable=True needs a base optimizer that can skip"):
-        FusedLESAM(model.parameters(), lr=0.1, momentum=0.9, capturable=True)
+    with pytest.raises(ValueError, match="capturable=True needs a base update that can skip"):
+        FusedLESAM(model.parameters(), lr=0.1, momentum=0.9, capturable=True, base_update="generic")
+    with pytest.raises(ValueError, match="capturable=True needs a base update that can skip"):
+        FusedLESAM(model.parameters(), base=torch.optim.RMSprop, lr=0.1, capturable=True)
+    assert FusedLESAM(model.parameters(), lr=0.1, momentum=0.9, capturable=True).base_update == "fused"
     with pytest.raises(ValueError, match="capturable must be a bool"):
         FusedSAM(model.parameters(), lr=0.1, fused=True, capturable=1)
