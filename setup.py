@@ -67,7 +67,7 @@ def _extension():
         _say(f"no C++ compiler ({compiler!r} not found): no compiled extension")
         return [], {}
 
-    sources = ["csrc/fused_lesam.cpp", "csrc/cpu/bucket_ops.cpp"]
+    sources = ["csrc/fused_lesam.cpp", "csrc/bucket_checks.cpp", "csrc/cpu/bucket_ops.cpp"]
     # at::parallel_for is OpenMP in torch's builds (AT_PARALLEL_OPENMP): without -fopenmp its pragma
     # is ignored and the CPU kernels run on one thread. libgomp.so.1 is the one torch has loaded.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []

@@ -31,9 +31,13 @@ TORCH_LIBRARY(fused_lesam, m) {
         "bool save_delta) -> ()");
 }
 
-// `import fused_lesam._C` loads this library, which registers the ops above; the module itself
-// is empty (the ops are reached through torch.ops.fused_lesam).
+namespace fused_lesam {
+extern PyMethodDef kBucketCheckMethods[];  // bucket_checks.cpp
+}
+
+// `import fused_lesam._C` loads this library, which registers the ops above (reached through
+// torch.ops.fused_lesam); the module itself holds the per-step bucket checks.
 PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fused_lesam::kBucketCheckMethods};
   return PyModule_Create(&module);
 }

@@ -73,9 +73,19 @@ class _FlatState:
         # Whether the parameter has state in base.state yet: torch creates it at a parameter's first
         # step with a gradient (SGD's momentum buffer only when that step is taken, not skipped).
         self.started = [False] * n
+        self.n_started = 0
         # Parameters with equal keys have equal step counts on the device (Adam): the keys change,
         # host-side, only in steps where some parameters of the bucket have no gradient.
         self.history: list[Any] = [0] * n
+        self.same_history = True  # every key equal: one op call for the whole bucket
+
+    def mark_started(self, i: int) -> None:
+        if not self.started[i]:
+            self.started[i] = True
+            self.n_started += 1
+
+    def history_changed(self) -> None:
+        self.same_history = self.history.count(self.history[0]) == len(self.history)
 
     def buffer(self, name: str) -> Tensor:
         buf = self.buffers.get(name)
@@ -111,6 +121,7 @@ class FusedBaseUpdate:
             flat = old.get(id(bucket)) or _FlatState(bucket, self.kind)
             for i, p in enumerate(bucket.params):
                 self._adopt_param(flat, i, p)
+            flat.history_changed()
             self._states.append(flat)
         self.stale = False
 
@@ -134,7 +145,8 @@ class FusedBaseUpdate:
                     view.copy_(step)
                     state["step"] = view
                 flat.history[i] = float(view)  # one host read per adopted parameter, not per step
-        flat.started[i] = self.kind == "adam" or state.get("momentum_buffer") is not None
+        if self.kind == "adam" or state.get("momentum_buffer") is not None:
+            flat.mark_started(i)
 
     def _view(self, flat: _FlatState, name: str, i: int) -> Tensor:
         """Parameter i's view of the flat state buffer ``name``, shaped (and strided) like the parameter."""
@@ -155,7 +167,7 @@ class FusedBaseUpdate:
                 state["exp_avg_sq"] = self._view(flat, "exp_avg_sq", i)
                 if group["amsgrad"]:
                     state["max_exp_avg_sq"] = self._view(flat, "max_exp_avg_sq", i)
-            flat.started[i] = True
+            flat.mark_started(i)
 
     # ------------------------------------------------------------------ the step
     def why_not(self) -> str:
@@ -199,12 +211,12 @@ class FusedBaseUpdate:
         momentum = self.kind == "sgd" and group["momentum"] != 0
         if bucket.all_grads_bound():
             if self.kind == "adam":
-                if not all(flat.started):
+                if flat.n_started < n:
                     self._start(flat, range(n), group)
-                if _all_equal(flat.history):
+                if flat.same_history:
                     return [(0, n, False)]
-            elif not momentum or _all_equal(flat.started):
-                return [(0, n, momentum and not flat.started[0])]
+            elif not momentum or flat.n_started in (0, n):
+                return [(0, n, momentum and flat.n_started == 0)]
         # Some parameters have no gradient, or histories differ: runs of equal parameters with one.
         has_grad = bucket.grads_bound()
         if self.kind == "adam":
@@ -214,6 +226,7 @@ class FusedBaseUpdate:
                     self._start(flat, range(i, i + 1), group)
                     if not all(has_grad):  # those with a gradient advance, the others do not
                         flat.history[i] = (flat.history[i], self._partial_steps)
+            flat.history_changed()
             key = flat.history
         else:
             key = flat.started if momentum else [False] * n
@@ -255,6 +268,3 @@ class FusedBaseUpdate:
                        decoupled_weight_decay=bool(group.get("decoupled_weight_decay", type(self.base) is torch.optim.AdamW)),
                        amsgrad=amsgrad)
 
-
-def _all_equal(values: list) -> bool:
-    return values.count(values[0]) == len(values) if values else True

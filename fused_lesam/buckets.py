@@ -14,18 +14,33 @@ Gradients are bound lazily: a parameter gets a grad view the first time it has a
 frozen or unused parameters keep ``.grad = None`` exactly as torch's optimizers expect. After
 that, backward accumulates into the view in place. If the user replaces or drops a ``.grad``
 (``model.zero_grad(set_to_none=True)``), `bind_grads` notices and copies it back in: slower,
-never wrong.
+never wrong. Noticing costs one call per bucket and step (``first_moved``/``grads_changed`` of
+the compiled extension), not a Python loop over the parameters.
 """
 
 from __future__ import annotations
 
 import sys
+from operator import attrgetter, is_
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 ALIGN = 16
+
+try:  # the per-step checks, one call per bucket (csrc/bucket_checks.cpp)
+    from ._C import first_moved, grads_changed
+except (ImportError, OSError):  # built without the extension: the same checks, a Python loop over the parameters
+
+    def first_moved(params: list[Tensor], views: list[Tensor]) -> int:
+        for i, (p, view) in enumerate(zip(params, views)):
+            if p.data_ptr() != view.data_ptr() or p.dtype != view.dtype or p.device != view.device:
+                return i
+        return -1
+
+    def grads_changed(params: list[Tensor], expected: list[Optional[Tensor]]) -> bool:
+        return not all(map(is_, map(attrgetter("grad"), params), expected))
 
 
 def _aligned(n: int) -> int:
@@ -72,7 +87,9 @@ class ParamBucket:
         self.center: Optional[Tensor] = None
         self.param_views = []
         self.grad_views = []
-        self._bound = [False] * len(params)
+        # What each .grad must be for the bucket to be in step with the parameters: its view once
+        # bound, None before (and after the user dropped it).
+        self._expected_grads: list[Optional[Tensor]] = [None] * len(params)
         self._n_bound = 0
         with torch.no_grad():
             for p, offset in zip(params, self.offsets):
@@ -101,38 +118,40 @@ class ParamBucket:
 
     def grads_bound(self) -> list[bool]:
         """Per parameter: whether it had a gradient at the last `bind_grads`."""
-        return list(self._bound)
+        return [g is not None for g in self._expected_grads]
 
     def check_storage(self) -> None:
         """RuntimeError if a parameter no longer lives in this bucket (e.g. ``model.to()`` after the optimizer)."""
-        for i, (p, view) in enumerate(zip(self.params, self.param_views)):
-            if p.data_ptr() != view.data_ptr() or p.dtype != view.dtype or p.device != view.device:
-                raise RuntimeError(
-                    f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) no longer "
-                    f"lives in the optimizer's flat bucket: it was moved or replaced after the optimizer "
-                    f"was built (model.to(), .half(), load_state_dict(assign=True), ...). Build the "
-                    f"optimizer after the model is on its final device and dtype."
-                )
+        i = first_moved(self.params, self.param_views)
+        if i >= 0:
+            raise RuntimeError(
+                f"parameter {i} of param group {self.group_index} (shape {tuple(self.params[i].shape)}) no longer "
+                f"lives in the optimizer's flat bucket: it was moved or replaced after the optimizer "
+                f"was built (model.to(), .half(), load_state_dict(assign=True), ...). Build the "
+                f"optimizer after the model is on its final device and dtype."
+            )
 
     @torch.no_grad()
     def bind_grads(self) -> None:
         """Make every existing ``.grad`` a view into ``self.grad``; zero the regions of dropped ones."""
+        if not grads_changed(self.params, self._expected_grads):
+            return
         for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
             g = p.grad
             if g is view:
                 continue
             if g is None:
-                if self._bound[i]:  # dropped since last time: its region must read as "no gradient"
+                if self._expected_grads[i] is not None:  # dropped since last time: must read as "no gradient"
                     view.zero_()
-                    self._bound[i] = False
+                    self._expected_grads[i] = None
                     self._n_bound -= 1
                 continue
             if g.is_sparse:
                 raise RuntimeError("fused_lesam does not support sparse gradients")
             view.copy_(g)
             p.grad = view
-            self._n_bound += not self._bound[i]
-            self._bound[i] = True
+            self._n_bound += self._expected_grads[i] is None
+            self._expected_grads[i] = view
 
     @torch.no_grad()
     def zero_grad(self) -> None:
@@ -144,7 +163,7 @@ class ParamBucket:
         self.grad.zero_()
         for p in self.params:
             p.grad = None
-        self._bound = [False] * len(self.params)
+        self._expected_grads = [None] * len(self.params)
         self._n_bound = 0
 
     def ensure_backup(self) -> Tensor:

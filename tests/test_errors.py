@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import SmallConvNet, loss_fn, make_batches
+from conftest import SmallConvNet, loss_fn, make_batches, sam_step
 from fused_lesam import FusedLESAM, FusedSAM, backends
 
 
@@ -113,9 +113,15 @@ def test_non_float_parameters_are_refused():
         FusedLESAM([torch.nn.Parameter(torch.ones(3, dtype=torch.int64), requires_grad=False)], lr=0.1)
 
 
-def test_state_dict_from_another_optimizer_is_refused():
+def test_state_dict_from_another_kind_is_refused_before_anything_changes():
+    """A FusedSAM checkpoint lacks FusedLESAM's hyperparameters: refused, and the optimizer still
+    steps with its own (a plain torch optimizer's state dict loads: tests/test_base_update.py)."""
     model = SmallConvNet()
-    plain = torch.optim.SGD(model.parameters(), lr=0.1)
-    opt = FusedLESAM(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="fused_lesam"):
-        opt.load_state_dict(plain.state_dict())
+    sam = FusedSAM(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = make_batches(1)[0]
+    sam_step(model, sam, x, y)
+    opt = FusedLESAM(model.parameters(), lr=0.2, sigma=0.1)
+    with pytest.raises(ValueError, match=r"another kind of optimizer: its param groups lack \['sigma'"):
+        opt.load_state_dict(sam.state_dict())
+    assert opt.param_groups[0]["lr"] == 0.2 and opt.param_groups[0]["sigma"] == 0.1
+    sam_step(model, opt, x, y)
