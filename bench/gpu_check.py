@@ -28,6 +28,7 @@ import re
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -488,9 +489,37 @@ def probe_env() -> int:
     return 0
 
 
+FATBIN_MAGIC = 0xBA55ED50  # the header of each fat binary nvcc embeds in a shared object
+FATBIN_KINDS = {1: "ptx", 2: "sass"}
+
+
+def fatbin_archs(path: str) -> dict[str, list[int]]:
+    """The GPU architectures (e.g. 90 for sm_90) of the code in a shared object's fat binaries:
+    machine code ("sass") and PTX, read from the fat binary headers (what cuobjdump --list-elf and
+    --list-ptx show, without needing cuobjdump). Layout: a 16-byte header (magic, version, header
+    size, size of the entries), then entries of a header (kind, header size, payload size, ...,
+    arch at byte 28) and their payload."""
+    data = Path(path).read_bytes()
+    found: dict[str, set[int]] = {"sass": set(), "ptx": set()}
+    at = data.find(struct.pack("<I", FATBIN_MAGIC))
+    while at >= 0:
+        header_size = struct.unpack_from("<H", data, at + 6)[0]
+        (size,) = struct.unpack_from("<Q", data, at + 8)
+        entry, end = at + header_size, at + header_size + size
+        while entry + 32 <= min(end, len(data)):
+            kind, entry_header, payload = *struct.unpack_from("<HxxI", data, entry), struct.unpack_from("<Q", data, entry + 8)[0]
+            if kind in FATBIN_KINDS:
+                found[FATBIN_KINDS[kind]].add(struct.unpack_from("<I", data, entry + 28)[0])
+            if entry_header == 0:
+                break
+            entry += entry_header + payload
+        at = data.find(struct.pack("<I", FATBIN_MAGIC), max(end, at + 4))
+    return {kind: sorted(archs) for kind, archs in found.items()}
+
+
 def probe_build() -> int:
     """The extension this checkout imports: its CUDA kernels registered, and GPU code for the
-    visible GPU's architecture in it (cuobjdump --list-elf)."""
+    visible GPU's architecture in it."""
     import torch
 
     import fused_lesam
@@ -510,14 +539,11 @@ def probe_build() -> int:
         info["ops"] = list(compiled._OPS)
         if not compiled.has_kernels("CUDA"):
             info["problems"].append("the extension has no CUDA kernels")
-        cuobjdump = find_tool("cuobjdump")
-        if cuobjdump:
-            listing = subprocess.run([cuobjdump, "--list-elf", extension.__file__], capture_output=True, text=True).stdout
-            info["archs"] = sorted(set(re.findall(r"\.(sm_\d+a?)\.", listing)))
-            if torch.cuda.is_available():
-                major, minor = torch.cuda.get_device_capability()
-                if f"sm_{major}{minor}" not in info["archs"]:
-                    info["problems"].append(f"no sm_{major}{minor} code in the extension (it has {info['archs']})")
+        info["archs"] = fatbin_archs(extension.__file__)
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            if 10 * major + minor not in info["archs"]["sass"]:
+                info["problems"].append(f"no sm_{major}{minor} code in the extension (it has {info['archs']})")
     info["backends"] = {name: (why or "available") for name, why in fused_lesam.available_backends().items()}
     for name in ("cuda", "triton"):
         if torch.cuda.is_available() and info["backends"].get(name) != "available":
@@ -589,7 +615,8 @@ def section(p: dict) -> list[str]:
     d, name = p["details"], p["name"]
     lines = []
     if name == "build" and d:
-        lines += [f"Extension {d.get('extension', '(none)')}; GPU code for {', '.join(d.get('archs', [])) or '?'}; "
+        archs = d.get("archs", {})
+        lines += [f"Extension {d.get('extension', '(none)')}; GPU code: sm {archs.get('sass', '?')}, PTX {archs.get('ptx', '?')}; "
                   f"backends: " + ", ".join(f"{k} {v}" for k, v in d.get("backends", {}).items())]
     elif name == "tests" and d.get("counts"):
         c = d["counts"]
