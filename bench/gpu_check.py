@@ -56,14 +56,17 @@ PARAM_SETS = "resnet18,wrn28_10,vit,pyramidnet110"  # every shape of bench/model
 # in parallel inside their part). They add up to 470 s, under the 8 minutes the check has.
 BUDGETS = {"env": 20, "build": 120, "tests": 170, "sanitizer": 70, "bench": 50, "epoch": 40}
 
-# pytest shards of the tests part, run at once: the op tests are the largest share, so they get
-# their own processes. The last shard holds files that use the GPU when there is one without the
-# `cuda` marker.
+# pytest shards of the tests part, run at once. The op tests are most of the tests, and their
+# Triton cases compile many kernel variants (CPU-bound), so each op file is split by target: the
+# ids of the Triton cases hold "triton" (tests/test_ops.py TARGETS). The last shard holds files that
+# use the GPU, when there is one, without the `cuda` marker.
 BIG_FILES = ("tests/test_ops.py", "tests/test_ops_xsam.py", "tests/test_cuda.py")
 GPU_AWARE_FILES = ("tests/test_triton.py", "tests/test_extension.py")
 TEST_SHARDS = {
-    "ops": [BIG_FILES[0], "-m", "cuda"],
-    "ops_xsam": [BIG_FILES[1], "-m", "cuda"],
+    "ops_cuda": [BIG_FILES[0], "-m", "cuda", "-k", "not triton"],
+    "ops_triton": [BIG_FILES[0], "-m", "cuda", "-k", "triton"],
+    "xsam_cuda": [BIG_FILES[1], "-m", "cuda", "-k", "not triton"],
+    "xsam_triton": [BIG_FILES[1], "-m", "cuda", "-k", "triton"],
     "cuda": [BIG_FILES[2], "-m", "cuda"],
     "other_cuda": ["tests", "-m", "cuda"] + [f"--ignore={f}" for f in BIG_FILES],
     "gpu_aware": list(GPU_AWARE_FILES),
@@ -138,7 +141,7 @@ def pytest_step(python: str, shard: str, args: list[str], work: Path) -> Step:
 def sanitizer_step(tool: str, sanitizer: str, python: str) -> Step:
     # Without torch's caching allocator every tensor is its own cudaMalloc, so memcheck sees each
     # bucket's true end instead of the end of a larger cached block.
-    return Step(tool, [sanitizer, "--tool", tool, "--error-exitcode", "97", "--print-limit", "100",
+    return Step(tool, [sanitizer, "--tool", tool, "--error-exitcode", "97",
                        python, "bench/sanitize_ops.py", "--backend", "cuda"],
                 {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, log=SANITIZER_LOG)
 
