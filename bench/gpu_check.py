@@ -6,7 +6,8 @@ runs out of time never stops the others, and the report is rewritten after every
   env        the machine: GPU, driver, torch, triton, nvcc, compute-sanitizer
   build      the extension in place for the visible GPU (setup.py build_ext --inplace), then a check
              that its CUDA kernels load and hold code for this GPU's architecture
-  tests      every GPU test (`-m cuda`, and the GPU-aware unmarked files) in parallel pytest shards
+  tests      every GPU test (`-m cuda`, and the GPU-aware unmarked files) in parallel pytest shards,
+             each test's outcome recorded as it ends (this file is also their pytest plugin)
   sanitizer  compute-sanitizer memcheck, racecheck and initcheck over bench/sanitize_ops.py
   bench      the optimizer-step microbenchmarks on every parameter set (bench/test_step_overhead.py)
   epoch      the quick time-per-epoch table (bench/epoch_time.py --device cuda)
@@ -34,7 +35,6 @@ import sys
 import tempfile
 import time
 import traceback
-import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -133,9 +133,11 @@ def build_step(python: str, arch: Optional[str], jobs: int) -> Step:
     return Step("build_ext", [python, "setup.py", "build_ext", "--inplace"], env)
 
 
-def pytest_step(python: str, shard: str, args: list[str], work: Path) -> Step:
+def shard_step(python: str, shard: str, args: list[str], work: Path) -> Step:
+    """A pytest run with this file as a plugin (`-p bench.gpu_check`, the hooks below): each test's
+    outcome is written as it ends, so a shard stopped by its time limit still reports what ran."""
     return Step(shard, [python, "-m", "pytest", *args, "-q", "-rfEs", "--tb=short", "-p", "no:cacheprovider",
-                        f"--junitxml={work / f'junit-{shard}.xml'}"], log=PYTEST_LOG)
+                        "-p", "bench.gpu_check"], {RESULTS_ENV: str(work / f"tests-{shard}.jsonl")}, log=PYTEST_LOG)
 
 
 def sanitizer_step(tool: str, sanitizer: str, python: str) -> Step:
@@ -158,7 +160,7 @@ def make_plan(args, work: Path) -> list[Part]:
              [build_step(python, args.arch, jobs), Step("verify", [python, __file__, "--probe", "build"])],
              needs_gpu=False, summarize=summarize_build),
         Part("tests", "GPU tests", BUDGETS["tests"],
-             [pytest_step(python, shard, shard_args, work) for shard, shard_args in TEST_SHARDS.items()],
+             [shard_step(python, shard, shard_args, work) for shard, shard_args in TEST_SHARDS.items()],
              parallel=True, summarize=summarize_tests),
         Part("sanitizer", "compute-sanitizer over every CUDA op", BUDGETS["sanitizer"],
              [sanitizer_step(tool, sanitizer, python) for tool in SANITIZER_TOOLS], parallel=True,
@@ -357,37 +359,67 @@ def summarize_build(result: dict, work: Path) -> None:
         fail(result, "; ".join(info["problems"]))
 
 
-def parse_junit(path: Path) -> dict:
-    """Counts and per-test outcomes of one junit-xml file (pytest --junitxml)."""
+RESULTS_ENV = "GPU_CHECK_TEST_RESULTS"  # where the plugin hooks append their lines
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """(pytest hook, with -p bench.gpu_check) A test starts: a timed-out shard names what it was running."""
+    record_test(dict(test=nodeid, started=True))
+
+
+def pytest_runtest_logreport(report):
+    """(pytest hook) Each phase's outcome: the call's, and a setup or teardown that did not pass."""
+    if report.when != "call" and report.passed:
+        return
+    if report.skipped:
+        outcome = "skipped"
+        message = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(getattr(report, "wasxfail", ""))
+        message = message.removeprefix("Skipped: ")
+    else:
+        outcome = report.outcome if report.when == "call" else "error"
+        errors = [line for line in report.longreprtext.splitlines() if line.startswith("E ")]
+        message = "\n".join(errors[:5]) if errors else report.longreprtext[-500:]
+    record_test(dict(test=report.nodeid, when=report.when, outcome=outcome, seconds=round(report.duration, 3),
+                     **({"message": message[:500]} if message else {})))
+
+
+def record_test(entry: dict) -> None:
+    path = os.environ.get(RESULTS_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def parse_test_results(path: Path) -> tuple[dict, list[str]]:
+    """Per test (outcome, seconds, message) from the plugin's lines, the worst phase winning, and the
+    tests that started but never ended (what a shard was running when it was stopped)."""
     tests: dict[str, dict] = {}
-    root = ElementTree.parse(path).getroot()
-    for case in root.iter("testcase"):
-        module = case.get("classname", "").replace(".", "/")
-        name = f"{module}.py::{case.get('name')}"
-        outcome, message = "passed", ""
-        for kind in ("failure", "error", "skipped"):
-            node = case.find(kind)
-            if node is not None:
-                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[kind]
-                message = (node.get("message") or node.text or "").strip()[:500]
-                break
-        tests[name] = dict(outcome=outcome, seconds=round(float(case.get("time") or 0.0), 3),
-                           **({"message": message} if message else {}))
-    return tests
+    started: list[str] = []
+    for line in read_text(path).splitlines():
+        entry = json.loads(line)
+        name = entry.pop("test")
+        if entry.pop("started", False):
+            started.append(name)
+            continue
+        entry.pop("when")
+        known = tests.get(name)
+        if known is None or known["outcome"] == "passed":
+            tests[name] = dict(entry, seconds=entry["seconds"] + (known["seconds"] if known else 0.0))
+    return tests, [name for name in started if name not in tests]
 
 
 def summarize_tests(result: dict, work: Path) -> None:
-    shards, tests = {}, {}
+    shards, tests, unfinished = {}, {}, []
     for step in result["steps"]:
-        path = work / f"junit-{step['name']}.xml"
-        shard = parse_junit(path) if path.exists() else {}
+        shard, running = parse_test_results(work / f"tests-{step['name']}.jsonl")
         tests.update(shard)
+        unfinished += running
         shards[step["name"]] = count_outcomes(shard)
         if step["returncode"] == 5:
             fail(result, f"{step['name']}: no tests collected")
     counts = count_outcomes(tests)
     slowest = sorted(tests.items(), key=lambda kv: -kv[1]["seconds"])[:10]
-    result["details"].update(counts=counts, shards=shards, tests=tests,
+    result["details"].update(counts=counts, shards=shards, tests=tests, unfinished=unfinished,
                              slowest=[dict(test=k, seconds=v["seconds"]) for k, v in slowest])
     if counts["failed"] or counts["error"]:
         fail(result, f"{counts['failed']} failed, {counts['error']} errors")
@@ -631,6 +663,10 @@ def section(p: dict) -> list[str]:
         if bad:
             lines += ["", "Failures:"] + [f"- `{t}`: {v.get('message', '').splitlines()[0] if v.get('message') else ''}"
                                           for t, v in bad[:30]]
+        if d.get("unfinished"):
+            lines += ["", "Running when stopped: " + ", ".join(f"`{t}`" for t in d["unfinished"])]
+        if d.get("slowest"):
+            lines += ["", "Slowest: " + ", ".join(f"`{t['test']}` {t['seconds']:.1f} s" for t in d["slowest"][:5])]
         if d.get("skip_reasons"):
             lines += ["", "Skipped (should not be, on a GPU): " + "; ".join(d["skip_reasons"][:10])]
     elif name == "sanitizer" and d.get("tools"):

@@ -197,7 +197,7 @@ def test_pytest_results_are_collected_per_test(tmp_path):
     tests = tmp_path / "test_sample.py"
     tests.write_text("import pytest\n\ndef test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2, 'one is not two'\n\n"
                      "@pytest.mark.skip(reason='needs memory')\ndef test_skip():\n    pass\n")
-    tests_part = Part("tests", "GPU tests", 60.0, [gpu_check.pytest_step(PYTHON, "sample", [str(tests)], tmp_path)],
+    tests_part = Part("tests", "GPU tests", 60.0, [gpu_check.shard_step(PYTHON, "sample", [str(tests)], tmp_path)],
                       summarize=gpu_check.summarize_tests)
     result = gpu_check.run_part(tests_part, tmp_path, print)
     gpu_check.summarize_tests(result, tmp_path)
@@ -205,10 +205,25 @@ def test_pytest_results_are_collected_per_test(tmp_path):
     assert details["counts"] == dict(passed=1, failed=1, error=0, skipped=1, total=3)
     assert result["status"] == "fail" and "1 failed, 0 errors" in result["reason"]
     bad = next(v for k, v in details["tests"].items() if k.endswith("::test_bad"))
-    assert bad["outcome"] == "failed" and "one is not two" in bad["message"]
+    assert bad["outcome"] == "failed" and "one is not two" in bad["message"] and details["unfinished"] == []
     assert details["skip_reasons"] == ["needs memory"]
     md = gpu_check.markdown({}, [gpu_check.public(result)])
     assert "1 passed, 1 failed, 0 errors, 1 skipped of 3" in md and "test_bad`: " in md
+
+
+def test_a_stopped_shard_still_reports_what_ran_and_what_was_running(tmp_path):
+    lines = [dict(test="t.py::test_a", started=True), dict(test="t.py::test_a", when="call", outcome="passed", seconds=0.5),
+             dict(test="t.py::test_b", started=True), dict(test="t.py::test_b", when="setup", outcome="error", seconds=0.1),
+             dict(test="t.py::test_c", started=True), dict(test="t.py::test_c", when="call", outcome="passed", seconds=1.0),
+             dict(test="t.py::test_c", when="teardown", outcome="error", seconds=0.2, message="E   leak"),
+             dict(test="t.py::test_d", started=True)]  # killed here
+    path = tmp_path / "shard.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tests, running = gpu_check.parse_test_results(path)
+    assert {name: t["outcome"] for name, t in tests.items()} == {"t.py::test_a": "passed", "t.py::test_b": "error",
+                                                                 "t.py::test_c": "error"}
+    assert tests["t.py::test_c"] == dict(outcome="error", seconds=1.2, message="E   leak")
+    assert running == ["t.py::test_d"]
 
 
 SANITIZER_CLEAN = """========= COMPUTE-SANITIZER
