@@ -11,11 +11,14 @@ kernels, over flat buckets:
 - XSAM: ``xsam_dots`` (three partial sums per chunk, then three fixed-order sums),
   ``xsam_restore_`` and ``xsam_probe_`` (one pass each; the coefficients read from device memory).
 
-Arithmetic is fp32 for fp32/bf16/fp16 buckets (loaded, converted, computed, converted back once).
+Arithmetic is fp32 for fp32/bf16/fp16 buckets (loaded, converted, computed, converted back once),
+with correctly rounded divisions and square roots (``div_rn``, ``sqrt_rn``) where the reference
+divides or takes a root: plain ``/`` and ``sqrt`` are approximate on the GPU.
 Float arguments are not specialised by Triton, so one compiled kernel serves every sigma_t of an
 annealing. Triton passes float scalars as fp32, which would cost fp64 buckets precision: those
 take the reference ops. The ops are ``torch.library.triton_op``s (namespace ``fused_lesam_triton``),
-so ``torch.compile`` traces into them.
+so ``torch.compile`` traces into them. Every launch goes through `_launch`: ``wrap_triton``
+under a guard of the buckets' device (Triton launches on the current device).
 
 On CUDA tensors this runs compiled kernels. With ``TRITON_INTERPRET=1`` set before Triton is
 imported, it runs them through Triton's interpreter on CPU tensors too: that is how the tests
@@ -24,6 +27,7 @@ check them on machines without a GPU (slow; small buckets only).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -96,10 +100,12 @@ def _perturb_kernel(w_ptr, g_ptr, backup_ptr, center_ptr, sq_ptr, sigma_ptr, rho
     # scale = rho_t / (n + 1e-12); both 0 for a non-finite norm, the scale 0 for a zero norm.
     if SIGMA_ON_DEVICE:
         sigma = tl.load(sigma_ptr).to(tl.float32)
-    norm = tl.sqrt(tl.load(sq_ptr).to(tl.float32))
+    # sqrt_rn and div_rn: correctly rounded, as torch computes them (plain sqrt and / are approximate
+    # on the GPU).
+    norm = tl.sqrt_rn(tl.load(sq_ptr).to(tl.float32))
     finite = norm - norm == 0.0  # false for inf and NaN
-    rho = tl.where(finite, tl.minimum(sigma / (norm + varrho), rho_max), 0.0)
-    scale = tl.where(finite & (norm > 0.0), rho / (norm + 1e-12), 0.0)
+    rho = tl.where(finite, tl.minimum(tl.div_rn(sigma, norm + varrho), rho_max), 0.0)
+    scale = tl.where(finite & (norm > 0.0), tl.div_rn(rho, norm + 1e-12), 0.0)
     pid = tl.program_id(0)
     if pid == 0:
         tl.store(rho_ptr, rho)
@@ -149,6 +155,29 @@ def _check(op: str, name: str, t: Tensor, like: Optional[Tensor] = None, like_na
         raise RuntimeError(f"{where} is on {t.device} but {like_name} is on {like.device}")
 
 
+def _device_guard(device: torch.device):
+    """Makes ``device`` the current CUDA device for a launch: Triton launches on the current device,
+    which need not be the buckets'. Nothing to do for CPU tensors (which only the interpreter runs)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch(kernel, grid: tuple[int, ...], device: torch.device, *args, **meta) -> None:
+    """Every kernel launch of this file: through ``wrap_triton`` (so that torch.compile traces into
+    the ops), on ``device``."""
+    with _device_guard(device):
+        wrap_triton(kernel)[grid](*args, **meta, num_warps=NUM_WARPS)
+
+
+def _launch_elementwise(kernel, bucket: Tensor, *args, min_programs: int = 0, **meta) -> None:
+    """An element-wise kernel over ``bucket`` (its dtype sets BLOCK, 4 KB per program; its size the
+    grid; its device the guard), ``args`` and ``meta`` being the kernel's own. ``min_programs`` at
+    least: an empty bucket launches nothing unless a program must run."""
+    block = ELEMENTWISE_BLOCK[bucket.dtype]
+    programs = max(triton.cdiv(bucket.numel(), block), min_programs)
+    if programs:
+        _launch(kernel, (programs,), bucket.device, *args, BLOCK=block, **meta)
+
+
 @triton_op("fused_lesam_triton::sq_norm", mutates_args=())
 def sq_norm(grads: list[Tensor], weights: list[Optional[Tensor]]) -> Tensor:
     if len(grads) != len(weights):
@@ -163,12 +192,11 @@ def sq_norm(grads: list[Tensor], weights: list[Optional[Tensor]]) -> Tensor:
     first = 0
     for grad, weight, count in zip(grads, weights, chunks):
         if count:
-            wrap_triton(_sq_partials_kernel)[(count,)](
-                grad, grad if weight is None else weight, grad.numel(), partials[first:],
-                WEIGHTED=weight is not None, CHUNK=CHUNK, BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS)
+            _launch(_sq_partials_kernel, (count,), grad.device, grad, grad if weight is None else weight, grad.numel(),
+                    partials[first:], WEIGHTED=weight is not None, CHUNK=CHUNK, BLOCK=REDUCE_BLOCK)
         first += count
     out = torch.empty((), dtype=out_dtype, device=grads[0].device)
-    wrap_triton(_sum_kernel)[(1,)](partials, partials.numel(), out, BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS)
+    _launch(_sum_kernel, (1,), out.device, partials, partials.numel(), out, BLOCK=REDUCE_BLOCK)
     return out
 
 
@@ -192,13 +220,11 @@ def perturb_(param: Tensor, grad: Tensor, backup: Optional[Tensor], sq: Tensor, 
     if param.dtype == torch.float64:
         return reference.perturb_(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center, sigma_t)
     rho = torch.empty((), dtype=torch.float32, device=param.device)
-    block = ELEMENTWISE_BLOCK[param.dtype]
-    grid = (max(1, triton.cdiv(param.numel(), block)),)  # one program at least: it stores rho_t
-    wrap_triton(_perturb_kernel)[grid](
-        param, grad, param if backup is None else backup, param if center is None else center, sq,
-        sq if sigma_t is None else sigma_t, rho, param.numel(), sigma, rho_max, varrho, ADAPTIVE=adaptive,
+    _launch_elementwise(
+        _perturb_kernel, param, param, grad, param if backup is None else backup, param if center is None else center,
+        sq, sq if sigma_t is None else sigma_t, rho, param.numel(), sigma, rho_max, varrho, ADAPTIVE=adaptive,
         SAVE_BACKUP=backup is not None, SAVE_CENTER=center is not None, SIGMA_ON_DEVICE=sigma_t is not None,
-        BLOCK=block, num_warps=NUM_WARPS)
+        min_programs=1)  # one program at least: it stores rho_t
     return rho
 
 
@@ -213,12 +239,8 @@ def restore_(param: Tensor, backup: Tensor, grad: Tensor, center: Optional[Tenso
     if param.dtype == torch.float64:
         reference.restore_(param, backup, grad, center, ghat_coef, center_coef)
         return
-    if param.numel() == 0:
-        return
-    block = ELEMENTWISE_BLOCK[param.dtype]
-    wrap_triton(_restore_kernel)[(triton.cdiv(param.numel(), block),)](
-        param, backup, grad, grad if center is None else center, param.numel(), ghat_coef, center_coef,
-        COMBINE=center is not None, BLOCK=block, num_warps=NUM_WARPS)
+    _launch_elementwise(_restore_kernel, param, param, backup, grad, grad if center is None else center,
+                        param.numel(), ghat_coef, center_coef, COMBINE=center is not None)
 
 
 # ---------------------------------------------------------------------------------------- XSAM
@@ -306,13 +328,12 @@ def xsam_dots(params: list[Tensor], backups: list[Tensor], grads: list[Tensor]) 
     first = 0
     for param, backup, grad, count in zip(params, backups, grads, chunks):
         if count:
-            wrap_triton(_dots_partials_kernel)[(count,)](
-                param, backup, grad, param.numel(), partials[first:], total, CHUNK=CHUNK, BLOCK=REDUCE_BLOCK,
-                num_warps=NUM_WARPS)
+            _launch(_dots_partials_kernel, (count,), param.device, param, backup, grad, param.numel(),
+                    partials[first:], total, CHUNK=CHUNK, BLOCK=REDUCE_BLOCK)
         first += count
     out = torch.empty(3, dtype=out_dtype, device=params[0].device)
     for j in range(3):
-        wrap_triton(_sum_kernel)[(1,)](partials[j * total:], total, out[j:], BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS)
+        _launch(_sum_kernel, (1,), out.device, partials[j * total:], total, out[j:], BLOCK=REDUCE_BLOCK)
     return out
 
 
@@ -327,12 +348,8 @@ def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Optional[T
     if param.dtype == torch.float64:
         reference.xsam_restore_(param, backup, grad, delta, coefs)
         return
-    if param.numel() == 0:
-        return
-    block = ELEMENTWISE_BLOCK[param.dtype]
-    wrap_triton(_xsam_restore_kernel)[(triton.cdiv(param.numel(), block),)](
-        param, backup, grad, param if delta is None else delta, coefs, param.numel(), HAS_DELTA=delta is not None,
-        BLOCK=block, num_warps=NUM_WARPS)
+    _launch_elementwise(_xsam_restore_kernel, param, param, backup, grad, param if delta is None else delta, coefs,
+                        param.numel(), HAS_DELTA=delta is not None)
 
 
 @triton_op("fused_lesam_triton::xsam_probe_", mutates_args=("param", "delta"))
@@ -345,8 +362,6 @@ def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coef
     if param.dtype == torch.float64:
         reference.xsam_probe_(param, backup, grad, delta, coefs, save_delta)
         return
-    if param.numel() == 0:
-        return
-    block = ELEMENTWISE_BLOCK[param.dtype]
-    wrap_triton(_xsam_probe_kernel)[(triton.cdiv(param.numel(), block),)](
-        param, backup, grad, delta, coefs, param.numel(), SAVE_DELTA=save_delta, BLOCK=block, num_warps=NUM_WARPS)
+    _launch_elementwise(_xsam_probe_kernel, param, param, backup, grad, delta, coefs, param.numel(),
+                        SAVE_DELTA=save_delta)
+
