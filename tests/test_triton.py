@@ -48,7 +48,7 @@ def test_narrow_rounds_like_torch(dtype):
 def launch_every_op(device):
     """Each op of the backend once, on small fp32 buckets on ``device``."""
     gen = torch.Generator().manual_seed(0)
-    w0, g, center, buf = (torch.randn(100, generator=gen).to(device) for _ in range(4))
+    w0, g, center, buf, m, v = (torch.randn(100, generator=gen).to(device) for _ in range(6))
     w, coefs = w0.clone(), torch.tensor([0.5, 0.25], device=device)
     sq = triton_backend.sq_norm([g], [None])
     triton_backend.perturb_(w, g, torch.empty_like(w), sq, 0.35, 0.4, 1e-12, False, None)
@@ -56,6 +56,10 @@ def launch_every_op(device):
     triton_backend.xsam_dots([w], [w0], [g])
     triton_backend.xsam_restore_(w, w0, g.clone(), None, coefs)
     triton_backend.xsam_probe_(w, w0, g, torch.empty_like(w), coefs, True)
+    zero, t = torch.zeros((), device=device), torch.ones((), device=device)
+    triton_backend.sgd_step_(w, w0, g, buf, None, zero, 0.1, 0.9, 0.0, 0.0, False, False, False, 1.0, 0.0)
+    triton_backend.adam_step_(w, w0, g, m, v.square(), None, None, t, zero, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False,
+                              False, 1.0, 0.0)
 
 
 def test_every_launch_runs_under_its_buckets_device_guard(monkeypatch):
@@ -82,7 +86,7 @@ def test_every_launch_runs_under_its_buckets_device_guard(monkeypatch):
     monkeypatch.setattr(triton_backend, "_device_guard", recording_guard)
     monkeypatch.setattr(triton_backend, "wrap_triton", checking_wrap)
     launch_every_op(DEVICE)
-    assert len(launches) >= 9  # sq_norm 2, perturb_, restore_, xsam_dots 4, xsam_restore_, xsam_probe_
+    assert len(launches) >= 11  # sq_norm 2, perturb_, restore_, xsam_dots 4, xsam_restore_, xsam_probe_, the steps
     bucket_device = torch.empty(0, device=DEVICE).device
     assert all(guards == [bucket_device] for guards in launches), f"not each under one guard of {bucket_device}"
 
@@ -93,13 +97,21 @@ def test_device_guard_selects_the_cuda_device():
     assert not isinstance(triton_backend._device_guard(torch.device("cpu")), torch.cuda.device)
 
 
-# Kernels compiled for the GPU, with options that reach all their arithmetic; those whose maths
-# divides or takes a square root are in DIVIDING. Pointer arguments are named *_ptr.
-COMPILED_KERNELS = {
-    "_perturb_kernel": dict(ADAPTIVE=True, SAVE_BACKUP=True, SAVE_CENTER=True, SIGMA_ON_DEVICE=False, BLOCK=1024),
-    "_restore_kernel": dict(COMBINE=True, BLOCK=1024),
-}
-DIVIDING = {"_perturb_kernel"}
+# Kernels compiled for the GPU, with options that reach each branch of their arithmetic; those
+# whose maths divides or takes a square root are in DIVIDING. Pointer arguments are named *_ptr.
+COMPILED_KERNELS = [
+    ("_perturb_kernel", dict(ADAPTIVE=True, SAVE_BACKUP=True, SAVE_CENTER=True, SIGMA_ON_DEVICE=False, BLOCK=1024)),
+    ("_restore_kernel", dict(COMBINE=True, BLOCK=1024)),
+    ("_sgd_step_kernel", dict(MOMENTUM=True, WEIGHT_DECAY=True, NESTEROV=True, MAXIMIZE=False, INIT_BUFFER=False,
+                              COMBINE=True, BLOCK=1024)),
+    ("_sgd_step_kernel", dict(MOMENTUM=True, WEIGHT_DECAY=False, NESTEROV=False, MAXIMIZE=True, INIT_BUFFER=True,
+                              COMBINE=False, BLOCK=2048)),
+    ("_adam_step_kernel", dict(WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=True, MAXIMIZE=False, LERP_SMALL_WEIGHT=True,
+                               COMBINE=True, BLOCK=1024)),
+    ("_adam_step_kernel", dict(WEIGHT_DECAY=True, DECOUPLED=False, AMSGRAD=False, MAXIMIZE=True,
+                               LERP_SMALL_WEIGHT=False, COMBINE=False, BLOCK=2048)),
+]
+DIVIDING = {"_perturb_kernel", "_adam_step_kernel"}
 
 _COMPILE_FOR_SM90 = textwrap.dedent("""
     import json, re, sys
@@ -111,14 +123,14 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
     from fused_lesam.backends import triton as backend
 
     SCALAR_POINTERS = {"found_inf_ptr", "step_ptr", "sq_ptr", "sigma_ptr", "rho_ptr"}
-    found = {}
-    for name, constexprs in json.loads(sys.argv[1]).items():
+    found = []
+    for name, constexprs in json.loads(sys.argv[1]):
         kernel = getattr(backend, name)
         signature = {arg: "constexpr" if arg in constexprs else "*fp32" if arg in SCALAR_POINTERS else
                      "*bf16" if arg.endswith("_ptr") else "i64" if arg == "n" else "fp32" for arg in kernel.arg_names}
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", 90, 32))
-        found[name] = sorted(set(re.findall(r"\\b(?:div|sqrt)\\.[a-z0-9.]+", compiled.asm["ptx"])))
+        found.append(sorted(set(re.findall(r"\\b(?:div|sqrt)\\.[a-z0-9.]+", compiled.asm["ptx"]))))
     print(json.dumps(found))
 """)
 
@@ -134,8 +146,8 @@ def test_kernels_compile_for_sm90_with_correctly_rounded_division_and_sqrt():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(found) == set(COMPILED_KERNELS)
-    for name, instructions in found.items():
+    assert len(found) == len(COMPILED_KERNELS)
+    for (name, _), instructions in zip(COMPILED_KERNELS, found):
         assert bool(instructions) == (name in DIVIDING), f"{name}: divisions and square roots: {instructions}"
         approximate = [i for i in instructions if ".rn." not in i]
         assert not approximate, f"{name} uses approximate {approximate}"
