@@ -10,12 +10,18 @@ kernels, over flat buckets:
 - ``restore_``: the bit-exact restore, with the LE-SAM+ combine fused in.
 - XSAM: ``xsam_dots`` (three partial sums per chunk, then three fixed-order sums),
   ``xsam_restore_`` and ``xsam_probe_`` (one pass each; the coefficients read from device memory).
+- The base update fused into the restore: ``sgd_step_`` and ``adam_step_`` (one pass each: w0, the
+  final gradient and the state in, the weights and the state out; found_inf and Adam's step read
+  from device memory, the bias corrections computed in fp64 by every program).
 
-Arithmetic is fp32 for fp32/bf16/fp16 buckets (loaded, converted, computed, converted back once).
+Arithmetic is fp32 for fp32/bf16/fp16 buckets (loaded, converted, computed, converted back once),
+with correctly rounded divisions and square roots (``div_rn``, ``sqrt_rn``) where the reference
+divides or takes a root: plain ``/`` and ``sqrt`` are approximate on the GPU.
 Float arguments are not specialised by Triton, so one compiled kernel serves every sigma_t of an
 annealing. Triton passes float scalars as fp32, which would cost fp64 buckets precision: those
 take the reference ops. The ops are ``torch.library.triton_op``s (namespace ``fused_lesam_triton``),
-so ``torch.compile`` traces into them.
+so ``torch.compile`` traces into them. Every launch goes through `_launch`: ``wrap_triton``
+under a guard of the buckets' device (Triton launches on the current device).
 
 On CUDA tensors this runs compiled kernels. With ``TRITON_INTERPRET=1`` set before Triton is
 imported, it runs them through Triton's interpreter on CPU tensors too: that is how the tests
@@ -24,7 +30,9 @@ check them on machines without a GPU (slow; small buckets only).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import struct
 from typing import Optional
 
 import torch
@@ -96,10 +104,12 @@ def _perturb_kernel(w_ptr, g_ptr, backup_ptr, center_ptr, sq_ptr, sigma_ptr, rho
     # scale = rho_t / (n + 1e-12); both 0 for a non-finite norm, the scale 0 for a zero norm.
     if SIGMA_ON_DEVICE:
         sigma = tl.load(sigma_ptr).to(tl.float32)
-    norm = tl.sqrt(tl.load(sq_ptr).to(tl.float32))
+    # sqrt_rn and div_rn: correctly rounded, as torch computes them (plain sqrt and / are approximate
+    # on the GPU).
+    norm = tl.sqrt_rn(tl.load(sq_ptr).to(tl.float32))
     finite = norm - norm == 0.0  # false for inf and NaN
-    rho = tl.where(finite, tl.minimum(sigma / (norm + varrho), rho_max), 0.0)
-    scale = tl.where(finite & (norm > 0.0), rho / (norm + 1e-12), 0.0)
+    rho = tl.where(finite, tl.minimum(tl.div_rn(sigma, norm + varrho), rho_max), 0.0)
+    scale = tl.where(finite & (norm > 0.0), tl.div_rn(rho, norm + 1e-12), 0.0)
     pid = tl.program_id(0)
     if pid == 0:
         tl.store(rho_ptr, rho)
@@ -149,6 +159,29 @@ def _check(op: str, name: str, t: Tensor, like: Optional[Tensor] = None, like_na
         raise RuntimeError(f"{where} is on {t.device} but {like_name} is on {like.device}")
 
 
+def _device_guard(device: torch.device):
+    """Makes ``device`` the current CUDA device for a launch: Triton launches on the current device,
+    which need not be the buckets'. Nothing to do for CPU tensors (which only the interpreter runs)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch(kernel, grid: tuple[int, ...], device: torch.device, *args, **meta) -> None:
+    """Every kernel launch of this file: through ``wrap_triton`` (so that torch.compile traces into
+    the ops), on ``device``."""
+    with _device_guard(device):
+        wrap_triton(kernel)[grid](*args, **meta, num_warps=NUM_WARPS)
+
+
+def _launch_elementwise(kernel, bucket: Tensor, *args, min_programs: int = 0, **meta) -> None:
+    """An element-wise kernel over ``bucket`` (its dtype sets BLOCK, 4 KB per program; its size the
+    grid; its device the guard), ``args`` and ``meta`` being the kernel's own. ``min_programs`` at
+    least: an empty bucket launches nothing unless a program must run."""
+    block = ELEMENTWISE_BLOCK[bucket.dtype]
+    programs = max(triton.cdiv(bucket.numel(), block), min_programs)
+    if programs:
+        _launch(kernel, (programs,), bucket.device, *args, BLOCK=block, **meta)
+
+
 @triton_op("fused_lesam_triton::sq_norm", mutates_args=())
 def sq_norm(grads: list[Tensor], weights: list[Optional[Tensor]]) -> Tensor:
     if len(grads) != len(weights):
@@ -163,12 +196,11 @@ def sq_norm(grads: list[Tensor], weights: list[Optional[Tensor]]) -> Tensor:
     first = 0
     for grad, weight, count in zip(grads, weights, chunks):
         if count:
-            wrap_triton(_sq_partials_kernel)[(count,)](
-                grad, grad if weight is None else weight, grad.numel(), partials[first:],
-                WEIGHTED=weight is not None, CHUNK=CHUNK, BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS)
+            _launch(_sq_partials_kernel, (count,), grad.device, grad, grad if weight is None else weight, grad.numel(),
+                    partials[first:], WEIGHTED=weight is not None, CHUNK=CHUNK, BLOCK=REDUCE_BLOCK)
         first += count
     out = torch.empty((), dtype=out_dtype, device=grads[0].device)
-    wrap_triton(_sum_kernel)[(1,)](partials, partials.numel(), out, BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS)
+    _launch(_sum_kernel, (1,), out.device, partials, partials.numel(), out, BLOCK=REDUCE_BLOCK)
     return out
 
 
@@ -192,13 +224,11 @@ def perturb_(param: Tensor, grad: Tensor, backup: Optional[Tensor], sq: Tensor, 
     if param.dtype == torch.float64:
         return reference.perturb_(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center, sigma_t)
     rho = torch.empty((), dtype=torch.float32, device=param.device)
-    block = ELEMENTWISE_BLOCK[param.dtype]
-    grid = (max(1, triton.cdiv(param.numel(), block)),)  # one program at least: it stores rho_t
-    wrap_triton(_perturb_kernel)[grid](
-        param, grad, param if backup is None else backup, param if center is None else center, sq,
-        sq if sigma_t is None else sigma_t, rho, param.numel(), sigma, rho_max, varrho, ADAPTIVE=adaptive,
+    _launch_elementwise(
+        _perturb_kernel, param, param, grad, param if backup is None else backup, param if center is None else center,
+        sq, sq if sigma_t is None else sigma_t, rho, param.numel(), sigma, rho_max, varrho, ADAPTIVE=adaptive,
         SAVE_BACKUP=backup is not None, SAVE_CENTER=center is not None, SIGMA_ON_DEVICE=sigma_t is not None,
-        BLOCK=block, num_warps=NUM_WARPS)
+        min_programs=1)  # one program at least: it stores rho_t
     return rho
 
 
@@ -213,12 +243,8 @@ def restore_(param: Tensor, backup: Tensor, grad: Tensor, center: Optional[Tenso
     if param.dtype == torch.float64:
         reference.restore_(param, backup, grad, center, ghat_coef, center_coef)
         return
-    if param.numel() == 0:
-        return
-    block = ELEMENTWISE_BLOCK[param.dtype]
-    wrap_triton(_restore_kernel)[(triton.cdiv(param.numel(), block),)](
-        param, backup, grad, grad if center is None else center, param.numel(), ghat_coef, center_coef,
-        COMBINE=center is not None, BLOCK=block, num_warps=NUM_WARPS)
+    _launch_elementwise(_restore_kernel, param, param, backup, grad, grad if center is None else center,
+                        param.numel(), ghat_coef, center_coef, COMBINE=center is not None)
 
 
 # ---------------------------------------------------------------------------------------- XSAM
@@ -306,13 +332,12 @@ def xsam_dots(params: list[Tensor], backups: list[Tensor], grads: list[Tensor]) 
     first = 0
     for param, backup, grad, count in zip(params, backups, grads, chunks):
         if count:
-            wrap_triton(_dots_partials_kernel)[(count,)](
-                param, backup, grad, param.numel(), partials[first:], total, CHUNK=CHUNK, BLOCK=REDUCE_BLOCK,
-                num_warps=NUM_WARPS)
+            _launch(_dots_partials_kernel, (count,), param.device, param, backup, grad, param.numel(),
+                    partials[first:], total, CHUNK=CHUNK, BLOCK=REDUCE_BLOCK)
         first += count
     out = torch.empty(3, dtype=out_dtype, device=params[0].device)
     for j in range(3):
-        wrap_triton(_sum_kernel)[(1,)](partials[j * total:], total, out[j:], BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS)
+        _launch(_sum_kernel, (1,), out.device, partials[j * total:], total, out[j:], BLOCK=REDUCE_BLOCK)
     return out
 
 
@@ -327,12 +352,8 @@ def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Optional[T
     if param.dtype == torch.float64:
         reference.xsam_restore_(param, backup, grad, delta, coefs)
         return
-    if param.numel() == 0:
-        return
-    block = ELEMENTWISE_BLOCK[param.dtype]
-    wrap_triton(_xsam_restore_kernel)[(triton.cdiv(param.numel(), block),)](
-        param, backup, grad, param if delta is None else delta, coefs, param.numel(), HAS_DELTA=delta is not None,
-        BLOCK=block, num_warps=NUM_WARPS)
+    _launch_elementwise(_xsam_restore_kernel, param, param, backup, grad, param if delta is None else delta, coefs,
+                        param.numel(), HAS_DELTA=delta is not None)
 
 
 @triton_op("fused_lesam_triton::xsam_probe_", mutates_args=("param", "delta"))
@@ -345,8 +366,199 @@ def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coef
     if param.dtype == torch.float64:
         reference.xsam_probe_(param, backup, grad, delta, coefs, save_delta)
         return
-    if param.numel() == 0:
+    _launch_elementwise(_xsam_probe_kernel, param, param, backup, grad, delta, coefs, param.numel(),
+                        SAVE_DELTA=save_delta)
+
+
+# ------------------------------------------------------------------ the base update, fused into the restore
+# One pass ends a step: read w0 (backup), the final gradient and the optimizer state, write the
+# weights and the state (reference.sgd_step_ / adam_step_, torch.optim's SGD and Adam/AdamW).
+# Each stored state value is rounded once to the bucket's dtype and the stored value is what the
+# rest of the step uses, as torch's reads of its state do. found_inf is read here: a skipped step
+# stores w0 bit-exactly and writes no state (the state stores are masked off, not rewritten).
+@triton.jit
+def _final_grad(g_ptr, center_ptr, offsets, mask, ghat_coef, center_coef, COMBINE: tl.constexpr,
+                MAXIMIZE: tl.constexpr):
+    """The gradient the base optimizer steps with (fp32): the LE-SAM+ combine, then maximize's sign."""
+    g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
+    if COMBINE:
+        g = g * ghat_coef - tl.load(center_ptr + offsets, mask=mask).to(tl.float32) * center_coef
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@triton.jit
+def _store_state(state_ptr, offsets, write, value):
+    """state <- value rounded to the state's dtype where ``write``; returns the stored value in fp32."""
+    stored = _narrow(value, state_ptr.dtype.element_ty)
+    tl.store(state_ptr + offsets, stored, mask=write)
+    return stored.to(tl.float32)
+
+
+@triton.jit
+def _and_taken(mask, taken):
+    """mask & taken for the scalar ``taken``: written as a where because Triton's interpreter
+    cannot broadcast a scalar bool into a block for ``&`` (it raises a numpy TypeError)."""
+    return tl.where(taken, mask, False)
+
+
+@triton.jit
+def _sgd_step_kernel(w_ptr, backup_ptr, g_ptr, buf_ptr, center_ptr, found_inf_ptr, n, lr, momentum, keep,
+                     weight_decay, ghat_coef, center_coef, MOMENTUM: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                     NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFFER: tl.constexpr,
+                     COMBINE: tl.constexpr, BLOCK: tl.constexpr):
+    # keep = 1 - dampening
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    taken = tl.load(found_inf_ptr) == 0.0  # false for a nonzero or NaN found_inf: the step is skipped
+    backup = tl.load(backup_ptr + offsets, mask=mask)
+    w0 = backup.to(tl.float32)
+    g = _final_grad(g_ptr, center_ptr, offsets, mask, ghat_coef, center_coef, COMBINE, MAXIMIZE)
+    if WEIGHT_DECAY:
+        g = g + w0 * weight_decay
+    d = g
+    if MOMENTUM:
+        if INIT_BUFFER:
+            b = g
+        else:
+            b = tl.load(buf_ptr + offsets, mask=mask).to(tl.float32) * momentum + g * keep
+        b = _store_state(buf_ptr, offsets, _and_taken(mask, taken), b)
+        if NESTEROV:
+            d = g + b * momentum
+        else:
+            d = b
+    tl.store(w_ptr + offsets, tl.where(taken, _narrow(w0 - d * lr, backup.dtype), backup), mask=mask)
+
+
+@triton.jit
+def _from_halves(hi, lo):
+    """hi + lo in fp64: a Python float passed as two fp32 halves (Triton passes floats as fp32)."""
+    return tl.full([], hi, tl.float64) + lo
+
+
+@triton.jit
+def _adam_step_kernel(w_ptr, backup_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, center_ptr, step_ptr, found_inf_ptr, n,
+                      lr_hi, lr_lo, beta1_hi, beta1_lo, beta2_hi, beta2_lo, lerp_weight, lerp_rest, one_minus_beta2,
+                      eps, weight_decay, decay_keep, ghat_coef, center_coef, WEIGHT_DECAY: tl.constexpr,
+                      DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                      LERP_SMALL_WEIGHT: tl.constexpr, COMBINE: tl.constexpr, BLOCK: tl.constexpr):
+    # lerp_weight = 1 - beta1 and lerp_rest = 1 - lerp_weight (in fp32, as torch's lerp takes them);
+    # decay_keep = 1 - lr * weight_decay (AdamW).
+    # The bias corrections in fp64 from t (beta^t = 2^(t log2 beta)); fp32 would lose them for large t.
+    # fp64 / and sqrt are correctly rounded on the GPU too (div.rn.f64, sqrt.rn.f64; *_rn are fp32 only).
+    t = tl.load(step_ptr).to(tl.float64)
+    beta1_t = tl.exp2(t * tl.log2(_from_halves(beta1_hi, beta1_lo)))
+    beta2_t = tl.exp2(t * tl.log2(_from_halves(beta2_hi, beta2_lo)))
+    step_size = (_from_halves(lr_hi, lr_lo) / (1.0 - beta1_t)).to(tl.float32)
+    bias2_sqrt = tl.sqrt(1.0 - beta2_t).to(tl.float32)
+
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    taken = tl.load(found_inf_ptr) == 0.0  # false for a nonzero or NaN found_inf: the step is skipped
+    write = _and_taken(mask, taken)
+    backup = tl.load(backup_ptr + offsets, mask=mask)
+    w0 = backup.to(tl.float32)
+    g = _final_grad(g_ptr, center_ptr, offsets, mask, ghat_coef, center_coef, COMBINE, MAXIMIZE)
+    if WEIGHT_DECAY:
+        if DECOUPLED:
+            w0 = w0 * decay_keep
+        else:
+            g = g + w0 * weight_decay
+    m = tl.load(m_ptr + offsets, mask=mask).to(tl.float32)
+    if LERP_SMALL_WEIGHT:  # torch's lerp(m, g, w): two forms, each exact at its own end
+        m = m + lerp_weight * (g - m)
+    else:
+        m = g - (g - m) * lerp_rest
+    m = _store_state(m_ptr, offsets, write, m)
+    v = tl.load(v_ptr + offsets, mask=mask).to(tl.float32) * beta2_hi + g * g * one_minus_beta2  # hi: beta2 in fp32
+    v = _store_state(v_ptr, offsets, write, v)
+    if AMSGRAD:  # torch.maximum propagates NaN
+        vmax = tl.load(vmax_ptr + offsets, mask=mask).to(tl.float32)
+        v = _store_state(vmax_ptr, offsets, write, tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL))
+    denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
+    new = w0 - step_size * tl.div_rn(m, denom)
+    tl.store(w_ptr + offsets, tl.where(taken, _narrow(new, backup.dtype), backup), mask=mask)
+
+
+def _fp32(x: float) -> float:
+    """x rounded to the nearest fp32, as a Python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _halves(x: float) -> tuple[float, float]:
+    """x as hi + lo, both fp32 values (48 of x's 53 bits), for the kernel to add back in fp64."""
+    hi = _fp32(x)
+    return hi, _fp32(x - hi)
+
+
+def _check_step_buckets(op: str, param: Tensor, **buckets: Optional[Tensor]) -> None:
+    """param and the other buckets of a step op (None: not given): flat buckets like param."""
+    for name, t in {"param": param, **buckets}.items():
+        if t is None:
+            continue
+        _check(op, name, t, None if t is param else param, "param")
+        if t.dim() != 1:
+            raise RuntimeError(f"fused_lesam_triton::{op}: {name} must be a flat (1-D) bucket, "
+                               f"got shape {tuple(t.shape)}")
+
+
+def _check_given(op: str, name: str, t: Optional[Tensor], wanted: bool, when: str) -> None:
+    """An optional state bucket is given exactly when its option is on (``when`` says which)."""
+    if (t is not None) != wanted:
+        raise RuntimeError(f"fused_lesam_triton::{op}: {name} must be given exactly when {when} "
+                           f"({'it is' if wanted else 'it is not'}), but it was {'None' if t is None else 'given'}")
+
+
+def _check_device_scalar(op: str, name: str, t: Tensor, param: Tensor) -> None:
+    """found_inf and step: a 0-d float32 tensor on param's device, read by the kernel itself."""
+    if t.dim() != 0 or t.dtype != torch.float32:
+        raise RuntimeError(f"fused_lesam_triton::{op}: {name} must be a 0-d float32 tensor, got a {t.dtype} tensor "
+                           f"of shape {tuple(t.shape)}")
+    if t.device != param.device:
+        raise RuntimeError(f"fused_lesam_triton::{op}: {name} is on {t.device} but param is on {param.device}")
+
+
+@triton_op("fused_lesam_triton::sgd_step_", mutates_args=("param", "momentum_buffer"))
+def sgd_step_(param: Tensor, backup: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], center: Optional[Tensor],
+              found_inf: Tensor, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+              maximize: bool, init_buffer: bool, ghat_coef: float, center_coef: float) -> None:
+    _check_step_buckets("sgd_step_", param, backup=backup, grad=grad, momentum_buffer=momentum_buffer, center=center)
+    _check_given("sgd_step_", "momentum_buffer", momentum_buffer, momentum != 0, "momentum != 0")
+    _check_device_scalar("sgd_step_", "found_inf", found_inf, param)
+    if param.dtype == torch.float64:
+        reference.sgd_step_(param, backup, grad, momentum_buffer, center, found_inf, lr, momentum, dampening,
+                            weight_decay, nesterov, maximize, init_buffer, ghat_coef, center_coef)
         return
-    block = ELEMENTWISE_BLOCK[param.dtype]
-    wrap_triton(_xsam_probe_kernel)[(triton.cdiv(param.numel(), block),)](
-        param, backup, grad, delta, coefs, param.numel(), SAVE_DELTA=save_delta, BLOCK=block, num_warps=NUM_WARPS)
+    _launch_elementwise(
+        _sgd_step_kernel, param, param, backup, grad, param if momentum_buffer is None else momentum_buffer,
+        grad if center is None else center, found_inf, param.numel(), lr, momentum, 1 - dampening, weight_decay,
+        ghat_coef, center_coef, MOMENTUM=momentum != 0, WEIGHT_DECAY=weight_decay != 0, NESTEROV=nesterov,
+        MAXIMIZE=maximize, INIT_BUFFER=init_buffer, COMBINE=center is not None)
+
+
+@triton_op("fused_lesam_triton::adam_step_", mutates_args=("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+def adam_step_(param: Tensor, backup: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+               max_exp_avg_sq: Optional[Tensor], center: Optional[Tensor], step: Tensor, found_inf: Tensor, lr: float,
+               beta1: float, beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool,
+               maximize: bool, ghat_coef: float, center_coef: float) -> None:
+    _check_step_buckets("adam_step_", param, backup=backup, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                        max_exp_avg_sq=max_exp_avg_sq, center=center)
+    _check_given("adam_step_", "max_exp_avg_sq", max_exp_avg_sq, amsgrad, "amsgrad")
+    _check_device_scalar("adam_step_", "step", step, param)
+    _check_device_scalar("adam_step_", "found_inf", found_inf, param)
+    if param.dtype == torch.float64:
+        reference.adam_step_(param, backup, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, center, step, found_inf, lr,
+                             beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, ghat_coef,
+                             center_coef)
+        return
+    # The scalars the kernel combines with each other are rounded here, as torch rounds them: fp32
+    # for the element-wise maths, fp32 halves of the fp64 values behind the bias corrections.
+    lerp_weight = _fp32(1 - beta1)
+    _launch_elementwise(
+        _adam_step_kernel, param, param, backup, grad, exp_avg, exp_avg_sq,
+        exp_avg if max_exp_avg_sq is None else max_exp_avg_sq, grad if center is None else center, step, found_inf,
+        param.numel(), *_halves(lr), *_halves(beta1), *_halves(beta2), lerp_weight, 1 - lerp_weight, 1 - beta2, eps,
+        weight_decay, 1 - lr * weight_decay, ghat_coef, center_coef, WEIGHT_DECAY=weight_decay != 0,
+        DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize, LERP_SMALL_WEIGHT=abs(lerp_weight) < 0.5,
+        COMBINE=center is not None)
