@@ -116,20 +116,42 @@ FL_HOST_DEVICE acc_t step_grad(acc_t ghat, acc_t center, acc_t ghat_coef, acc_t 
   if constexpr (with_center) {
     g = combined(ghat, center, ghat_coef, center_coef);
   }
-  return maximize ? -g : g;
+  return g * (maximize ? acc_t(-1) : acc_t(1));  // a product, not a branch: the CPU loops vectorise
+}
+
+// Weight decay in the gradient (torch's L2 form): g + weight_decay * w0 when `decay`, else g.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t decayed(acc_t g, acc_t w0, bool decay, acc_t weight_decay) {
+  return decay ? g + w0 * weight_decay : g;
 }
 
 // torch.lerp's two-branch form (ATen's): a + w (b - a) for small weights, b - (b - a)(1 - w) for
-// large ones, so that the result is exact at both ends. Adam's weight is 1 - beta1, in (0, 1].
+// large ones, so that the result is exact at both ends. Written as one expression, bit for bit the
+// same: w - 1 = -(1 - w) exactly, so the large-weight form is b + (w - 1)(b - a). The branch and
+// the coefficient depend on the weight only, so they are made once per call (lerp_weight) and each
+// element is a select and a multiply-add, which loops vectorise.
 template <typename acc_t>
-FL_HOST_DEVICE acc_t lerp(acc_t a, acc_t b, acc_t weight) {
-  return weight < acc_t(0.5) ? a + weight * (b - a) : b - (b - a) * (acc_t(1) - weight);
+struct LerpWeight {
+  bool from_end;  // weight >= 0.5: start from b
+  acc_t coef;     // weight, or weight - 1 from b
+};
+
+template <typename acc_t>
+FL_HOST_DEVICE LerpWeight<acc_t> lerp_weight(acc_t weight) {
+  const bool from_end = !(weight < acc_t(0.5));
+  return {from_end, from_end ? weight - acc_t(1) : weight};
 }
 
-// torch.maximum: NaN in either argument gives NaN.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t lerp(acc_t a, acc_t b, LerpWeight<acc_t> weight) {
+  return (weight.from_end ? b : a) + weight.coef * (b - a);
+}
+
+// torch.maximum: NaN in either argument gives NaN. `|`, not `||`: no branch, so loops vectorise.
 template <typename acc_t>
 FL_HOST_DEVICE acc_t maximum(acc_t a, acc_t b) {
-  return (a != a || a > b) ? a : b;
+  const bool take_a = (a > b) | (a != a);
+  return take_a ? a : b;
 }
 
 template <typename acc_t>
@@ -162,9 +184,7 @@ FL_HOST_DEVICE SgdCoefs<acc_t> sgd_coefs(double lr, double momentum, double damp
 // rounded, on exit (`buf` is not touched without momentum).
 template <bool with_momentum, typename scalar_t, typename acc_t>
 FL_HOST_DEVICE acc_t sgd_update(acc_t w0, acc_t g, scalar_t& buf, const SgdCoefs<acc_t>& c) {
-  if (c.decay) {
-    g = g + w0 * c.weight_decay;
-  }
+  g = decayed(g, w0, c.decay, c.weight_decay);
   acc_t d = g;
   if constexpr (with_momentum) {
     buf = static_cast<scalar_t>(c.init_buffer ? g : static_cast<acc_t>(buf) * c.momentum + g * c.dampening_keep);
@@ -176,14 +196,13 @@ FL_HOST_DEVICE acc_t sgd_update(acc_t w0, acc_t g, scalar_t& buf, const SgdCoefs
 
 template <typename acc_t>
 struct AdamCoefs {
-  acc_t beta1_weight;  // 1 - beta1, the lerp's weight
+  LerpWeight<acc_t> beta1_weight;  // the lerp's weight, 1 - beta1
   acc_t beta2;
   acc_t beta2_keep;  // 1 - beta2
   acc_t eps;
-  acc_t weight_decay;  // L2 decay (Adam): g + weight_decay w0
-  acc_t decay_factor;  // decoupled decay (AdamW): w0 (1 - lr weight_decay)
+  acc_t weight_decay;  // L2 decay (Adam): g + weight_decay w0, when l2_decay
+  acc_t decay_factor;  // decoupled decay (AdamW): w0 (1 - lr weight_decay); else 1, which is exact
   bool l2_decay;
-  bool decoupled_decay;
   acc_t step_size;   // lr / (1 - beta1^t), from adam_bias_corrections
   acc_t bias2_sqrt;  // sqrt(1 - beta2^t)
 };
@@ -193,14 +212,14 @@ template <typename acc_t>
 FL_HOST_DEVICE AdamCoefs<acc_t> adam_coefs(double lr, double beta1, double beta2, double eps, double weight_decay,
                                            bool decoupled_weight_decay) {
   AdamCoefs<acc_t> c;
-  c.beta1_weight = static_cast<acc_t>(1.0 - beta1);
+  c.beta1_weight = lerp_weight(static_cast<acc_t>(1.0 - beta1));
   c.beta2 = static_cast<acc_t>(beta2);
   c.beta2_keep = static_cast<acc_t>(1.0 - beta2);
   c.eps = static_cast<acc_t>(eps);
   c.weight_decay = static_cast<acc_t>(weight_decay);
-  c.decay_factor = static_cast<acc_t>(1.0 - lr * weight_decay);
+  const bool decoupled_decay = weight_decay != 0.0 && decoupled_weight_decay;
+  c.decay_factor = decoupled_decay ? static_cast<acc_t>(1.0 - lr * weight_decay) : acc_t(1);
   c.l2_decay = weight_decay != 0.0 && !decoupled_weight_decay;
-  c.decoupled_decay = weight_decay != 0.0 && decoupled_weight_decay;
   c.step_size = acc_t(0);
   c.bias2_sqrt = acc_t(1);
   return c;
@@ -219,11 +238,8 @@ FL_HOST_DEVICE void adam_bias_corrections(AdamCoefs<acc_t>& c, double t, double 
 // rounded, on exit (`vmax` is not touched without amsgrad).
 template <bool amsgrad, typename scalar_t, typename acc_t>
 FL_HOST_DEVICE acc_t adam_update(acc_t w0, acc_t g, scalar_t& m, scalar_t& v, scalar_t& vmax, const AdamCoefs<acc_t>& c) {
-  if (c.decoupled_decay) {
-    w0 = w0 * c.decay_factor;
-  } else if (c.l2_decay) {
-    g = g + w0 * c.weight_decay;
-  }
+  g = decayed(g, w0, c.l2_decay, c.weight_decay);
+  w0 = w0 * c.decay_factor;
   m = static_cast<scalar_t>(lerp(static_cast<acc_t>(m), g, c.beta1_weight));
   v = static_cast<scalar_t>(static_cast<acc_t>(v) * c.beta2 + g * g * c.beta2_keep);
   acc_t second = static_cast<acc_t>(v);

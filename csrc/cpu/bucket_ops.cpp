@@ -300,10 +300,12 @@ void xsam_probe_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tenso
 // ------------------------------------------------------ the base update, fused into the restore
 // One instantiation per (momentum or not, center or not) for SGD and (amsgrad or not, center or
 // not) for Adam: those decide which arrays the loop touches. The other options are loop-invariant
-// selects on plain arithmetic, which the compiler vectorises as they are.
+// selects on plain arithmetic, which the compiler vectorises as they are. The loops are kept out
+// of line (noinline): inlined into parallel_for's lambda, GCC lost their __restrict__ and left
+// most of Adam's loops scalar (seen with -fopt-info-vec).
 template <typename scalar_t, typename acc_t, bool with_momentum, bool with_center>
-void sgd_step_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0, const scalar_t* __restrict__ g,
-                    scalar_t* __restrict__ buf, const scalar_t* __restrict__ center, const math::SgdCoefs<acc_t>& c,
+[[gnu::noinline]] void sgd_step_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0, const scalar_t* __restrict__ g,
+                    scalar_t* __restrict__ buf, const scalar_t* __restrict__ center, const math::SgdCoefs<acc_t> c,
                     acc_t ghat_coef, acc_t center_coef, bool maximize, int64_t begin, int64_t end) {
   scalar_t no_buf{};
   for (int64_t i = begin; i < end; ++i) {
@@ -361,17 +363,31 @@ void sgd_step_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tensor&
 }
 
 template <typename scalar_t, typename acc_t, bool amsgrad, bool with_center>
-void adam_step_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0, const scalar_t* __restrict__ g,
+[[gnu::noinline]] void adam_step_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0, const scalar_t* __restrict__ g,
                      scalar_t* __restrict__ m, scalar_t* __restrict__ v, scalar_t* __restrict__ vmax,
-                     const scalar_t* __restrict__ center, const math::AdamCoefs<acc_t>& c, acc_t ghat_coef,
+                     const scalar_t* __restrict__ center, math::AdamCoefs<acc_t> c, acc_t ghat_coef,
                      acc_t center_coef, bool maximize, int64_t begin, int64_t end) {
-  scalar_t no_vmax{};
-  for (int64_t i = begin; i < end; ++i) {
-    const acc_t gi = math::step_grad<with_center>(static_cast<acc_t>(g[i]),
-                                                  with_center ? static_cast<acc_t>(center[i]) : acc_t(0), ghat_coef,
-                                                  center_coef, maximize);
-    w[i] = static_cast<scalar_t>(
-        math::adam_update<amsgrad>(static_cast<acc_t>(w0[i]), gi, m[i], v[i], amsgrad ? vmax[i] : no_vmax, c));
+  // Two options of Adam are selects between two per-element values (the lerp's start, the L2
+  // decay), which the compiler vectorises only on a constant condition, and this loop is too large
+  // for it to unswitch itself: so each gets its own copy of the loop, where it is a constant.
+  auto loop = [&](auto l2_decay, auto lerp_from_end) {
+    c.l2_decay = decltype(l2_decay)::value;
+    c.beta1_weight.from_end = decltype(lerp_from_end)::value;
+    scalar_t no_vmax{};
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t gi = math::step_grad<with_center>(static_cast<acc_t>(g[i]),
+                                                    with_center ? static_cast<acc_t>(center[i]) : acc_t(0),
+                                                    ghat_coef, center_coef, maximize);
+      w[i] = static_cast<scalar_t>(
+          math::adam_update<amsgrad>(static_cast<acc_t>(w0[i]), gi, m[i], v[i], amsgrad ? vmax[i] : no_vmax, c));
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (c.l2_decay) {
+    c.beta1_weight.from_end ? loop(yes{}, yes{}) : loop(yes{}, no{});
+  } else {
+    c.beta1_weight.from_end ? loop(no{}, yes{}) : loop(no{}, no{});
   }
 }
 
