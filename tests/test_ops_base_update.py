@@ -8,7 +8,7 @@ opcheck and errors that name the argument. A backend without these ops fails wit
 import pytest
 import torch
 
-from conftest import TOLERANCES, assert_bits_equal, assert_close
+from conftest import TOLERANCES, assert_bits_equal
 from fused_lesam.backends import reference, resolve
 from test_ops import DTYPES, OFFSETS, TRACEABLE, clone_at, random_bucket, targets, targets_and_sizes
 
@@ -174,6 +174,18 @@ def test_adam_bias_corrections_in_float64(backend, device, t):
 
 @pytest.mark.parametrize("backend,device", targets())
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_lerp_is_exact_at_weight_one(backend, device, dtype):
+    """beta1 = 0: torch's two-branch lerp(m, g, 1) is g exactly (a + 1 * (b - a) is not), so
+    exp_avg becomes the gradient bit for bit. The spec does the same."""
+    ops = resolve(backend, torch.device(device))
+    op, tensors, scalars = adam_case("adam", 4099, dtype, device, with_center=False)
+    for impl in (ops, reference):
+        got = run(impl, (op, tensors, dict(scalars, beta1=0.0)), offset=3)
+        assert_bits_equal(got["exp_avg"], tensors["grad"], f"{impl.NAME}: lerp(m, g, 1) must be g")
+
+
+@pytest.mark.parametrize("backend,device", targets())
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("optimizer", list(CASES))
 def test_skipped_step(backend, device, dtype, optimizer):
     """found_inf set: w <- backup bit-exactly and no state written, even from a gradient with an
@@ -199,6 +211,40 @@ def test_nonfinite_gradient_is_not_guarded(backend, device, regime, optimizer):
     got = run(ops, case, offset=3)
     check_against_spec(got, run(reference, case, offset=3), case, equal_nan=True)
     assert not torch.isfinite(got["param"]).all(), "the non-finite gradient should have reached the weights"
+
+
+def clones(tensors):
+    return {name: None if t is None else t.clone() for name, t in tensors.items()}
+
+
+@pytest.mark.parametrize("backend,device", [t for t in targets() if t.values[1] == "cuda"])
+@pytest.mark.parametrize("optimizer", list(CASES))
+def test_step_replays_in_a_cuda_graph(backend, device, optimizer):
+    """found_inf and step are read on the device: the op captured once in a CUDA graph (capture
+    fails on a host sync) and replayed through a skipped step and two taken ones, with the step
+    count advanced on the device, gives the bits of the same op run eagerly."""
+    ops = resolve(backend, torch.device(device))
+    op, tensors, scalars = CASES[optimizer](FULL[optimizer], 4099, torch.float32, device, with_center=True)
+    static, eager = clones(tensors), clones(tensors)
+    found_inf = torch.zeros((), device=device)
+    side = torch.cuda.Stream()  # warm-up on a side stream (torch's recipe; Triton compiles here)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        getattr(ops, op)(**clones(static), found_inf=found_inf, **scalars)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        getattr(ops, op)(**static, found_inf=found_inf, **scalars)
+    for flag in (1.0, 0.0, 0.0):
+        found_inf.fill_(flag)
+        graph.replay()
+        getattr(ops, op)(**eager, found_inf=torch.tensor(flag, device=device), **scalars)
+        for name in ("param",) + STATE[op]:
+            if static[name] is not None:
+                assert_bits_equal(static[name], eager[name], f"{name} after the replay with found_inf={flag}")
+        if "step" in static:
+            static["step"] += 1
+            eager["step"] += 1
 
 
 # ---------------------------------------------------------------------- the spec against torch.optim
