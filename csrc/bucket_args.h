@@ -156,4 +156,67 @@ inline void check_xsam_probe_args(const at::Tensor& param, const at::Tensor& bac
   check_coefs(coefs, param, "xsam_probe_");
 }
 
+// ------------------------------------------------------ the base update, fused into the restore
+// The step ops also ask for flat (1-D) buckets: their state tensors are the optimizer's state of a
+// flat bucket, read and written element by element alongside param.
+inline void check_flat_bucket(const at::Tensor& t, const char* op, const char* name) {
+  check_bucket(t, op, name);
+  TORCH_CHECK(t.dim() == 1, "fused_lesam::", op, ": ", name, " must be a flat (1-D) bucket, got shape ", t.sizes());
+}
+
+inline void check_step_bucket(const at::Tensor& t, const at::Tensor& param, const char* op, const char* name) {
+  check_flat_bucket(t, op, name);
+  check_same_bucket(t, param, op, name, "param");
+}
+
+// found_inf and step: a 0-d float32 tensor on param's device, read by the kernel itself.
+inline void check_device_scalar(const at::Tensor& t, const at::Tensor& param, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 0 && t.scalar_type() == at::kFloat, "fused_lesam::", op, ": ", name,
+              " must be a 0-d float32 tensor, got a ", t.scalar_type(), " tensor of shape ", t.sizes());
+  TORCH_CHECK(t.device() == param.device(), "fused_lesam::", op, ": ", name, " is on ", t.device(),
+              " but param is on ", param.device());
+}
+
+// An optional state tensor is given exactly when its option is on (`when` says which option).
+inline void check_state_given(const std::optional<at::Tensor>& t, bool wanted, const at::Tensor& param, const char* op,
+                              const char* name, const char* when) {
+  TORCH_CHECK(t.has_value() == wanted, "fused_lesam::", op, ": ", name, " must be given exactly when ", when, " (",
+              wanted ? "it is" : "it is not", "), but it was ", t.has_value() ? "given" : "None");
+  if (t.has_value()) {
+    check_step_bucket(*t, param, op, name);
+  }
+}
+
+inline void check_sgd_step_args(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
+                                const std::optional<at::Tensor>& momentum_buffer,
+                                const std::optional<at::Tensor>& center, const at::Tensor& found_inf,
+                                double momentum) {
+  check_flat_bucket(param, "sgd_step_", "param");
+  check_step_bucket(backup, param, "sgd_step_", "backup");
+  check_step_bucket(grad, param, "sgd_step_", "grad");
+  check_state_given(momentum_buffer, momentum != 0, param, "sgd_step_", "momentum_buffer", "momentum != 0");
+  if (center.has_value()) {
+    check_step_bucket(*center, param, "sgd_step_", "center");
+  }
+  check_device_scalar(found_inf, param, "sgd_step_", "found_inf");
+}
+
+inline void check_adam_step_args(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
+                                 const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                                 const std::optional<at::Tensor>& max_exp_avg_sq,
+                                 const std::optional<at::Tensor>& center, const at::Tensor& step,
+                                 const at::Tensor& found_inf, bool amsgrad) {
+  check_flat_bucket(param, "adam_step_", "param");
+  check_step_bucket(backup, param, "adam_step_", "backup");
+  check_step_bucket(grad, param, "adam_step_", "grad");
+  check_step_bucket(exp_avg, param, "adam_step_", "exp_avg");
+  check_step_bucket(exp_avg_sq, param, "adam_step_", "exp_avg_sq");
+  check_state_given(max_exp_avg_sq, amsgrad, param, "adam_step_", "max_exp_avg_sq", "amsgrad");
+  if (center.has_value()) {
+    check_step_bucket(*center, param, "adam_step_", "center");
+  }
+  check_device_scalar(step, param, "adam_step_", "step");
+  check_device_scalar(found_inf, param, "adam_step_", "found_inf");
+}
+
 }  // namespace fused_lesam

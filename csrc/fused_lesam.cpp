@@ -29,6 +29,24 @@ TORCH_LIBRARY(fused_lesam, m) {
   // save_delta, first delta <- w - backup (rounded to the bucket's dtype, then used).
   m.def("xsam_probe_(Tensor(a!) param, Tensor backup, Tensor grad, Tensor(b!) delta, Tensor coefs, "
         "bool save_delta) -> ()");
+  // The base update fused into the restore: w <- torch.optim.SGD's step from w0 = backup with the
+  // final gradient (combined with center as in restore_ when given, negated with maximize), and
+  // momentum_buffer (given iff momentum != 0; init_buffer: it starts as a copy of the gradient).
+  // found_inf (0-d float32 on param's device, read there): nonzero skips the step, w <- backup
+  // bit-exactly and no state written. The gradient is not written.
+  m.def(
+      "sgd_step_(Tensor(a!) param, Tensor backup, Tensor grad, Tensor(b!)? momentum_buffer, Tensor? center, "
+      "Tensor found_inf, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool maximize, bool init_buffer, float ghat_coef, float center_coef) -> ()");
+  // w <- torch.optim.Adam's step (AdamW's with decoupled_weight_decay) from w0 = backup, with the
+  // final gradient as in sgd_step_, writing exp_avg, exp_avg_sq and max_exp_avg_sq (given iff
+  // amsgrad). step: 0-d float32 on param's device holding t (already advanced), read there for the
+  // bias corrections (in float64). found_inf as in sgd_step_.
+  m.def(
+      "adam_step_(Tensor(a!) param, Tensor backup, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!)? max_exp_avg_sq, Tensor? center, Tensor step, Tensor found_inf, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize, "
+      "float ghat_coef, float center_coef) -> ()");
 }
 
 namespace fused_lesam {

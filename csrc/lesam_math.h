@@ -102,5 +102,154 @@ FL_HOST_DEVICE acc_t slerped(acc_t delta, acc_t g, acc_t c0, acc_t c1) {
   return delta * c0 + g * c1;
 }
 
+// ------------------------------------------------------ the base update, fused into the restore
+// One element of torch.optim.SGD / Adam / AdamW's step taken from the saved weights w0, with the
+// final gradient (specification: sgd_step_ / adam_step_ in reference.py). State values are rounded
+// to the bucket's dtype (scalar_t) once when stored, and the rest of the step uses the stored
+// value, as torch's later reads of its state do. Scalars that are 1 - x or a product of two
+// hyperparameters are formed in double on the host, as the spec's Python floats are.
+
+// The gradient the base optimizer steps with: the LE-SAM+ combine (with a center), then maximize.
+template <bool with_center, typename acc_t>
+FL_HOST_DEVICE acc_t step_grad(acc_t ghat, acc_t center, acc_t ghat_coef, acc_t center_coef, bool maximize) {
+  acc_t g = ghat;
+  if constexpr (with_center) {
+    g = combined(ghat, center, ghat_coef, center_coef);
+  }
+  return g * (maximize ? acc_t(-1) : acc_t(1));  // a product, not a branch: the CPU loops vectorise
+}
+
+// Weight decay in the gradient (torch's L2 form): g + weight_decay * w0 when `decay`, else g.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t decayed(acc_t g, acc_t w0, bool decay, acc_t weight_decay) {
+  return decay ? g + w0 * weight_decay : g;
+}
+
+// torch.lerp's two-branch form (ATen's): a + w (b - a) for small weights, b - (b - a)(1 - w) for
+// large ones, so that the result is exact at both ends. Written as one expression, bit for bit the
+// same: w - 1 = -(1 - w) exactly, so the large-weight form is b + (w - 1)(b - a). The branch and
+// the coefficient depend on the weight only, so they are made once per call (lerp_weight) and each
+// element is a select and a multiply-add, which loops vectorise.
+template <typename acc_t>
+struct LerpWeight {
+  bool from_end;  // weight >= 0.5: start from b
+  acc_t coef;     // weight, or weight - 1 from b
+};
+
+template <typename acc_t>
+FL_HOST_DEVICE LerpWeight<acc_t> lerp_weight(acc_t weight) {
+  const bool from_end = !(weight < acc_t(0.5));
+  return {from_end, from_end ? weight - acc_t(1) : weight};
+}
+
+template <typename acc_t>
+FL_HOST_DEVICE acc_t lerp(acc_t a, acc_t b, LerpWeight<acc_t> weight) {
+  return (weight.from_end ? b : a) + weight.coef * (b - a);
+}
+
+// torch.maximum: NaN in either argument gives NaN. `|`, not `||`: no branch, so loops vectorise.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t maximum(acc_t a, acc_t b) {
+  const bool take_a = (a > b) | (a != a);
+  return take_a ? a : b;
+}
+
+template <typename acc_t>
+struct SgdCoefs {
+  acc_t lr;
+  acc_t momentum;
+  acc_t dampening_keep;  // 1 - dampening
+  acc_t weight_decay;
+  bool decay;  // weight_decay != 0, decided on the double (w0 * 0 is NaN for a non-finite w0)
+  bool nesterov;
+  bool init_buffer;  // torch's first step of a parameter: the buffer starts as a copy of g
+};
+
+// From the op's arguments (doubles): 1 - dampening is formed in double, as the spec's Python float.
+template <typename acc_t>
+FL_HOST_DEVICE SgdCoefs<acc_t> sgd_coefs(double lr, double momentum, double dampening, double weight_decay,
+                                         bool nesterov, bool init_buffer) {
+  SgdCoefs<acc_t> c;
+  c.lr = static_cast<acc_t>(lr);
+  c.momentum = static_cast<acc_t>(momentum);
+  c.dampening_keep = static_cast<acc_t>(1.0 - dampening);
+  c.weight_decay = static_cast<acc_t>(weight_decay);
+  c.decay = weight_decay != 0.0;
+  c.nesterov = nesterov;
+  c.init_buffer = init_buffer;
+  return c;
+}
+
+// The new weight w0 - lr d; with momentum, `buf` holds the stored buffer on entry and the new one,
+// rounded, on exit (`buf` is not touched without momentum).
+template <bool with_momentum, typename scalar_t, typename acc_t>
+FL_HOST_DEVICE acc_t sgd_update(acc_t w0, acc_t g, scalar_t& buf, const SgdCoefs<acc_t>& c) {
+  g = decayed(g, w0, c.decay, c.weight_decay);
+  acc_t d = g;
+  if constexpr (with_momentum) {
+    buf = static_cast<scalar_t>(c.init_buffer ? g : static_cast<acc_t>(buf) * c.momentum + g * c.dampening_keep);
+    const acc_t b = static_cast<acc_t>(buf);
+    d = c.nesterov ? g + b * c.momentum : b;
+  }
+  return w0 - d * c.lr;
+}
+
+template <typename acc_t>
+struct AdamCoefs {
+  LerpWeight<acc_t> beta1_weight;  // the lerp's weight, 1 - beta1
+  acc_t beta2;
+  acc_t beta2_keep;  // 1 - beta2
+  acc_t eps;
+  acc_t weight_decay;  // L2 decay (Adam): g + weight_decay w0, when l2_decay
+  acc_t decay_factor;  // decoupled decay (AdamW): w0 (1 - lr weight_decay); else 1, which is exact
+  bool l2_decay;
+  acc_t step_size;   // lr / (1 - beta1^t), from adam_bias_corrections
+  acc_t bias2_sqrt;  // sqrt(1 - beta2^t)
+};
+
+// From the op's arguments, all but the bias corrections (which depend on the step, read later).
+template <typename acc_t>
+FL_HOST_DEVICE AdamCoefs<acc_t> adam_coefs(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                           bool decoupled_weight_decay) {
+  AdamCoefs<acc_t> c;
+  c.beta1_weight = lerp_weight(static_cast<acc_t>(1.0 - beta1));
+  c.beta2 = static_cast<acc_t>(beta2);
+  c.beta2_keep = static_cast<acc_t>(1.0 - beta2);
+  c.eps = static_cast<acc_t>(eps);
+  c.weight_decay = static_cast<acc_t>(weight_decay);
+  const bool decoupled_decay = weight_decay != 0.0 && decoupled_weight_decay;
+  c.decay_factor = decoupled_decay ? static_cast<acc_t>(1.0 - lr * weight_decay) : acc_t(1);
+  c.l2_decay = weight_decay != 0.0 && !decoupled_weight_decay;
+  c.step_size = acc_t(0);
+  c.bias2_sqrt = acc_t(1);
+  return c;
+}
+
+// Adam's bias corrections for step t, in double (in float, 1 - beta2^t loses most of its digits
+// for beta2 = 0.999 and small t), then rounded to acc_t as the spec does. On the GPU t is read from
+// device memory, so every thread computes these itself (two pows, once per thread).
+template <typename acc_t>
+FL_HOST_DEVICE void adam_bias_corrections(AdamCoefs<acc_t>& c, double t, double lr, double beta1, double beta2) {
+  c.step_size = static_cast<acc_t>(lr / (1.0 - ::pow(beta1, t)));
+  c.bias2_sqrt = static_cast<acc_t>(::sqrt(1.0 - ::pow(beta2, t)));
+}
+
+// The new weight; m, v (and vmax with amsgrad) hold the stored state on entry and the new state,
+// rounded, on exit (`vmax` is not touched without amsgrad).
+template <bool amsgrad, typename scalar_t, typename acc_t>
+FL_HOST_DEVICE acc_t adam_update(acc_t w0, acc_t g, scalar_t& m, scalar_t& v, scalar_t& vmax, const AdamCoefs<acc_t>& c) {
+  g = decayed(g, w0, c.l2_decay, c.weight_decay);
+  w0 = w0 * c.decay_factor;
+  m = static_cast<scalar_t>(lerp(static_cast<acc_t>(m), g, c.beta1_weight));
+  v = static_cast<scalar_t>(static_cast<acc_t>(v) * c.beta2 + g * g * c.beta2_keep);
+  acc_t second = static_cast<acc_t>(v);
+  if constexpr (amsgrad) {
+    vmax = static_cast<scalar_t>(maximum(static_cast<acc_t>(vmax), second));
+    second = static_cast<acc_t>(vmax);
+  }
+  const acc_t denom = sqrt_(second) / c.bias2_sqrt + c.eps;
+  return w0 - c.step_size * (static_cast<acc_t>(m) / denom);
+}
+
 }  // namespace math
 }  // namespace fused_lesam

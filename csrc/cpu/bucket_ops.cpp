@@ -297,6 +297,136 @@ void xsam_probe_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tenso
   });
 }
 
+// ------------------------------------------------------ the base update, fused into the restore
+// One instantiation per (momentum or not, center or not) for SGD and (amsgrad or not, center or
+// not) for Adam: those decide which arrays the loop touches. The other options are loop-invariant
+// selects on plain arithmetic, which the compiler vectorises as they are. The loops are kept out
+// of line (noinline): inlined into parallel_for's lambda, GCC lost their __restrict__ and left
+// most of Adam's loops scalar (seen with -fopt-info-vec).
+template <typename scalar_t, typename acc_t, bool with_momentum, bool with_center>
+[[gnu::noinline]] void sgd_step_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0, const scalar_t* __restrict__ g,
+                    scalar_t* __restrict__ buf, const scalar_t* __restrict__ center, const math::SgdCoefs<acc_t> c,
+                    acc_t ghat_coef, acc_t center_coef, bool maximize, int64_t begin, int64_t end) {
+  scalar_t no_buf{};
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t gi = math::step_grad<with_center>(static_cast<acc_t>(g[i]),
+                                                  with_center ? static_cast<acc_t>(center[i]) : acc_t(0), ghat_coef,
+                                                  center_coef, maximize);
+    w[i] = static_cast<scalar_t>(
+        math::sgd_update<with_momentum>(static_cast<acc_t>(w0[i]), gi, with_momentum ? buf[i] : no_buf, c));
+  }
+}
+
+// The skipped step (found_inf nonzero): w <- w0 bit-exactly, the state untouched. On the CPU the
+// flag is in host memory, so reading it is no synchronisation.
+bool skip_step(const at::Tensor& found_inf, at::Tensor& param, const at::Tensor& backup) {
+  if (*found_inf.const_data_ptr<float>() == 0.0f) {
+    return false;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::skip_step", [&] {
+    const scalar_t* bak = backup.const_data_ptr<scalar_t>();
+    scalar_t* w = param.data_ptr<scalar_t>();
+    at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) { copy_range(bak, w, begin, end); });
+  });
+  return true;
+}
+
+void sgd_step_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
+                  const std::optional<at::Tensor>& momentum_buffer, const std::optional<at::Tensor>& center,
+                  const at::Tensor& found_inf, double lr, double momentum, double dampening, double weight_decay,
+                  bool nesterov, bool maximize, bool init_buffer, double ghat_coef, double center_coef) {
+  check_sgd_step_args(param, backup, grad, momentum_buffer, center, found_inf, momentum);
+  if (skip_step(found_inf, param, backup)) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::sgd_step_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto coefs = math::sgd_coefs<acc_t>(lr, momentum, dampening, weight_decay, nesterov, init_buffer);
+    scalar_t* w = param.data_ptr<scalar_t>();
+    const scalar_t* bak = backup.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* buf = momentum_buffer.has_value() ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ctr = center.has_value() ? center->const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      auto range = [&](auto momentum_tag, auto center_tag) {
+        sgd_step_range<scalar_t, acc_t, decltype(momentum_tag)::value, decltype(center_tag)::value>(
+            w, bak, g, buf, ctr, coefs, static_cast<acc_t>(ghat_coef), static_cast<acc_t>(center_coef), maximize,
+            begin, end);
+      };
+      if (buf) {
+        ctr ? range(std::true_type{}, std::true_type{}) : range(std::true_type{}, std::false_type{});
+      } else {
+        ctr ? range(std::false_type{}, std::true_type{}) : range(std::false_type{}, std::false_type{});
+      }
+    });
+  });
+}
+
+template <typename scalar_t, typename acc_t, bool amsgrad, bool with_center>
+[[gnu::noinline]] void adam_step_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0, const scalar_t* __restrict__ g,
+                     scalar_t* __restrict__ m, scalar_t* __restrict__ v, scalar_t* __restrict__ vmax,
+                     const scalar_t* __restrict__ center, math::AdamCoefs<acc_t> c, acc_t ghat_coef,
+                     acc_t center_coef, bool maximize, int64_t begin, int64_t end) {
+  // Two options of Adam are selects between two per-element values (the lerp's start, the L2
+  // decay), which the compiler vectorises only on a constant condition, and this loop is too large
+  // for it to unswitch itself: so each gets its own copy of the loop, where it is a constant.
+  auto loop = [&](auto l2_decay, auto lerp_from_end) {
+    c.l2_decay = decltype(l2_decay)::value;
+    c.beta1_weight.from_end = decltype(lerp_from_end)::value;
+    scalar_t no_vmax{};
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t gi = math::step_grad<with_center>(static_cast<acc_t>(g[i]),
+                                                    with_center ? static_cast<acc_t>(center[i]) : acc_t(0),
+                                                    ghat_coef, center_coef, maximize);
+      w[i] = static_cast<scalar_t>(
+          math::adam_update<amsgrad>(static_cast<acc_t>(w0[i]), gi, m[i], v[i], amsgrad ? vmax[i] : no_vmax, c));
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (c.l2_decay) {
+    c.beta1_weight.from_end ? loop(yes{}, yes{}) : loop(yes{}, no{});
+  } else {
+    c.beta1_weight.from_end ? loop(no{}, yes{}) : loop(no{}, no{});
+  }
+}
+
+void adam_step_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad, at::Tensor& exp_avg,
+                   at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                   const std::optional<at::Tensor>& center, const at::Tensor& step, const at::Tensor& found_inf,
+                   double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                   bool amsgrad, bool maximize, double ghat_coef, double center_coef) {
+  check_adam_step_args(param, backup, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, center, step, found_inf, amsgrad);
+  if (skip_step(found_inf, param, backup)) {
+    return;
+  }
+  const double t = *step.const_data_ptr<float>();  // a CPU tensor: reading it is no sync
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::adam_step_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto coefs = math::adam_coefs<acc_t>(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay);
+    math::adam_bias_corrections(coefs, t, lr, beta1, beta2);
+    scalar_t* w = param.data_ptr<scalar_t>();
+    const scalar_t* bak = backup.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* m = exp_avg.data_ptr<scalar_t>();
+    scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
+    scalar_t* vmax = max_exp_avg_sq.has_value() ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ctr = center.has_value() ? center->const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      auto range = [&](auto amsgrad_tag, auto center_tag) {
+        adam_step_range<scalar_t, acc_t, decltype(amsgrad_tag)::value, decltype(center_tag)::value>(
+            w, bak, g, m, v, vmax, ctr, coefs, static_cast<acc_t>(ghat_coef), static_cast<acc_t>(center_coef),
+            maximize, begin, end);
+      };
+      if (vmax) {
+        ctr ? range(std::true_type{}, std::true_type{}) : range(std::true_type{}, std::false_type{});
+      } else {
+        ctr ? range(std::false_type{}, std::true_type{}) : range(std::false_type{}, std::false_type{});
+      }
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lesam, CPU, m) {
@@ -306,6 +436,8 @@ TORCH_LIBRARY_IMPL(fused_lesam, CPU, m) {
   m.impl("xsam_dots", &xsam_dots_cpu);
   m.impl("xsam_restore_", &xsam_restore_cpu);
   m.impl("xsam_probe_", &xsam_probe_cpu);
+  m.impl("sgd_step_", &sgd_step_cpu);
+  m.impl("adam_step_", &adam_step_cpu);
 }
 
 }  // namespace fused_lesam

@@ -537,6 +537,192 @@ void xsam_probe_cuda(at::Tensor& param, const at::Tensor& backup, const at::Tens
   });
 }
 
+// ------------------------------------------------------ the base update, fused into the restore
+// found_inf (and Adam's step) are read by every thread from device memory: nothing here waits for
+// the host, so a whole step can be captured in a CUDA graph. A skipped step (found_inf nonzero, a
+// uniform branch) copies w0 into w and writes no state. One instantiation per (momentum or not,
+// center or not) for SGD and (amsgrad or not, center or not) for Adam: those decide which arrays
+// are loaded and stored; the other options are uniform branches on kernel arguments.
+template <typename scalar_t>
+__device__ void copy_bucket(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0, int64_t n, bool vectorized) {
+  using VecT = Vec<scalar_t>;
+  grid_stride<scalar_t>(
+      n, vectorized, [&](int64_t k) { reinterpret_cast<VecT*>(w)[k] = reinterpret_cast<const VecT*>(w0)[k]; },
+      [&](int64_t i) { w[i] = w0[i]; });
+}
+
+template <typename scalar_t, typename acc_t, bool with_momentum, bool with_center>
+__global__ void __launch_bounds__(kThreads)
+    sgd_step_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0, const scalar_t* __restrict__ g,
+                    scalar_t* __restrict__ buf, const scalar_t* __restrict__ center,
+                    const float* __restrict__ found_inf, math::SgdCoefs<acc_t> c, acc_t ghat_coef, acc_t center_coef,
+                    bool maximize, int64_t n, bool vectorized) {
+  if (*found_inf != 0.0f) {
+    copy_bucket(w, w0, n, vectorized);
+    return;
+  }
+  auto element = [&](scalar_t& wi, scalar_t w0i, scalar_t gi, scalar_t& bi, scalar_t ci) {
+    const acc_t gf = math::step_grad<with_center>(static_cast<acc_t>(gi), with_center ? static_cast<acc_t>(ci) : acc_t(0),
+                                                  ghat_coef, center_coef, maximize);
+    wi = static_cast<scalar_t>(math::sgd_update<with_momentum>(static_cast<acc_t>(w0i), gf, bi, c));
+  };
+  using VecT = Vec<scalar_t>;
+  auto vec_op = [&](int64_t k) {
+    const VecT w0v = reinterpret_cast<const VecT*>(w0)[k];
+    const VecT gv = reinterpret_cast<const VecT*>(g)[k];
+    VecT wv, bv, cv;
+    if constexpr (with_momentum) {
+      bv = reinterpret_cast<const VecT*>(buf)[k];
+    }
+    if constexpr (with_center) {
+      cv = reinterpret_cast<const VecT*>(center)[k];
+    }
+#pragma unroll
+    for (int j = 0; j < vec_len<scalar_t>(); ++j) {
+      element(wv.v[j], w0v.v[j], gv.v[j], bv.v[j], cv.v[j]);
+    }
+    reinterpret_cast<VecT*>(w)[k] = wv;
+    if constexpr (with_momentum) {
+      reinterpret_cast<VecT*>(buf)[k] = bv;
+    }
+  };
+  auto elem_op = [&](int64_t i) {
+    scalar_t no_buf;
+    element(w[i], w0[i], g[i], with_momentum ? buf[i] : no_buf, with_center ? center[i] : scalar_t(0));
+  };
+  grid_stride<scalar_t>(n, vectorized, vec_op, elem_op);
+}
+
+void sgd_step_cuda(at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
+                   const std::optional<at::Tensor>& momentum_buffer, const std::optional<at::Tensor>& center,
+                   const at::Tensor& found_inf, double lr, double momentum, double dampening, double weight_decay,
+                   bool nesterov, bool maximize, bool init_buffer, double ghat_coef, double center_coef) {
+  check_sgd_step_args(param, backup, grad, momentum_buffer, center, found_inf, momentum);
+  const c10::cuda::CUDAGuard guard(param.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::sgd_step_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* w = param.data_ptr<scalar_t>();
+    const scalar_t* bak = backup.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* buf = momentum_buffer.has_value() ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ctr = center.has_value() ? center->const_data_ptr<scalar_t>() : nullptr;
+    const int64_t n = param.numel();
+    if (n == 0) {
+      return;
+    }
+    const bool vectorized = all_aligned({w, bak, g, buf, ctr});
+    const int grid = grid_for(vectorized ? n / vec_len<scalar_t>() : n);
+    const auto coefs = math::sgd_coefs<acc_t>(lr, momentum, dampening, weight_decay, nesterov, init_buffer);
+    auto launch = [&](auto momentum_tag, auto center_tag) {
+      sgd_step_kernel<scalar_t, acc_t, decltype(momentum_tag)::value, decltype(center_tag)::value>
+          <<<grid, kThreads, 0, stream>>>(w, bak, g, buf, ctr, found_inf.const_data_ptr<float>(), coefs,
+                                          static_cast<acc_t>(ghat_coef), static_cast<acc_t>(center_coef), maximize,
+                                          n, vectorized);
+    };
+    using yes = std::true_type;
+    using no = std::false_type;
+    if (buf) {
+      ctr ? launch(yes{}, yes{}) : launch(yes{}, no{});
+    } else {
+      ctr ? launch(no{}, yes{}) : launch(no{}, no{});
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Every thread computes the bias corrections from *step itself (two double pows, no second kernel).
+template <typename scalar_t, typename acc_t, bool amsgrad, bool with_center>
+__global__ void __launch_bounds__(kThreads)
+    adam_step_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0, const scalar_t* __restrict__ g,
+                     scalar_t* __restrict__ m, scalar_t* __restrict__ v, scalar_t* __restrict__ vmax,
+                     const scalar_t* __restrict__ center, const float* __restrict__ step,
+                     const float* __restrict__ found_inf, math::AdamCoefs<acc_t> c, double lr, double beta1,
+                     double beta2, acc_t ghat_coef, acc_t center_coef, bool maximize, int64_t n, bool vectorized) {
+  if (*found_inf != 0.0f) {
+    copy_bucket(w, w0, n, vectorized);
+    return;
+  }
+  math::adam_bias_corrections(c, static_cast<double>(*step), lr, beta1, beta2);
+  auto element = [&](scalar_t& wi, scalar_t w0i, scalar_t gi, scalar_t& mi, scalar_t& vi, scalar_t& vmaxi,
+                     scalar_t ci) {
+    const acc_t gf = math::step_grad<with_center>(static_cast<acc_t>(gi), with_center ? static_cast<acc_t>(ci) : acc_t(0),
+                                                  ghat_coef, center_coef, maximize);
+    wi = static_cast<scalar_t>(math::adam_update<amsgrad>(static_cast<acc_t>(w0i), gf, mi, vi, vmaxi, c));
+  };
+  using VecT = Vec<scalar_t>;
+  auto vec_op = [&](int64_t k) {
+    const VecT w0v = reinterpret_cast<const VecT*>(w0)[k];
+    const VecT gv = reinterpret_cast<const VecT*>(g)[k];
+    VecT mv = reinterpret_cast<const VecT*>(m)[k];
+    VecT vv = reinterpret_cast<const VecT*>(v)[k];
+    VecT wv, vmaxv, cv;
+    if constexpr (amsgrad) {
+      vmaxv = reinterpret_cast<const VecT*>(vmax)[k];
+    }
+    if constexpr (with_center) {
+      cv = reinterpret_cast<const VecT*>(center)[k];
+    }
+#pragma unroll
+    for (int j = 0; j < vec_len<scalar_t>(); ++j) {
+      element(wv.v[j], w0v.v[j], gv.v[j], mv.v[j], vv.v[j], vmaxv.v[j], cv.v[j]);
+    }
+    reinterpret_cast<VecT*>(w)[k] = wv;
+    reinterpret_cast<VecT*>(m)[k] = mv;
+    reinterpret_cast<VecT*>(v)[k] = vv;
+    if constexpr (amsgrad) {
+      reinterpret_cast<VecT*>(vmax)[k] = vmaxv;
+    }
+  };
+  auto elem_op = [&](int64_t i) {
+    scalar_t no_vmax;
+    element(w[i], w0[i], g[i], m[i], v[i], amsgrad ? vmax[i] : no_vmax, with_center ? center[i] : scalar_t(0));
+  };
+  grid_stride<scalar_t>(n, vectorized, vec_op, elem_op);
+}
+
+void adam_step_cuda(at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad, at::Tensor& exp_avg,
+                    at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                    const std::optional<at::Tensor>& center, const at::Tensor& step, const at::Tensor& found_inf,
+                    double lr, double beta1, double beta2, double eps, double weight_decay,
+                    bool decoupled_weight_decay, bool amsgrad, bool maximize, double ghat_coef, double center_coef) {
+  check_adam_step_args(param, backup, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, center, step, found_inf, amsgrad);
+  const c10::cuda::CUDAGuard guard(param.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::adam_step_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* w = param.data_ptr<scalar_t>();
+    const scalar_t* bak = backup.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* m = exp_avg.data_ptr<scalar_t>();
+    scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
+    scalar_t* vmax = max_exp_avg_sq.has_value() ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ctr = center.has_value() ? center->const_data_ptr<scalar_t>() : nullptr;
+    const int64_t n = param.numel();
+    if (n == 0) {
+      return;
+    }
+    const bool vectorized = all_aligned({w, bak, g, m, v, vmax, ctr});
+    const int grid = grid_for(vectorized ? n / vec_len<scalar_t>() : n);
+    const auto coefs = math::adam_coefs<acc_t>(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay);
+    auto launch = [&](auto amsgrad_tag, auto center_tag) {
+      adam_step_kernel<scalar_t, acc_t, decltype(amsgrad_tag)::value, decltype(center_tag)::value>
+          <<<grid, kThreads, 0, stream>>>(w, bak, g, m, v, vmax, ctr, step.const_data_ptr<float>(),
+                                          found_inf.const_data_ptr<float>(), coefs, lr, beta1, beta2,
+                                          static_cast<acc_t>(ghat_coef), static_cast<acc_t>(center_coef), maximize,
+                                          n, vectorized);
+    };
+    using yes = std::true_type;
+    using no = std::false_type;
+    if (vmax) {
+      ctr ? launch(yes{}, yes{}) : launch(yes{}, no{});
+    } else {
+      ctr ? launch(no{}, yes{}) : launch(no{}, no{});
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_lesam, CUDA, m) {
@@ -546,6 +732,8 @@ TORCH_LIBRARY_IMPL(fused_lesam, CUDA, m) {
   m.impl("xsam_dots", &xsam_dots_cuda);
   m.impl("xsam_restore_", &xsam_restore_cuda);
   m.impl("xsam_probe_", &xsam_probe_cuda);
+  m.impl("sgd_step_", &sgd_step_cuda);
+  m.impl("adam_step_", &adam_step_cuda);
 }
 
 }  // namespace fused_lesam

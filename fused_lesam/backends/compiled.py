@@ -17,7 +17,7 @@ from . import reference
 
 import fused_lesam._C  # noqa: F401  (registers torch.ops.fused_lesam)
 
-_OPS = ("sq_norm", "perturb_", "restore_", "xsam_dots", "xsam_restore_", "xsam_probe_")
+_OPS = ("sq_norm", "perturb_", "restore_", "xsam_dots", "xsam_restore_", "xsam_probe_", "sgd_step_", "adam_step_")
 
 
 def has_kernels(dispatch_key: str) -> bool:
@@ -63,6 +63,19 @@ def _xsam_probe_fake(param, backup, grad, delta, coefs, save_delta) -> None:
     return None
 
 
+@torch.library.register_fake("fused_lesam::sgd_step_")
+def _sgd_step_fake(param, backup, grad, momentum_buffer, center, found_inf, lr, momentum, dampening, weight_decay,
+                   nesterov, maximize, init_buffer, ghat_coef, center_coef) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_lesam::adam_step_")
+def _adam_step_fake(param, backup, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, center, step, found_inf, lr, beta1,
+                    beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, ghat_coef,
+                    center_coef) -> None:
+    return None
+
+
 # The ops take the arguments of the reference backend's functions, in the same order.
 sq_norm = torch.ops.fused_lesam.sq_norm
 perturb_ = torch.ops.fused_lesam.perturb_
@@ -70,3 +83,5 @@ restore_ = torch.ops.fused_lesam.restore_
 xsam_dots = torch.ops.fused_lesam.xsam_dots
 xsam_restore_ = torch.ops.fused_lesam.xsam_restore_
 xsam_probe_ = torch.ops.fused_lesam.xsam_probe_
+sgd_step_ = torch.ops.fused_lesam.sgd_step_
+adam_step_ = torch.ops.fused_lesam.adam_step_
