@@ -134,8 +134,6 @@ class SharpnessAware(torch.optim.Optimizer):
     def _choose_base_update(self) -> None:
         """Fuse the base optimizer's step into the restore where it can be (see the class docstring)."""
         kind, why = fused_kind(self.base, self._buckets)
-        if kind is not None and not all(hasattr(ops, f"{kind}_step_") for ops in self._ops.values()):  # TEMP until merge
-            kind, why = None, "backend lacks the op"
         if self._base_update_request == "fused" and kind is None:
             raise ValueError(f"base_update='fused' is not possible: {why}; use base_update='auto' or 'generic'")
         if self._base_update_request == "generic" or kind is None:
