@@ -237,7 +237,8 @@ FL_HOST_DEVICE void adam_bias_corrections(AdamCoefs<acc_t>& c, double t, double 
 // The new weight; m, v (and vmax with amsgrad) hold the stored state on entry and the new state,
 // rounded, on exit (`vmax` is not touched without amsgrad).
 template <bool amsgrad, typename scalar_t, typename acc_t>
-FL_HOST_DEVICE acc_t adam_update(acc_t w0, acc_t g, scalar_t& m, scalar_t& v, scalar_t& vmax, const AdamCoefs<acc_t>& c) {
+FL_HOST_DEVICE acc_t adam_update(acc_t w0, acc_t g, scalar_t& m, scalar_t& v, scalar_t& vmax,
+                                 const AdamCoefs<acc_t>& c) {
   g = decayed(g, w0, c.l2_decay, c.weight_decay);
   w0 = w0 * c.decay_factor;
   m = static_cast<scalar_t>(lerp(static_cast<acc_t>(m), g, c.beta1_weight));

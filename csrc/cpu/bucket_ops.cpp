@@ -304,9 +304,11 @@ void xsam_probe_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tenso
 // of line (noinline): inlined into parallel_for's lambda, GCC lost their __restrict__ and left
 // most of Adam's loops scalar (seen with -fopt-info-vec).
 template <typename scalar_t, typename acc_t, bool with_momentum, bool with_center>
-[[gnu::noinline]] void sgd_step_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0, const scalar_t* __restrict__ g,
-                    scalar_t* __restrict__ buf, const scalar_t* __restrict__ center, const math::SgdCoefs<acc_t> c,
-                    acc_t ghat_coef, acc_t center_coef, bool maximize, int64_t begin, int64_t end) {
+[[gnu::noinline]] void sgd_step_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0,
+                                      const scalar_t* __restrict__ g, scalar_t* __restrict__ buf,
+                                      const scalar_t* __restrict__ center, const math::SgdCoefs<acc_t> c,
+                                      acc_t ghat_coef, acc_t center_coef, bool maximize, int64_t begin,
+                                      int64_t end) {
   scalar_t no_buf{};
   for (int64_t i = begin; i < end; ++i) {
     const acc_t gi = math::step_grad<with_center>(static_cast<acc_t>(g[i]),
@@ -363,10 +365,12 @@ void sgd_step_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tensor&
 }
 
 template <typename scalar_t, typename acc_t, bool amsgrad, bool with_center>
-[[gnu::noinline]] void adam_step_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0, const scalar_t* __restrict__ g,
-                     scalar_t* __restrict__ m, scalar_t* __restrict__ v, scalar_t* __restrict__ vmax,
-                     const scalar_t* __restrict__ center, math::AdamCoefs<acc_t> c, acc_t ghat_coef,
-                     acc_t center_coef, bool maximize, int64_t begin, int64_t end) {
+[[gnu::noinline]] void adam_step_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0,
+                                       const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
+                                       scalar_t* __restrict__ v, scalar_t* __restrict__ vmax,
+                                       const scalar_t* __restrict__ center, math::AdamCoefs<acc_t> c,
+                                       acc_t ghat_coef, acc_t center_coef, bool maximize, int64_t begin,
+                                       int64_t end) {
   // Two options of Adam are selects between two per-element values (the lerp's start, the L2
   // decay), which the compiler vectorises only on a constant condition, and this loop is too large
   // for it to unswitch itself: so each gets its own copy of the loop, where it is a constant.

@@ -562,8 +562,8 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   auto element = [&](scalar_t& wi, scalar_t w0i, scalar_t gi, scalar_t& bi, scalar_t ci) {
-    const acc_t gf = math::step_grad<with_center>(static_cast<acc_t>(gi), with_center ? static_cast<acc_t>(ci) : acc_t(0),
-                                                  ghat_coef, center_coef, maximize);
+    const acc_t ct = with_center ? static_cast<acc_t>(ci) : acc_t(0);
+    const acc_t gf = math::step_grad<with_center>(static_cast<acc_t>(gi), ct, ghat_coef, center_coef, maximize);
     wi = static_cast<scalar_t>(math::sgd_update<with_momentum>(static_cast<acc_t>(w0i), gf, bi, c));
   };
   using VecT = Vec<scalar_t>;
@@ -646,8 +646,8 @@ __global__ void __launch_bounds__(kThreads)
   math::adam_bias_corrections(c, static_cast<double>(*step), lr, beta1, beta2);
   auto element = [&](scalar_t& wi, scalar_t w0i, scalar_t gi, scalar_t& mi, scalar_t& vi, scalar_t& vmaxi,
                      scalar_t ci) {
-    const acc_t gf = math::step_grad<with_center>(static_cast<acc_t>(gi), with_center ? static_cast<acc_t>(ci) : acc_t(0),
-                                                  ghat_coef, center_coef, maximize);
+    const acc_t ct = with_center ? static_cast<acc_t>(ci) : acc_t(0);
+    const acc_t gf = math::step_grad<with_center>(static_cast<acc_t>(gi), ct, ghat_coef, center_coef, maximize);
     wi = static_cast<scalar_t>(math::adam_update<amsgrad>(static_cast<acc_t>(w0i), gf, mi, vi, vmaxi, c));
   };
   using VecT = Vec<scalar_t>;

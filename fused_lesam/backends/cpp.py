@@ -6,4 +6,5 @@ from .compiled import (adam_step_, perturb_, require_kernels, restore_, sgd_step
 NAME = "cpp"
 require_kernels("CPU")
 
-__all__ = ["NAME", "sq_norm", "perturb_", "restore_", "xsam_dots", "xsam_restore_", "xsam_probe_", "sgd_step_", "adam_step_"]
+__all__ = ["NAME", "sq_norm", "perturb_", "restore_", "xsam_dots", "xsam_restore_", "xsam_probe_", "sgd_step_",
+           "adam_step_"]

@@ -10,4 +10,5 @@ require_kernels("CUDA")
 if not torch.cuda.is_available():
     raise ImportError("the CUDA kernels are built, but no CUDA device is visible")
 
-__all__ = ["NAME", "sq_norm", "perturb_", "restore_", "xsam_dots", "xsam_restore_", "xsam_probe_", "sgd_step_", "adam_step_"]
+__all__ = ["NAME", "sq_norm", "perturb_", "restore_", "xsam_dots", "xsam_restore_", "xsam_probe_", "sgd_step_",
+           "adam_step_"]
