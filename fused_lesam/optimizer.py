@@ -296,7 +296,7 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def _finish_step(self, found_inf: Tensor, zero_grad: bool) -> None:
         """After the restore: the base step unless ``found_inf``, the counters, the optional zeroing."""
-        self.skipped_steps += found_inf
+        self.skipped_steps.add_(found_inf)  # in place: `+=` also sets the attribute, which torch 2.11's dynamo rejects
         self._base_step(found_inf)
         self._progress.count += 1
         if self.capturable:

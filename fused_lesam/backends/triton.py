@@ -39,6 +39,11 @@ NAME = "triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not (torch.cuda.is_available() or INTERPRETED):
     raise ImportError("the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to run them on the CPU)")
+if INTERPRETED:
+    # The interpreter makes triton.jit return an InterpretedFunction: torch 2.14's wrap_triton hands
+    # it back as is, torch 2.11's rejects it. Launch it directly then, on every torch.
+    def wrap_triton(kernel):
+        return kernel
 
 CHUNK = 16384  # elements per partial sum of the norm, as in the C++/CUDA kernels
 REDUCE_BLOCK = 1024  # elements loaded at a time by the norm programs
