@@ -207,6 +207,20 @@ def perturb_(param: Tensor, grad: Tensor, backup: Optional[Tensor], sq: Tensor, 
     return rho
 
 
+if torch.__version__ < (2, 14):
+    # torch 2.11's autograd layer of a custom op bumps the version of every mutated argument by its
+    # position, but the dispatcher leaves out trailing arguments at their defaults: perturb_ without
+    # center and sigma_t fails there (IndexError). Its replacement skips the ones left out, as later
+    # torch does; the op itself is unchanged.
+    def _perturb_inplace_or_view(keyset, *args, **kwargs):
+        for i in (0, 2, 8):  # param, backup, center
+            if i < len(args):
+                torch._library.custom_ops.increment_version(args[i])
+        return perturb_._opoverload.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
+
+    perturb_._lib.impl("perturb_", _perturb_inplace_or_view, "ADInplaceOrView", with_keyset=True, allow_override=True)
+
+
 @triton_op("fused_lesam_triton::restore_", mutates_args=("param", "grad"))
 def restore_(param: Tensor, backup: Tensor, grad: Tensor, center: Optional[Tensor], ghat_coef: float,
              center_coef: float) -> None:
