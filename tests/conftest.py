@@ -61,7 +61,7 @@ def sum_error_bound(terms, depth, accumulate_in):
       |error| <= lambda u sqrt(sum T^2) <= lambda sqrt(depth) u * sum |t_i| but with probability
       2 exp(-lambda^2 / 2), since sum T^2 <= max |T| * sum |T| <= depth * (sum |t_i|)^2.
 
-    The bound is the smaller of the two (the second from depth ~ 50 on), plus 2 u64 * sum |t_i|
+    The bound is the smaller of the two (the second from depth 37 on), plus 2 u64 * sum |t_i|
     for the fp64 truth's own roundings, plus an absolute floor for underflow: a term or a partial sum
     below the smallest normal number may be flushed to zero, losing less than it each time.
     """
