@@ -125,6 +125,9 @@ class SharpnessAware(torch.optim.Optimizer):
         old = getattr(self, "skipped_steps", None)
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=main) if old is None else old.to(main)
         self.last_grad_norm = torch.zeros((), device=main)
+        if getattr(self.base, "_step_supports_amp_scaling", False):  # GradScaler's protocol, read by torch's fused
+            # optimizers to skip on the device; set here, then written in place: torch 2.11's dynamo cannot set them
+            self.base.grad_scale, self.base.found_inf = None, torch.zeros((), device=main)
         self.last_rho = torch.zeros(n_groups, device=main)
         self.last_sigma = torch.zeros(n_groups, device=main)
         if self.capturable:  # the step count the schedule reads, advanced on the device
@@ -336,7 +339,7 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def _finish_step(self, found_inf: Tensor, zero_grad: bool) -> None:
         """After the restore: the base step unless ``found_inf``, the counters, the optional zeroing."""
-        self.skipped_steps += found_inf
+        self.skipped_steps.add_(found_inf)  # in place: `+=` also sets the attribute, which torch 2.11's dynamo rejects
         self._base_step(found_inf)
         self._count_step(zero_grad)
 
@@ -372,10 +375,10 @@ class SharpnessAware(torch.optim.Optimizer):
         # A parameter's first base step is decided on the host too: torch's fused SGD creates its
         # momentum buffers uninitialised and fills them in the kernel, so a first step skipped on
         # the device would leave garbage (possibly NaN) in the state.
-        if getattr(self.base, "_step_supports_amp_scaling", False) and self._base_state_ready():
-            # torch's fused optimizers read these (GradScaler's protocol) and skip on the device.
-            self.base.grad_scale = None
-            self.base.found_inf = found_inf.to(torch.float32)
+        device_skip = getattr(self.base, "_step_supports_amp_scaling", False)
+        if device_skip:  # torch's fused optimizers read it (see _build), also where the host decides below
+            self.base.found_inf.copy_(found_inf)
+        if device_skip and self._base_state_ready():
             self.base.step()
         elif not bool(found_inf):  # the one host sync: this base optimizer cannot skip on the device
             self.base.step()

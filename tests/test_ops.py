@@ -1,6 +1,9 @@
 """Every bucket op of the kernel backends equals the "torch" reference backend (the specification).
 
-The inputs cover what the kernels treat apart: empty and one-element buckets, sizes around the
+The reductions (sq_norm here, xsam_dots in tests/test_ops_xsam.py) are held, on every backend the
+reference included, to an error bound around their exact (fp64) sum, and must be exact where every
+partial sum is (small integers): torch's own fp32 dot differs by CPU and BLAS. The inputs cover
+what the kernels treat apart: empty and one-element buckets, sizes around the
 16-element vector width, a bucket over a million elements (many reduction chunks, several
 threads), views at an odd offset (pointers not 16-byte aligned), several buckets in one call,
 gradients that are zero, tiny, huge or not finite, the adaptive form and the LE-SAM+ combine.
@@ -13,7 +16,7 @@ import os
 import pytest
 import torch
 
-from conftest import assert_bits_equal, assert_close
+from conftest import assert_bits_equal, assert_close, assert_sum_close
 from fused_lesam.backends import reference, resolve
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -35,17 +38,71 @@ TARGETS = {
 }
 
 
-def targets():
-    return [pytest.param(backend, device, id=name, marks=marks) for name, (backend, device, _, marks) in TARGETS.items()]
+# The reductions are checked on the reference backend too (its torch.dot goes through the BLAS
+# torch was built with, whose rounding differs by CPU), against the exact sum like the kernels.
+REDUCTION_TARGETS = {
+    "torch": ("torch", "cpu", COMPILED_SIZES, ()),
+    "torch-cuda": ("torch", "cuda", COMPILED_SIZES, (pytest.mark.cuda,)),
+    **TARGETS,
+}
 
 
-def targets_and_sizes():
+def targets(table=TARGETS):
+    return [pytest.param(backend, device, id=name, marks=marks) for name, (backend, device, _, marks) in table.items()]
+
+
+def targets_and_sizes(table=TARGETS):
     return [pytest.param(backend, device, size, id=f"{name}-{size}", marks=marks)
-            for name, (backend, device, sizes, marks) in TARGETS.items() for size in sizes]
+            for name, (backend, device, sizes, marks) in table.items() for size in sizes]
 
 
 def largest_size(backend, device):
-    return next(max(sizes) for b, d, sizes, _ in TARGETS.values() if (b, d) == (backend, device))
+    return next(max(sizes) for b, d, sizes, _ in REDUCTION_TARGETS.values() if (b, d) == (backend, device))
+
+
+REDUCE_CHUNK = 16384  # elements per partial sum in every kernel (csrc/lesam_math.h kReduceChunk)
+
+
+def summation_depth(backend, sizes):
+    """The longest chain of roundings from a term to the result (conftest.sum_error_bound) of a
+    reduction over buckets of ``sizes`` elements: up to 3 making a term (w g, then its square; or
+    D = w - b, then D g) and a final conversion, plus the summation's own depth. The kernels sum a
+    chunk in running sums of at most 1024 terms (C++: 16 lanes of 1024; CUDA: a thread's 64, then
+    a tree; Triton: 1024 lanes of 16, then a tree), then the lanes (at most 16 deep), then the
+    partials of every chunk one after another (or fewer levels). The "torch" backend hands each
+    bucket to torch.dot, i.e. to the BLAS torch was built with: its order is unknown, and a plain
+    loop, n deep, is the deepest there is; then it adds the buckets' results."""
+    largest = max(sizes, default=0)
+    if backend == "torch":
+        return largest + len(sizes) + 4
+    return min(largest, 1024) + 16 + sum(math.ceil(n / REDUCE_CHUNK) for n in sizes) + 4
+
+
+def sq_terms(grad, weight):
+    """The exact terms of sq_norm's sum (fp64): g^2, or (|w| g)^2."""
+    x = grad.double() if weight is None else grad.double() * weight.double()
+    return x * x
+
+
+def sq_parts(grads, weights):
+    """sq_norm's terms per bucket with the dtype each bucket is summed in, for assert_sum_close."""
+    return [(sq_terms(g, w), reference.acc_dtype(g.dtype)) for g, w in zip(grads, weights)]
+
+
+def integer_bucket(size, dtype, device, seed, offset=0):
+    """Values in {-2, -1, 1, 2}: exact in every dtype, and so are their products and, below 2^24,
+    every partial sum of them, in any order: a sum of them has one right answer."""
+    gen = torch.Generator().manual_seed(seed)
+    magnitudes = torch.randint(1, 3, (size,), generator=gen, dtype=torch.float64)
+    signs = torch.randint(0, 2, (size,), generator=gen, dtype=torch.float64) * 2 - 1
+    return at_offset((magnitudes * signs).to(dtype).to(device), offset)
+
+
+def exact_sum(parts):
+    """The exact sum of integer terms, checked to be one that fp32 holds at every step."""
+    total = math.fsum(float(terms.abs().sum()) for terms, _ in parts)
+    assert total < 2**24, "every partial sum must be exact in fp32"
+    return math.fsum(float(terms.sum()) for terms, _ in parts)
 
 
 OFFSETS = [0, 3]  # 3 elements in: the bucket's pointer is not 16-byte aligned
@@ -94,7 +151,7 @@ def run_perturb(ops, w, g, sq, radius, adaptive, with_center, offset, sigma_t=No
     return param, backup, center, rho
 
 
-@pytest.mark.parametrize("backend,device,size", targets_and_sizes())
+@pytest.mark.parametrize("backend,device,size", targets_and_sizes(REDUCTION_TARGETS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -103,12 +160,38 @@ def test_sq_norm(backend, device, dtype, size, offset, adaptive):
     grad = random_bucket(size, dtype, device, seed=1, offset=offset)
     weight = random_bucket(size, dtype, device, seed=2, offset=offset) if adaptive else None
     got = ops.sq_norm([grad], [weight])
-    want = reference.sq_norm([grad], [weight])
-    assert got.shape == () and got.dtype == want.dtype and got.device == want.device
-    assert_close(got, want)
+    assert got.shape == () and got.dtype == reference.acc_dtype(dtype) and got.device == grad.device
+    assert_sum_close(got, sq_parts([grad], [weight]), summation_depth(backend, [size]))
 
 
-@pytest.mark.parametrize("backend,device", targets())
+@pytest.mark.parametrize("backend,device", targets(REDUCTION_TARGETS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sq_norm_counts_every_element(backend, device, dtype, adaptive):
+    """Exact where every partial sum is: an element missed or counted twice (a chunk's or a lane's
+    tail, an unaligned head) changes the result, which rounding cannot hide."""
+    ops = resolve(backend, torch.device(device))
+    size = largest_size(backend, device)
+    grads = [integer_bucket(size, dtype, device, seed=60, offset=3), integer_bucket(37, dtype, device, seed=61)]
+    weights = [integer_bucket(size, dtype, device, seed=62, offset=3) if adaptive else None, None]
+    assert ops.sq_norm(grads, weights).item() == exact_sum(sq_parts(grads, weights))
+
+
+@pytest.mark.parametrize("backend,device,size", [t for t in targets_and_sizes() if t.values[2] > 0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sum_bound_notices_a_missing_term(backend, device, size, dtype):
+    """The kernels' bound is tight enough that a sum without the bucket's largest term fails it."""
+    ops = resolve(backend, torch.device(device))
+    grad = random_bucket(size, dtype, device, seed=1)
+    terms = sq_terms(grad, None)
+    without_largest = torch.cat([terms[:terms.argmax()], terms[terms.argmax() + 1:]])
+    got = ops.sq_norm([grad], [None])
+    assert_sum_close(got, [(terms, torch.float32)], summation_depth(backend, [size]))
+    with pytest.raises(AssertionError, match="over the bound"):
+        assert_sum_close(got, [(without_largest, torch.float32)], summation_depth(backend, [size]))
+
+
+@pytest.mark.parametrize("backend,device", targets(REDUCTION_TARGETS))
 def test_sq_norm_sums_several_buckets(backend, device):
     ops = resolve(backend, torch.device(device))
     specs = [(torch.float32, 17, 3, False), (torch.bfloat16, 4095, 0, True), (torch.float16, 16, 1, False),
@@ -118,25 +201,25 @@ def test_sq_norm_sums_several_buckets(backend, device):
                for i, (dt, n, _, adaptive) in enumerate(specs)]
     got = ops.sq_norm(grads, weights)
     assert got.dtype == torch.float32
-    assert_close(got, reference.sq_norm(grads, weights))
+    assert_sum_close(got, sq_parts(grads, weights), summation_depth(backend, [n for _, n, _, _ in specs]))
     # A float64 bucket makes the whole sum float64 (the float32 buckets' parts stay float32-accurate).
     grads.append(random_bucket(33, torch.float64, device, seed=99))
     weights.append(None)
     got = ops.sq_norm(grads, weights)
     assert got.dtype == torch.float64
-    assert_close(got, reference.sq_norm(grads, weights), dtype=torch.float32)
+    assert_sum_close(got, sq_parts(grads, weights), summation_depth(backend, [g.numel() for g in grads]))
 
 
-@pytest.mark.parametrize("backend,device", targets())
-@pytest.mark.parametrize("regime", ["nan", "inf", "huge", "zero"])
+@pytest.mark.parametrize("backend,device", targets(REDUCTION_TARGETS))
+@pytest.mark.parametrize("regime", ["nan", "inf", "huge", "tiny", "zero"])
 def test_sq_norm_of_extreme_gradients(backend, device, regime):
     ops = resolve(backend, torch.device(device))
     grads = [random_bucket(5000, torch.float32, device, seed=3, regime=regime), random_bucket(40, torch.bfloat16, device, seed=4)]
-    got, want = ops.sq_norm(grads, [None, None]), reference.sq_norm(grads, [None, None])
+    got = ops.sq_norm(grads, [None, None])
     if regime in ("nan", "inf"):
         assert torch.isnan(got) if regime == "nan" else torch.isinf(got)
     else:
-        assert_close(got, want)
+        assert_sum_close(got, sq_parts(grads, [None, None]), summation_depth(backend, [5000, 40]))
 
 
 @pytest.mark.parametrize("backend,device", targets())

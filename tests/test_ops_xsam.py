@@ -1,34 +1,67 @@
 """XSAM's bucket ops (xsam_dots, xsam_restore_, xsam_probe_) and perturb_ without a backup, on every
-kernel backend, against the "torch" reference: the same targets, sizes, dtypes and unaligned
-offsets as tests/test_ops.py, opcheck, whole-graph tracing, and errors that name the argument."""
+kernel backend, against the "torch" reference (the dots, on the reference too, against their exact
+sums): the same targets, sizes, dtypes and unaligned offsets as tests/test_ops.py, opcheck,
+whole-graph tracing, and errors that name the argument."""
 
 import math
 
 import pytest
 import torch
 
-from conftest import assert_bits_equal, assert_close
+from conftest import assert_bits_equal, assert_close, assert_sum_close
 from fused_lesam.backends import reference, resolve
-from test_ops import (DTYPES, LESAM, OFFSETS, TRACEABLE, assert_same_bits_with_any_thread_count, clone_at, largest_size,
-                      random_bucket, targets, targets_and_sizes)
+from test_ops import (DTYPES, LESAM, OFFSETS, REDUCTION_TARGETS, TRACEABLE, assert_same_bits_with_any_thread_count,
+                      clone_at, exact_sum, integer_bucket, largest_size, random_bucket, summation_depth, targets,
+                      targets_and_sizes)
 
 
 def coefs_for(device, dtype=torch.float32):
     return torch.tensor([0.37, -1.25], dtype=dtype, device=device)
 
 
-@pytest.mark.parametrize("backend,device,size", targets_and_sizes())
+def dots_parts(params, backups, grads):
+    """The exact terms of the three sums of xsam_dots (fp64), D D, g g and D g with D = w - b, per
+    bucket with the dtype it is summed in: three lists for assert_sum_close."""
+    parts = ([], [], [])
+    for w, b, g in zip(params, backups, grads):
+        delta, grad, dtype = w.double() - b.double(), g.double(), reference.acc_dtype(w.dtype)
+        for sums, terms in zip(parts, (delta * delta, grad * grad, delta * grad)):
+            sums.append((terms, dtype))
+    return parts
+
+
+def assert_dots_close(got, params, backups, grads, backend):
+    depth = summation_depth(backend, [w.numel() for w in params])
+    for j, (value, parts) in enumerate(zip(got, dots_parts(params, backups, grads))):
+        assert_sum_close(value, parts, depth, msg=["D.D", "g.g", "D.g"][j])
+
+
+@pytest.mark.parametrize("backend,device,size", targets_and_sizes(REDUCTION_TARGETS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", OFFSETS)
 def test_xsam_dots(backend, device, dtype, size, offset):
     ops = resolve(backend, torch.device(device))
     w, b, g = (random_bucket(size, dtype, device, seed=s, offset=offset) for s in (40, 41, 42))
-    got, want = ops.xsam_dots([w], [b], [g]), reference.xsam_dots([w], [b], [g])
-    assert got.shape == (3,) and got.dtype == want.dtype and got.device == want.device
-    assert_close(got, want)
+    got = ops.xsam_dots([w], [b], [g])
+    assert got.shape == (3,) and got.dtype == reference.acc_dtype(dtype) and got.device == w.device
+    assert_dots_close(got, [w], [b], [g], backend)
 
 
-@pytest.mark.parametrize("backend,device", targets())
+@pytest.mark.parametrize("backend,device", targets(REDUCTION_TARGETS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_xsam_dots_counts_every_element(backend, device, dtype):
+    """Exact on small integers (w = b + D, all of them in [-4, 4]): a missed or doubled element
+    changes a dot, which rounding cannot hide (see test_ops.test_sq_norm_counts_every_element)."""
+    ops = resolve(backend, torch.device(device))
+    size = largest_size(backend, device)
+    backups = [integer_bucket(size, dtype, device, seed=70, offset=3), integer_bucket(37, dtype, device, seed=71)]
+    params = [b + integer_bucket(b.numel(), dtype, device, seed=72 + i) for i, b in enumerate(backups)]
+    grads = [integer_bucket(size, dtype, device, seed=74, offset=3), integer_bucket(37, dtype, device, seed=75)]
+    got = ops.xsam_dots(params, backups, grads)
+    assert got.tolist() == [exact_sum(parts) for parts in dots_parts(params, backups, grads)]
+
+
+@pytest.mark.parametrize("backend,device", targets(REDUCTION_TARGETS))
 def test_xsam_dots_sums_several_buckets(backend, device):
     ops = resolve(backend, torch.device(device))
     specs = [(torch.float32, 17, 3), (torch.bfloat16, 4095, 0), (torch.float16, 16, 1), (torch.float32, 0, 0),
@@ -38,12 +71,12 @@ def test_xsam_dots_sums_several_buckets(backend, device):
     params, backups, grads = (list(t) for t in zip(*buckets))
     got = ops.xsam_dots(params, backups, grads)
     assert got.dtype == torch.float32
-    assert_close(got, reference.xsam_dots(params, backups, grads))
+    assert_dots_close(got, params, backups, grads, backend)
     for bucket_list, seed in zip((params, backups, grads), (97, 98, 99)):
         bucket_list.append(random_bucket(33, torch.float64, device, seed=seed))
     got = ops.xsam_dots(params, backups, grads)
     assert got.dtype == torch.float64
-    assert_close(got, reference.xsam_dots(params, backups, grads), dtype=torch.float32)
+    assert_dots_close(got, params, backups, grads, backend)
 
 
 @pytest.mark.parametrize("backend,device", targets())

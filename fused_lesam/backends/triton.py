@@ -47,6 +47,11 @@ NAME = "triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not (torch.cuda.is_available() or INTERPRETED):
     raise ImportError("the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to run them on the CPU)")
+if INTERPRETED:
+    # The interpreter makes triton.jit return an InterpretedFunction: torch 2.14's wrap_triton hands
+    # it back as is, torch 2.11's rejects it. Launch it directly then, on every torch.
+    def wrap_triton(kernel):
+        return kernel
 
 CHUNK = 16384  # elements per partial sum of the norm, as in the C++/CUDA kernels
 REDUCE_BLOCK = 1024  # elements loaded at a time by the norm programs
@@ -230,6 +235,20 @@ def perturb_(param: Tensor, grad: Tensor, backup: Optional[Tensor], sq: Tensor, 
         SAVE_BACKUP=backup is not None, SAVE_CENTER=center is not None, SIGMA_ON_DEVICE=sigma_t is not None,
         min_programs=1)  # one program at least: it stores rho_t
     return rho
+
+
+if torch.__version__ < (2, 14):
+    # torch 2.11's autograd layer of a custom op bumps the version of every mutated argument by its
+    # position, but the dispatcher leaves out trailing arguments at their defaults: perturb_ without
+    # center and sigma_t fails there (IndexError). Its replacement skips the ones left out, as later
+    # torch does; the op itself is unchanged.
+    def _perturb_inplace_or_view(keyset, *args, **kwargs):
+        for i in (0, 2, 8):  # param, backup, center
+            if i < len(args):
+                torch._library.custom_ops.increment_version(args[i])
+        return perturb_._opoverload.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
+
+    perturb_._lib.impl("perturb_", _perturb_inplace_or_view, "ADInplaceOrView", with_keyset=True, allow_override=True)
 
 
 @triton_op("fused_lesam_triton::restore_", mutates_args=("param", "grad"))
