@@ -8,6 +8,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 
+import fused_lesam
 import report
 from common import machine, sync, write_json
 
@@ -24,15 +25,15 @@ def pytest_addoption(parser):
     parser.addoption("--warmup", type=int, default=2, help="untimed steps per row before the first round")
 
 
-def _option(name):
-    @pytest.fixture(scope="session")
+def _option_fixture(option):
+    @pytest.fixture(scope="session", name=option.lstrip("-"))
     def fixture(request):
-        return request.config.getoption(name)
+        return request.config.getoption(option)
 
     return fixture
 
 
-rounds, steps, warmup = (_option(name) for name in ("--rounds", "--steps", "--warmup"))
+rounds, steps, warmup = (_option_fixture(option) for option in ("--rounds", "--steps", "--warmup"))
 
 
 @pytest.fixture(scope="session")
@@ -93,12 +94,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     reports = list(_reports.values())
     write = terminalreporter.write_line
     write("")
-    write(f"Optimizer step on {device} ({machine(device)['cpu']}, {torch.get_num_threads()} threads)")
+    write(f"Optimizer step on {device} ({machine(device)['cpu']}, {torch.get_num_threads()} threads), "
+          f"fused_lesam from {fused_lesam.__file__}")
     for line in report.format_tables(reports, config.getoption("--rounds"), config.getoption("--steps")):
         write(line)
     write(report.summary_line(reports))
     path = write_json("step_overhead.json", dict(
-        machine=machine(device), rounds=config.getoption("--rounds"), steps=config.getoption("--steps"),
+        machine=machine(device), fused_lesam_path=fused_lesam.__file__, rounds=config.getoption("--rounds"), steps=config.getoption("--steps"),
         warmup=config.getoption("--warmup"), ideal_bytes_per_param=report.IDEAL_BYTES,
         copy_bytes_per_param=report.COPY_BYTES, groups=reports,
         launches_independent_of_tensors=report.launches_independent_of_tensors(reports)))

@@ -17,14 +17,16 @@ import torch
 
 import baselines
 import epoch_time
+import models
 import radius_dynamics
 import report
 import test_step_overhead
 from common import CIFAR_MEAN, CIFAR_STD, Batches
 from conftest import SmallConvNet, assert_close, make_batches, sam_step
-from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM
-import models
 from models import param_shapes
+
+import fused_lesam
+from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM
 
 
 @pytest.fixture(autouse=True)
@@ -183,7 +185,10 @@ def test_step_microbenchmark_smoke(results_in_tmp):
     bench = Path(__file__).resolve().parent.parent / "bench"
     # One thread: the run checks what the benchmark computes and writes, not its speed, and a shared
     # machine's oversubscribed OpenMP threads can make a single step take seconds.
-    env = {**os.environ, "FUSED_LESAM_BENCH_RESULTS": str(results_in_tmp), "OMP_NUM_THREADS": "1"}
+    # The package under test, not whichever an editable install elsewhere would give a run from bench/.
+    package_root = str(Path(fused_lesam.__file__).resolve().parent.parent)
+    env = {**os.environ, "FUSED_LESAM_BENCH_RESULTS": str(results_in_tmp), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.pop("TRITON_INTERPRET", None)
     run = subprocess.run([sys.executable, "-m", "pytest", str(bench / "test_step_overhead.py"), "-q", "-p",
                           "no:cacheprovider", "--sets", "many600", "--bases", "sgd,adamw", "--rounds", "2", "--steps", "1",
@@ -192,7 +197,7 @@ def test_step_microbenchmark_smoke(results_in_tmp):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "| many600 | 600 | 1.25M | SGD |" in run.stdout and "| many600 | AdamW | cpp* |" in run.stdout
     saved = json.loads((results_in_tmp / "step_overhead.json").read_text())
-    assert saved["machine"]["cpu"] and saved["rounds"] == 2
+    assert saved["machine"]["cpu"] and saved["rounds"] == 2 and saved["fused_lesam_path"] == fused_lesam.__file__
     for group, base in zip(saved["groups"], ("sgd", "adamw")):
         assert (group["set"], group["base"], group["tensors"], group["params"]) == ("many600", base, 600, 1249800)
         rows = group["rows"]
