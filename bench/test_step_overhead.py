@@ -18,7 +18,8 @@ Then one more step per row under the profiler: operators dispatched from Python 
 launched (GPU). bench/conftest.py prints the report and writes bench/results/step_overhead.json.
 
     .venv/bin/python -m pytest bench/test_step_overhead.py [--device cuda] [--sets resnet18,vit_s16,many600]
-                                                           [--bases sgd,adamw] [--rounds 7] [--steps 20]
+                                                           [--bases sgd,adamw] [--backends all|auto|cpp,...]
+                                                           [--rounds 7] [--steps 20] [--warmup 2]
 """
 
 from __future__ import annotations
@@ -46,10 +47,17 @@ BASES = {  # the issue's measurement set-up; the optimizers' own defaults otherw
 LESAM = dict(sigma=0.35, rho_max=0.4)  # FusedLESAM's defaults, given to the loop so both do the same maths
 
 
-def kernel_backends(device: torch.device) -> list[str]:
+def kernel_backends(device: torch.device, wanted: str = "all") -> list[str]:
+    """The backends to time: "all" usable ones, or a comma list in which "auto" is the default's."""
     # Triton on CPU tensors is its interpreter: a test tool, not something to time.
-    return [name for name, why in fused_lesam.available_backends().items()
-            if not why and (device.type == "cuda" or name in ("torch", "cpp"))]
+    usable = [name for name, why in fused_lesam.available_backends().items()
+              if not why and (device.type == "cuda" or name in ("torch", "cpp"))]
+    if wanted == "all":
+        return usable
+    names = list(dict.fromkeys(resolve("auto", device).NAME if name == "auto" else name for name in wanted.split(",")))
+    if any(name not in usable for name in names):
+        raise pytest.UsageError(f"--backends {wanted}: usable here are {', '.join(usable)}")
+    return names
 
 
 def pytest_generate_tests(metafunc):
@@ -114,7 +122,7 @@ def two_steps(opt):
     return step
 
 
-def test_step(param_set, base, device, rounds, steps, warmup, record):
+def test_step(param_set, base, device, backends, rounds, steps, warmup, record):
     shapes = param_shapes(param_set)
     n = sum(math.prod(s) for s in shapes)
     base_cls, hyper = BASES[base]
@@ -125,7 +133,6 @@ def test_step(param_set, base, device, rounds, steps, warmup, record):
         "loop": PerTensorSAM(values.fresh(), base_cls, **LESAM, **hyper),
         "loop-fused": PerTensorSAM(values.fresh(), base_cls, **LESAM, fused=True, **hyper),
     }
-    backends = kernel_backends(device)
     for backend in backends:
         optimizers[f"ours-{backend}"] = FusedLESAM(values.fresh(), base_cls, backend=backend, **hyper)
     rows.update({name: two_steps(opt) for name, opt in optimizers.items()})
