@@ -20,6 +20,8 @@ def pytest_addoption(parser):
     parser.addoption("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.addoption("--sets", default="resnet18,vit_s16,many600", help="parameter sets, from bench/models.py")
     parser.addoption("--bases", default="sgd,adamw", help="base optimizers: sgd, adamw")
+    parser.addoption("--backends", default="all",
+                     help='kernel backends of the ours-<backend> rows: "all" usable ones, or a list ("auto": the default)')
     parser.addoption("--rounds", type=int, default=7, help="interleaved rounds; the median is reported")
     parser.addoption("--steps", type=int, default=20, help="timed steps per round and row")
     parser.addoption("--warmup", type=int, default=2, help="untimed steps per row before the first round")
@@ -39,6 +41,13 @@ rounds, steps, warmup = (_option_fixture(option) for option in ("--rounds", "--s
 @pytest.fixture(scope="session")
 def device(request):
     return torch.device(request.config.getoption("--device"))
+
+
+@pytest.fixture(scope="session")
+def backends(request, device):
+    from test_step_overhead import kernel_backends
+
+    return kernel_backends(device, request.config.getoption("--backends"))
 
 
 class _PythonCalls(TorchFunctionMode):
