@@ -97,7 +97,7 @@ def test_radius_dynamics_logs_the_telemetry(results_in_tmp):
 
 
 def rows_of(copy_s, loop_s, loop_fused_s, ours, **extra):
-    """Made-up rows of one set x base: every round the same time, except as given."""
+    """Made-up rows of one set x base, one round each."""
     rows = {"copy": report.spread([copy_s]), "loop": report.spread([loop_s]),
             "loop-fused": report.spread([loop_fused_s])}
     for backend, seconds in ours.items():
