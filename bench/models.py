@@ -7,6 +7,12 @@ small ViT for a parameter set of many small tensors.
   identity shortcuts, average pooling when downsampling (28.3M, the PyramidNet paper's figure).
 - ViT for 32x32 images: 4x4 patches, 12 encoder layers of width 384 (about 150 tensors).
 Build them on the "meta" device to get parameter shapes without memory (`param_shapes`).
+
+Two more parameter sets serve only the step microbenchmark (bench/test_step_overhead.py), which
+needs shapes, not a model to train on CIFAR images (`PARAM_SETS`):
+- vit_s16: ViT-S/16 at 224 px (16x16 patches, a class token, 12 layers of width 384) with a
+  100-class head, as ViTs are fine-tuned on upscaled CIFAR-100: 152 tensors, 21.7M parameters.
+- many600: 600 small tensors of 2083 elements, 1.25M parameters: where per-tensor work dominates.
 """
 
 from __future__ import annotations
@@ -134,12 +140,38 @@ class ViT(nn.Module):
         return self.fc(self.norm(self.encoder(x)).mean(dim=1))
 
 
+class ViTS16(nn.Module):
+    def __init__(self, depth: int = 12, dim: int = 384, heads: int = 6, patch: int = 16, image: int = 224,
+                 num_classes: int = 100):
+        super().__init__()
+        tokens = (image // patch) ** 2
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, tokens + 1, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1) + self.pos
+        return self.fc(self.norm(self.encoder(x))[:, 0])
+
+
 MODELS = {"resnet18": ResNet18, "wrn28_10": WideResNet, "pyramidnet110": PyramidNet, "vit": ViT}
 PAPER_NAMES = {"resnet18": "ResNet-18", "wrn28_10": "WideResNet-28-10", "pyramidnet110": "PyramidNet-110", "vit": "ViT"}
 
 
+# Shape-only sets: built by the step microbenchmark, never trained by epoch_time.py (whose --models
+# all walks MODELS with CIFAR's 32x32 images).
+PARAM_SETS = {"vit_s16": ViTS16, "many600": lambda: [(2083,)] * 600}
+
+
 def param_shapes(name: str) -> list[tuple[int, ...]]:
-    """Shapes of the model's parameters, from a model built on the meta device (no memory)."""
+    """Shapes of the set's parameters; a model's from the model built on the meta device (no memory)."""
     with torch.device("meta"):
-        model = MODELS[name]()
-    return [tuple(p.shape) for p in model.parameters()]
+        made = {**MODELS, **PARAM_SETS}[name]()
+    if isinstance(made, nn.Module):
+        return [tuple(p.shape) for p in made.parameters()]
+    return made
