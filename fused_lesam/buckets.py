@@ -134,7 +134,8 @@ class ParamBucket:
     @torch.no_grad()
     def bind_grads(self) -> None:
         """Make every existing ``.grad`` a view into ``self.grad``; zero the regions of dropped ones."""
-        if not grads_changed(self.params, self._expected_grads):
+        # Under torch.compile the loop below is traced instead: dynamo cannot call into the extension.
+        if not torch.compiler.is_compiling() and not grads_changed(self.params, self._expected_grads):
             return
         for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
             g = p.grad
