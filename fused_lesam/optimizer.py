@@ -318,7 +318,7 @@ class SharpnessAware(torch.optim.Optimizer):
         found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(self._global_sq_norm(adaptive_aware=False)))
         fused = self._fused_update
         if fused is not None and not fused.why_not():
-            self.skipped_steps += found_inf
+            self.skipped_steps.add_(found_inf)
             fused.step(self._ops, self._progress.combine, self._on_devices(found_inf.to(torch.float32)))
             self._progress.perturbed = False
             self._progress.ascents = 0
