@@ -91,6 +91,7 @@ class ParamBucket:
         # bound, None before (and after the user dropped it).
         self._expected_grads: list[Optional[Tensor]] = [None] * len(params)
         self._n_bound = 0
+        self._grad_mark = 0  # the grad buffer's version at `mark_grads`
         with torch.no_grad():
             for p, offset in zip(params, self.offsets):
                 view = _view(self.param, offset, p)
@@ -159,6 +160,20 @@ class ParamBucket:
         """Zero the grad buffer in place; grads stay bound, so the next backward writes straight into it."""
         self.grad.zero_()
 
+    def mark_grads(self) -> None:
+        """Remember the gradients as they are now, for `grads_written`."""
+        self._grad_mark = self.grad._version
+
+    def grads_written(self) -> bool:
+        """Whether a gradient was written since `mark_grads`: a backward accumulates into the bound
+        views in place (which bumps the buffer's version counter, shared by its views) or sets a new
+        ``.grad`` where there was none. One call per bucket unless a ``.grad`` was replaced."""
+        if self.grad._version != self._grad_mark:
+            return True
+        if not grads_changed(self.params, self._expected_grads):
+            return False
+        return any(p.grad is not None and p.grad is not bound for p, bound in zip(self.params, self._expected_grads))
+
     def drop_grads(self) -> None:
         """``.grad = None`` for every parameter, as torch's ``zero_grad(set_to_none=True)`` does."""
         self.grad.zero_()
@@ -220,6 +235,15 @@ class ShardBucket:
     def drop_grads(self) -> None:
         self.params[0].grad = None
         self.grad = self._no_grad
+
+    def mark_grads(self) -> None:
+        grad = self.params[0].grad
+        self._grad_mark = (grad, None if grad is None else grad._version)
+
+    def grads_written(self) -> bool:
+        grad = self.params[0].grad
+        marked, version = getattr(self, "_grad_mark", (None, None))
+        return grad is not marked or (grad is not None and grad._version != version)
 
 
 def _is_dtensor(p: Tensor) -> bool:

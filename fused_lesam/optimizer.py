@@ -26,16 +26,26 @@ from torch import Tensor
 from . import backends
 from .base_update import FusedBaseUpdate, fused_kind
 from .buckets import ParamBucket, ShardBucket, build_buckets
+from .checks import replaced_params_error, watch_params
 from .schedule import check_schedule, sigma_at
 
 __all__ = ["SharpnessAware", "FusedLESAM", "FusedSAM"]
 
 _STATE_KEY = "fused_lesam"
+_NO_LOSS = object()  # step(): the closure was not called for the first pass
 
 
 def _check(name: str, value: Any, ok: bool, need: str) -> None:
     if not ok:
         raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def _unscaled_already(grad_scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the user called ``grad_scaler.unscale_(optimizer)`` in this iteration already (to clip
+    the first gradient, say): a second unscale_ would be an error."""
+    states = getattr(grad_scaler, "_per_optimizer_states", None)
+    stage = states[id(optimizer)].get("stage") if states is not None and id(optimizer) in states else None
+    return getattr(stage, "name", None) == "UNSCALED"
 
 
 def _is_real(value: Any) -> bool:
@@ -79,6 +89,11 @@ class SharpnessAware(torch.optim.Optimizer):
 
     # Hyperparameter names of this kind of optimizer; they live in each param group.
     _hyper_names: tuple[str, ...] = ()
+    # torch.amp.GradScaler's protocol: `scaler.step(opt, closure)` then calls
+    # `opt.step(closure, grad_scaler=scaler)`, so both passes are unscaled here. Without it the
+    # scaler unscales the first pass only and the closure's still-scaled gradient would reach the
+    # base step (an update `scale` times too large).
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, base: type[torch.optim.Optimizer], hyper: dict[str, Any], backend: str,
                  capturable: bool = False, base_update: str = "auto", **base_kwargs):
@@ -113,6 +128,10 @@ class SharpnessAware(torch.optim.Optimizer):
     # ------------------------------------------------------------------ set-up
     def _build(self) -> None:
         self._buckets: list[ParamBucket | ShardBucket] = build_buckets(self.param_groups)
+        if not hasattr(self, "_replaced_params"):
+            self._replaced_params: list = []  # (module, name, old parameter), appended by checks.watch_params' hook
+        watch_params(self, [p for group in self.param_groups for p in group["params"]])
+        self._mark_grads()
         # Sharded (FSDP2) buckets hold a part of the model each: the norm is summed over this group.
         sharded = self._buckets and isinstance(self._buckets[0], ShardBucket)
         self._shard_group = self._buckets[0].mesh.get_group() if sharded else None
@@ -228,7 +247,8 @@ class SharpnessAware(torch.optim.Optimizer):
                 self._check_group(group)
             for bucket in self._buckets:
                 bucket.check_storage()
-        if grad_scaler is not None:
+            self._check_not_replaced()
+        if grad_scaler is not None and not _unscaled_already(grad_scaler, self):
             grad_scaler.unscale_(self)
         self._progress.local, self._progress.local_pending = self._progress.local_pending, False
         for bucket in self._buckets:
@@ -262,6 +282,8 @@ class SharpnessAware(torch.optim.Optimizer):
         if zero_grad:
             for bucket in self._buckets:  # grads were bound above
                 bucket.zero_grad()
+        if not torch.compiler.is_compiling():  # for step(closure): does the closure call backward? (not traced)
+            self._mark_grads()
 
     def _restore(self, combine: bool = False) -> None:
         """w <- backup in every bucket, with the LE-SAM+ combine decided at first_step if ``combine``."""
@@ -352,6 +374,8 @@ class SharpnessAware(torch.optim.Optimizer):
         if zero_grad:
             for bucket in self._buckets:  # grads were bound in second_step
                 bucket.zero_grad()
+        if not torch.compiler.is_compiling():  # for step(closure): did a backward come since? (not traced)
+            self._mark_grads()
 
     def _check_capture(self) -> None:
         """torch's rule for its own optimizers: only a capturable optimizer may be captured (a graph
@@ -403,21 +427,78 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def step(self, closure: Optional[Callable[[], Any]] = None,
              grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Any:
-        """One step. The first backward (at w) is done by the caller; ``closure`` must redo the
-        forward and backward (at w + eps) and may return the loss, which is returned.
+        """One step. ``closure`` does a forward and backward and may return the loss.
+
+        The first backward (at w) is normally done by the caller, and ``closure`` redoes it at
+        w + eps; its loss is returned. When no backward happened since the last step or
+        ``zero_grad()`` (torch's closure convention, and PyTorch Lightning's automatic
+        optimization: ``opt.zero_grad(); opt.step(closure)``), the closure is called for the first
+        pass too, and the loss at w, its first result, is returned.
 
         fp16 with a ``torch.amp.GradScaler``: both backwards on ``grad_scaler.scale(loss)``, then
-        ``opt.step(closure, grad_scaler=grad_scaler)`` and ``grad_scaler.update()`` (see first_step
-        and second_step for what the scaler is used for)."""
+        ``grad_scaler.step(opt, closure)`` (or ``opt.step(closure, grad_scaler=grad_scaler)``) and
+        ``grad_scaler.update()`` (see first_step and second_step for what the scaler is used for)."""
+        closure = self._check_step_call(closure, grad_scaler)
+        first_loss = self._first_pass_by_closure(closure)
+        with self.perturbed(grad_scaler):
+            loss = self._call_closure(closure)
+        return loss if first_loss is _NO_LOSS else first_loss
+
+    def _check_step_call(self, closure: Optional[Callable[[], Any]],
+                         grad_scaler: Optional["torch.amp.GradScaler"]) -> Callable[[], Any]:
         if closure is None:
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that re-evaluates the loss and calls backward(); "
                 f"or call first_step(), do the second forward/backward, then second_step()"
             )
-        with self.perturbed(grad_scaler):
-            with torch.enable_grad():
-                loss = closure()
+        if grad_scaler is None and self.__dict__.get("grad_scale") is not None:
+            # GradScaler's newer protocol sets opt.grad_scale instead of passing itself: the closure's
+            # pass could not be unscaled.
+            raise RuntimeError(f"{type(self).__name__} was stepped by a GradScaler that did not pass itself as "
+                               f"grad_scaler=: call opt.step(closure, grad_scaler=scaler), then scaler.update()")
+        if not torch.compiler.is_compiling():
+            self._check_not_replaced()
+        return closure
+
+    def _first_pass_by_closure(self, closure: Callable[[], Any]) -> Any:
+        """Call ``closure`` for the first pass when no gradient was written since the last step or
+        zero_grad() (see step); its loss, or _NO_LOSS when the caller did the first backward. Not
+        decided while tracing (the version counters are not traced): the caller's backward is assumed."""
+        if torch.compiler.is_compiling() or self._grads_written():
+            return _NO_LOSS
+        with torch.enable_grad():
+            loss = closure()
+        if not self._grads_written():
+            raise RuntimeError(self._no_backward_message("no gradient exists at w: no backward() ran since the last "
+                                                         "step or zero_grad(), and the closure did not call one either"))
         return loss
+
+    def _call_closure(self, closure: Callable[[], Any]) -> Any:
+        """The closure at the perturbed point; it must write a gradient (else the base would step
+        on a zero or stale one). The caller restores w on the exception."""
+        with torch.enable_grad():
+            loss = closure()
+        if not torch.compiler.is_compiling() and not self._grads_written():
+            raise RuntimeError(self._no_backward_message("the closure returned without calling backward()"))
+        return loss
+
+    def _no_backward_message(self, what: str) -> str:
+        return (f"{type(self).__name__}.step(closure): {what}, so the step would use no gradient. The closure must "
+                f"compute the loss and call loss.backward() (and may return the loss); the parameters are unchanged")
+
+    def _mark_grads(self) -> None:
+        for bucket in self._buckets:
+            bucket.mark_grads()
+
+    def _grads_written(self) -> bool:
+        """A gradient was written into some bucket since the last `_mark_grads` (a step, zero_grad())."""
+        return any(bucket.grads_written() for bucket in self._buckets)
+
+    def _check_not_replaced(self) -> None:
+        if self._replaced_params:
+            message = replaced_params_error(self._replaced_params)
+            if message:
+                raise RuntimeError(message)
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero the gradients in place (default): they stay views into the flat grad buffer, so the
@@ -429,6 +510,7 @@ class SharpnessAware(torch.optim.Optimizer):
             else:
                 bucket.bind_grads()
                 bucket.zero_grad()
+            bucket.mark_grads()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

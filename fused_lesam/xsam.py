@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import reference
-from .optimizer import SharpnessAware, _check, _is_real
+from .optimizer import _NO_LOSS, SharpnessAware, _check, _is_real
 
 __all__ = ["FusedXSAM"]
 
@@ -140,6 +140,8 @@ class FusedXSAM(SharpnessAware):
         if zero_grad:
             for bucket in self._buckets:
                 bucket.zero_grad()
+        if not torch.compiler.is_compiling():  # for step(closure): does the next closure call backward?
+            self._mark_grads()
 
     def _dots(self) -> Tensor:
         """[||w_k - w_0||^2, ||g_hat||^2, (w_k - w_0) . g_hat] over every bucket, on the main device."""
@@ -237,14 +239,13 @@ class FusedXSAM(SharpnessAware):
         parameters, forward only (it is called under no_grad, once per grid point).
 
         If ``closure`` or ``search_alpha`` raises, w_0 is restored bit-exactly and the step is skipped."""
-        if closure is None:
-            raise RuntimeError("FusedXSAM.step() needs a closure that re-evaluates the loss and calls backward()")
+        closure = self._check_step_call(closure, grad_scaler)
         self._check_search(search_alpha)
+        first_loss = self._first_pass_by_closure(closure)  # as FusedLESAM.step: the closure-only convention
         self.first_step(zero_grad=True, grad_scaler=grad_scaler)
         try:
             for i in range(self.steps):
-                with torch.enable_grad():
-                    loss = closure()
+                loss = self._call_closure(closure)
                 if i + 1 < self.steps:
                     self.ascent_step(zero_grad=True)
         except BaseException:
@@ -252,7 +253,7 @@ class FusedXSAM(SharpnessAware):
                 self._restore()
             raise
         self.second_step(grad_scaler=grad_scaler, search_alpha=search_alpha)
-        return loss
+        return loss if first_loss is _NO_LOSS else first_loss
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
