@@ -58,10 +58,14 @@ def _refuse_closure_only(base: Any) -> None:
 def refuse_foreign_kwargs(kind: str, base: Any, base_kwargs: dict, foreign: dict[str, str]) -> None:
     """TypeError for a keyword that means something else in this optimizer (``foreign``: name -> what
     to use instead), unless the base optimizer takes it itself (Adadelta's rho)."""
+    if base is None:
+        base = base_kwargs.get("base_optimizer") or torch.optim.SGD
     try:
-        accepted = inspect.signature(base).parameters if base is not None else {}
-    except (TypeError, ValueError):
-        accepted = {}
+        accepted = inspect.signature(base).parameters
+    except (TypeError, ValueError):  # no signature to read: let the base decide
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return
     for name, instead in foreign.items():
         if name in base_kwargs and name not in accepted:
             raise TypeError(f"{kind} has no argument {name!r}: {instead}")

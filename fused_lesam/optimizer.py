@@ -26,7 +26,7 @@ from torch import Tensor
 from . import backends
 from .base_update import FusedBaseUpdate, fused_kind
 from .buckets import ParamBucket, ShardBucket, build_buckets
-from .checks import replaced_params_error, watch_params
+from .checks import check_base_hypers, make_base, refuse_foreign_kwargs, replaced_params_error, watch_params
 from .schedule import check_schedule, sigma_at
 
 __all__ = ["SharpnessAware", "FusedLESAM", "FusedSAM"]
@@ -61,6 +61,7 @@ class _Progress:
         self.perturbed = False
         self.ascents = 0  # perturbation (ascent) steps taken in the current step: 1 for SAM and LE-SAM
         self.first_sq: Optional[Tensor] = None  # the first pass's squared norm, for the skip decision
+        self.device_hypers: list[Tensor] = []  # base hyperparameters held as accelerator tensors, for the skip
         self.combine: list[Optional[tuple[float, float]]] = []  # LE-SAM+ coefficients per bucket
         self.local_pending = False  # set by local_first_pass, taken by the next first_step
         self.local = False
@@ -95,10 +96,9 @@ class SharpnessAware(torch.optim.Optimizer):
     # base step (an update `scale` times too large).
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, base: type[torch.optim.Optimizer], hyper: dict[str, Any], backend: str,
+    def __init__(self, params, base: Optional[Callable[..., torch.optim.Optimizer]], hyper: dict[str, Any], backend: str,
                  capturable: bool = False, base_update: str = "auto", **base_kwargs):
-        if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
-            raise TypeError(f"base must be a torch.optim.Optimizer class such as torch.optim.SGD, got {base!r}")
+        base_optimizer = base_kwargs.pop("base_optimizer", None)  # davda54/sam's name for base
         if not isinstance(backend, str):
             raise ValueError(f"backend must be a string, got {backend!r}")
         _check("capturable", capturable, isinstance(capturable, bool), "a bool")
@@ -109,7 +109,9 @@ class SharpnessAware(torch.optim.Optimizer):
             self._check_group(group)
         # The base optimizer shares our param-group dicts, so edits to opt.param_groups (an LR
         # scheduler on either optimizer, a SigmaAnnealing) reach both.
-        self.base = base(self.param_groups, **base_kwargs)
+        self.base = make_base(base, base_optimizer, self.param_groups, base_kwargs)
+        for group in self.param_groups:
+            check_base_hypers(group, self._hyper_names)
         self.param_groups = self.base.param_groups
         self.state = self.base.state
         self.defaults.update(self.base.defaults)
@@ -121,7 +123,7 @@ class SharpnessAware(torch.optim.Optimizer):
         if capturable and self.base_update != "fused" and not getattr(self.base, "_step_supports_amp_scaling", False):
             raise ValueError(
                 f"capturable=True needs a base update that can skip a non-finite step on the device: the fused one "
-                f"(base torch.optim.SGD/Adam/AdamW) or a base with fused=True; {base.__name__}({base_kwargs}) would "
+                f"(base torch.optim.SGD/Adam/AdamW) or a base with fused=True; {type(self.base).__name__}({base_kwargs}) would "
                 f"need a host sync to skip"
             )
 
@@ -180,8 +182,14 @@ class SharpnessAware(torch.optim.Optimizer):
         for name in self._hyper_names:
             param_group.setdefault(name, self.defaults[name])
         self._check_group(param_group)
+        check_base_hypers(param_group, self._hyper_names)
         self.base.add_param_group(param_group)  # appends to the shared list, fills the base's defaults
         self._build()
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """``opt.base``, under davda54/sam's name."""
+        return self.base
 
     @property
     def backend_names(self) -> dict[str, str]:
@@ -242,9 +250,11 @@ class SharpnessAware(torch.optim.Optimizer):
         self._check_capture()
         # Host checks, skipped while tracing: the compiler may treat hyperparameters as symbols and
         # cannot trace data pointers (the graph is specialised to these parameters anyway).
+        self._progress.device_hypers = []
         if not torch.compiler.is_compiling():
             for group in self.param_groups:
                 self._check_group(group)
+                check_base_hypers(group, self._hyper_names, self._progress.device_hypers)
             for bucket in self._buckets:
                 bucket.check_storage()
             self._check_not_replaced()
@@ -338,6 +348,7 @@ class SharpnessAware(torch.optim.Optimizer):
         # The final gradient's check reads it once more (4 B per parameter): a skip must be known
         # before the update writes anything, and the update is one pass over every bucket.
         found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(self._global_sq_norm(adaptive_aware=False)))
+        found_inf = self._or_bad_device_hypers(found_inf)
         fused = self._fused_update
         if fused is not None and not fused.why_not():
             self.skipped_steps += found_inf
@@ -350,6 +361,15 @@ class SharpnessAware(torch.optim.Optimizer):
         self._finish_step(found_inf, zero_grad)
         if fused is not None:  # torch's own step may have created state that is not in the flat buffers
             fused.stale = True
+
+    def _or_bad_device_hypers(self, found_inf: Tensor) -> Tensor:
+        """Fold a non-finite hyperparameter held as a tensor on an accelerator (first_step collected
+        them) into the skip flag: the step is skipped and counted rather than read on the host."""
+        hypers = self._progress.device_hypers
+        if not hypers:
+            return found_inf
+        bad = torch.stack([~torch.isfinite(t.to(found_inf.device)).all() for t in hypers]).any()
+        return found_inf | bad
 
     def _take_final_grads(self, grad_scaler: Optional["torch.amp.GradScaler"]) -> None:
         """The last backward's gradients, unscaled (through the base optimizer, see second_step) and
@@ -519,32 +539,21 @@ class SharpnessAware(torch.optim.Optimizer):
             raise RuntimeError("state_dict() between first_step() and second_step(): the parameters are perturbed")
         state = self.base.state_dict()
         count = int(self._device_count) if self.capturable else self._progress.count
-        state[_STATE_KEY] = {"step": count, "skipped_steps": self.skipped_steps.clone()}
+        state[_STATE_KEY] = {"kind": type(self).__name__, "step": count, "skipped_steps": self.skipped_steps.clone()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer, or of a plain torch optimizer of the base's class
-        (then the hyperparameters of this optimizer's groups and its step counts are kept)."""
+        (then the hyperparameters of this optimizer's groups and its step counts are kept). One of
+        another kind of fused optimizer, or one with values this optimizer refuses, is refused
+        before anything changes."""
         if self._progress.perturbed:
             raise RuntimeError("load_state_dict() between first_step() and second_step(): finish the step first")
-        state_dict = dict(state_dict)
-        ours = state_dict.pop(_STATE_KEY, None)
-        saved_groups = state_dict.get("param_groups", [])
-        if len(saved_groups) == len(self.param_groups):
-            groups = []
-            for saved, current in zip(saved_groups, self.param_groups):
-                missing = [name for name in self._hyper_names if name not in saved]
-                if missing and ours is not None:  # checked before anything changes
-                    raise ValueError(f"this state dict was saved by another kind of optimizer: its param groups lack "
-                                     f"{missing}, which {type(self).__name__} needs; load it into the class that saved it")
-                groups.append({**{name: current[name] for name in missing}, **saved})
-            state_dict["param_groups"] = groups
+        state_dict, ours = self._loadable(state_dict)
         self.base.load_state_dict(state_dict)
         # torch's load_state_dict builds new group dicts and a new state: share them again.
         self.param_groups = self.base.param_groups
         self.state = self.base.state
-        for group in self.param_groups:
-            self._check_group(group)
         if self._fused_update is not None:  # the loaded tensors go into the flat buffers
             self._fused_update.adopt(self._buckets)
         if ours is None:  # a plain torch optimizer's state: our counters go on as they were
@@ -553,6 +562,34 @@ class SharpnessAware(torch.optim.Optimizer):
         if self.capturable:
             self._device_count.fill_(self._progress.count)
         self.skipped_steps.copy_(ours["skipped_steps"])
+
+
+    def _loadable(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+        """(the state dict for the base, our counters or None for a plain torch optimizer's), after
+        every check that can fail: loading must not stop half way and leave the optimizer broken."""
+        state_dict = dict(state_dict)
+        ours = state_dict.pop(_STATE_KEY, None)
+        kind = type(self).__name__
+        saved_by = ours.get("kind") if ours is not None else None
+        if saved_by is not None and saved_by != kind:
+            raise ValueError(f"this state dict was saved by {saved_by}, and this is a {kind}: their hyperparameters and "
+                             f"state differ; load it into a {saved_by}. Nothing was changed")
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"this state dict has {len(saved_groups)} param groups and the optimizer "
+                             f"{len(self.param_groups)}: load it into an optimizer built on the same groups")
+        groups = []
+        for saved, current in zip(saved_groups, self.param_groups):
+            missing = [name for name in self._hyper_names if name not in saved]
+            if missing and ours is not None:
+                raise ValueError(f"this state dict was saved by another kind of optimizer: its param groups lack "
+                                 f"{missing}, which {kind} needs; load it into the class that saved it. Nothing was changed")
+            group = {**{name: current[name] for name in missing}, **saved}
+            self._check_group(group)
+            check_base_hypers(group, self._hyper_names)
+            groups.append(group)
+        state_dict["param_groups"] = groups
+        return state_dict, ours
 
 
 class FusedLESAM(SharpnessAware):
@@ -585,7 +622,7 @@ class FusedLESAM(SharpnessAware):
     def __init__(
         self,
         params,
-        base: type[torch.optim.Optimizer] = torch.optim.SGD,
+        base: Optional[Callable[..., torch.optim.Optimizer]] = None,
         *,
         sigma: float = 0.35,
         rho_max: Optional[float] = 0.4,
@@ -600,6 +637,10 @@ class FusedLESAM(SharpnessAware):
         base_update: str = "auto",
         **base_kwargs,
     ):
+        refuse_foreign_kwargs("FusedLESAM", base, base_kwargs, {
+            "rho": "LE-SAM has no fixed radius: it back-solves rho_t = min(sigma_t / ||g||, rho_max) from the loss "
+                   "budget sigma each step; give sigma= (the budget, default 0.35) and rho_max= (the cap), or use "
+                   "FusedSAM(rho=...) for SAM's fixed radius (davda54/sam's rho)"})
         check_schedule(total_steps, anneal_steps, names=("total_steps", "anneal_steps", "warmup"))
         self.total_steps = total_steps
         self.anneal_steps = anneal_steps
@@ -654,9 +695,12 @@ class FusedSAM(SharpnessAware):
 
     _hyper_names = ("rho", "adaptive")
 
-    def __init__(self, params, base: type[torch.optim.Optimizer] = torch.optim.SGD, *, rho: float = 0.05,
+    def __init__(self, params, base: Optional[Callable[..., torch.optim.Optimizer]] = None, *, rho: float = 0.05,
                  adaptive: bool = False, backend: str = "auto", capturable: bool = False, base_update: str = "auto",
                  **base_kwargs):
+        refuse_foreign_kwargs("FusedSAM", base, base_kwargs, {
+            name: f"{name} is LE-SAM's (FusedLESAM); SAM's radius is the fixed rho="
+            for name in ("sigma", "rho_max", "varrho")})
         super().__init__(params, base, dict(rho=rho, adaptive=adaptive), backend, capturable, base_update, **base_kwargs)
 
     def _check_group(self, group: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import reference
+from .checks import refuse_foreign_kwargs
 from .optimizer import _NO_LOSS, SharpnessAware, _check, _is_real
 
 __all__ = ["FusedXSAM"]
@@ -54,7 +55,7 @@ class FusedXSAM(SharpnessAware):
     def __init__(
         self,
         params,
-        base: type[torch.optim.Optimizer] = torch.optim.SGD,
+        base: Optional[Callable[..., torch.optim.Optimizer]] = None,
         *,
         rho: float = 0.15,
         steps: int = 1,
@@ -69,6 +70,8 @@ class FusedXSAM(SharpnessAware):
         base_update: str = "generic",
         **base_kwargs,
     ):
+        refuse_foreign_kwargs("FusedXSAM", base, base_kwargs, {
+            "sigma": "XSAM ascends by the fixed length rho; LE-SAM's loss budget sigma is FusedLESAM's"})
         _check("steps", steps, isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "an int >= 1")
         _check("dynamic", dynamic, isinstance(dynamic, bool), "a bool")
         _check("alpha_delta", alpha_delta, _is_real(alpha_delta) and math.isfinite(alpha_delta) and alpha_delta > 0,
@@ -215,7 +218,7 @@ class FusedXSAM(SharpnessAware):
         self.last_theta.copy_(theta)
         self.last_ascent_norm.copy_(dots[0].sqrt())
         self.last_ghat_norm.copy_(ghat_norm)
-        found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(dots).all())
+        found_inf = self._or_bad_device_hypers(~(torch.isfinite(self._progress.first_sq) & torch.isfinite(dots).all()))
         self._finish_step(found_inf, zero_grad)
 
     def local_first_pass(self, model: torch.nn.Module):
@@ -262,6 +265,7 @@ class FusedXSAM(SharpnessAware):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loadable(state_dict)  # the checks of every kind first: another kind's state dict is named as such
         alpha = state_dict.get("fused_lesam", {}).get("alpha")
         if alpha is None:
             raise ValueError("this state dict has no XSAM alpha: it was not saved by FusedXSAM.state_dict()")

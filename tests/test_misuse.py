@@ -220,3 +220,154 @@ def test_xsam_closure_without_backward_in_a_later_ascent_step_is_refused():
     with pytest.raises(RuntimeError, match="without calling backward"):
         opt.step(closure)
     assert_same_params(model, before)
+
+
+# ---------------------------------------------------------------------- 5: non-finite hyperparameters
+@pytest.mark.parametrize("kwargs, name", [(dict(lr=float("nan")), "lr"), (dict(lr=float("inf")), "lr"),
+                                          (dict(momentum=float("nan")), "momentum"),
+                                          (dict(weight_decay=float("inf")), "weight_decay")])
+def test_non_finite_base_hyperparameter_is_refused_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=rf"{name}=(nan|inf) is not finite.*set a finite {name}"):
+        FusedLESAM(mlp().parameters(), **{"lr": 0.1, **kwargs})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("update", UPDATES)
+@pytest.mark.parametrize("value", [float("nan"), torch.tensor(float("inf"))], ids=["float", "cpu-tensor"])
+def test_non_finite_lr_written_later_is_refused_at_the_step(backend, update, value):
+    """A scheduler or the user writes lr=nan into a group: refused at the next step, nothing changed."""
+    model = mlp()
+    opt = lesam(model, backend, update)
+    x, y = batches(1)[0]
+    opt.param_groups[0]["lr"] = value
+    loss_of(model, x, y).backward()
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="lr=.*is not finite"):
+        opt.step(lambda: loss_of(model, x, y).backward())
+    assert_same_params(model, before)
+    with pytest.raises(ValueError, match="lr=.*is not finite"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": float("inf")})
+    assert len(opt.param_groups) == 1
+
+
+def test_non_finite_tensor_hyperparameter_on_an_accelerator_skips_the_step(monkeypatch):
+    """Where reading the value would be a host sync (a GPU tensor) the step is skipped on the device
+    and counted instead. Simulated on the CPU: the check is told the tensor is elsewhere."""
+    from fused_lesam import checks
+    model = mlp()
+    before = copy.deepcopy(model)
+    opt = lesam(model, "torch", "generic")
+    lr = torch.tensor(float("nan"))
+    opt.param_groups[0]["lr"] = lr
+
+    real = checks.check_base_hypers
+
+    def as_if_on_device(group, ours, on_device=None):
+        if on_device is not None and group.get("lr") is lr:
+            on_device.append(lr)
+            group = {k: v for k, v in group.items() if k != "lr"}
+        real(group, ours, on_device)
+
+    monkeypatch.setattr("fused_lesam.optimizer.check_base_hypers", as_if_on_device)
+    x, y = batches(1)[0]
+    loss_of(model, x, y).backward()
+    opt.step(lambda: loss_of(model, x, y).backward())
+    assert int(opt.skipped_steps) == 1
+    assert_same_params(model, before)
+
+
+# ---------------------------------------------------------------------- 6: davda54/sam's names
+def test_davda54_sam_names_work():
+    import functools
+    model, ref = mlp(), mlp()
+    opt = FusedSAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.05, adaptive=True, lr=0.1, momentum=0.9)
+    assert opt.base_optimizer is opt.base and isinstance(opt.base, torch.optim.SGD)
+    partial = FusedSAM(ref.parameters(), functools.partial(torch.optim.SGD, momentum=0.9), rho=0.05, adaptive=True,
+                       lr=0.1)
+    assert partial.base_update == "fused" and partial.param_groups[0]["momentum"] == 0.9
+    for x, y in batches(2):
+        for m, o in ((model, opt), (ref, partial)):
+            loss_of(m, x, y).backward()
+            o.first_step(zero_grad=True)
+            loss_of(m, x, y).backward()
+            o.second_step(zero_grad=True)
+    assert_same_params(model, ref)
+    with pytest.raises(TypeError, match="base= and base_optimizer="):
+        FusedSAM(mlp().parameters(), torch.optim.SGD, base_optimizer=torch.optim.SGD, lr=0.1)
+
+
+@pytest.mark.parametrize("cls, name, says", [(FusedLESAM, "rho", r"FusedLESAM has no argument 'rho'.*sigma=.*FusedSAM"),
+                                             (FusedSAM, "sigma", r"FusedSAM has no argument 'sigma'.*FusedLESAM"),
+                                             (FusedXSAM, "sigma", r"FusedXSAM has no argument 'sigma'.*FusedLESAM")])
+def test_a_name_that_means_something_else_here_says_what_to_use(cls, name, says):
+    with pytest.raises(TypeError, match=says):
+        cls(mlp().parameters(), lr=0.1, **{name: 0.05})
+
+
+
+def test_a_name_the_base_takes_itself_passes_through():
+    opt = FusedLESAM(mlp().parameters(), base=torch.optim.Adadelta, lr=0.1, rho=0.8)  # Adadelta's own rho
+    assert opt.param_groups[0]["rho"] == 0.8 and opt.base.defaults["rho"] == 0.8
+
+
+def test_closure_only_bases_are_refused_at_construction():
+    with pytest.raises(TypeError, match="LBFGS cannot be the base optimizer: its step\\(\\) needs a closure"):
+        FusedLESAM(mlp().parameters(), base=torch.optim.LBFGS, lr=0.1)
+
+
+# ---------------------------------------------------------------------- 7: another optimizer's state dict
+@pytest.mark.parametrize("saver, loader", [(FusedSAM, FusedLESAM), (FusedLESAM, FusedSAM), (FusedSAM, FusedXSAM),
+                                           (FusedXSAM, FusedSAM), (FusedLESAM, FusedXSAM), (FusedXSAM, FusedLESAM)],
+                         ids=lambda c: c.__name__)
+def test_state_dict_of_another_class_is_refused_and_nothing_changes(saver, loader):
+    model = mlp()
+    other = saver(model.parameters(), lr=0.3, momentum=0.9)
+    x, y = batches(1)[0]
+    loss_of(model, x, y).backward()
+    other.step(lambda: loss_of(model, x, y).backward())
+    target_model = mlp()
+    opt = loader(target_model.parameters(), lr=0.1, momentum=0.9)
+    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    with pytest.raises(ValueError, match=rf"saved by {saver.__name__}, and this is a {loader.__name__}.*"
+                                         rf"load it into a {saver.__name__}. Nothing was changed"):
+        opt.load_state_dict(other.state_dict())
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups_before
+    loss_of(target_model, x, y).backward()
+    opt.step(lambda: loss_of(target_model, x, y).backward())  # still works
+
+
+def test_state_dict_with_a_bad_value_is_refused_before_anything_changes():
+    model = mlp()
+    opt = lesam(model, "torch", "fused")
+    x, y = batches(1)[0]
+    loss_of(model, x, y).backward()
+    opt.step(lambda: loss_of(model, x, y).backward())
+    opt.zero_grad()
+    bad = opt.state_dict()
+    bad["param_groups"][0]["sigma"] = -1.0
+    with pytest.raises(ValueError, match="sigma"):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0]["sigma"] == 0.2
+    bad["param_groups"][0]["sigma"] = 0.2
+    bad["param_groups"][0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="lr=nan is not finite"):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0]["lr"] == 0.1
+    loss_of(model, x, y).backward()
+    opt.step(lambda: loss_of(model, x, y).backward())
+
+
+# ---------------------------------------------------------------------- 8: schedules after add_param_group
+def test_sigma_annealing_takes_in_groups_added_later():
+    from fused_lesam import SigmaAnnealing
+    model = mlp()
+    opt = FusedLESAM(model[0].parameters(), lr=0.1, sigma=0.4)
+    sched = SigmaAnnealing(opt, total=4, anneal=2)
+    opt.add_param_group({"params": model[2].parameters(), "sigma": 0.2})
+    for _ in range(3):
+        sched.step()
+    assert sched.get_last_sigma() == [pytest.approx(0.0), pytest.approx(0.0)]
+    sched2 = SigmaAnnealing(FusedLESAM(mlp()[0].parameters(), lr=0.1, sigma=0.4), total=4, anneal=2)
+    sched2.optimizer.add_param_group({"params": mlp()[2].parameters(), "sigma": 0.2})
+    sched2.step(); sched2.step()  # epoch 2 of 4, halfway down the cosine
+    assert sched2.get_last_sigma() == [pytest.approx(0.4), pytest.approx(0.2)]
