@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+from itertools import chain
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import backends
 from .base_update import FusedBaseUpdate, fused_kind
@@ -65,6 +67,7 @@ class _Progress:
         self.combine: list[Optional[tuple[float, float]]] = []  # LE-SAM+ coefficients per bucket
         self.local_pending = False  # set by local_first_pass, taken by the next first_step
         self.local = False
+        self.in_step = False  # inside step(closure), whose hooks torch's wrapper fires
 
 
 class SharpnessAware(torch.optim.Optimizer):
@@ -247,6 +250,7 @@ class SharpnessAware(torch.optim.Optimizer):
                 "first_step() called twice without second_step(): the parameters are already perturbed "
                 "(a second perturbation would overwrite the exact backup of w)"
             )
+        self._fire_step_hooks(post=False)
         self._check_capture()
         # Host checks, skipped while tracing: the compiler may treat hyperparameters as symbols and
         # cannot trace data pointers (the graph is specialised to these parameters anyway).
@@ -374,7 +378,7 @@ class SharpnessAware(torch.optim.Optimizer):
     def _take_final_grads(self, grad_scaler: Optional["torch.amp.GradScaler"]) -> None:
         """The last backward's gradients, unscaled (through the base optimizer, see second_step) and
         bound into the flat grad buffers."""
-        if grad_scaler is not None:
+        if grad_scaler is not None and not _unscaled_already(grad_scaler, self.base):  # (to clip it, say)
             grad_scaler.unscale_(self.base)
         for bucket in self._buckets:
             bucket.bind_grads()
@@ -391,11 +395,13 @@ class SharpnessAware(torch.optim.Optimizer):
         if self.capturable:
             self._device_count += 1
         self._opt_called = True  # what torch's LR schedulers check to know the optimizer has stepped
+        self.base._opt_called = True  # also when a scheduler was built on opt.base (its step is not called, see _base_step)
         if zero_grad:
             for bucket in self._buckets:  # grads were bound in second_step
                 bucket.zero_grad()
         if not torch.compiler.is_compiling():  # for step(closure): did a backward come since? (not traced)
             self._mark_grads()
+        self._fire_step_hooks(post=True)
 
     def _check_capture(self) -> None:
         """torch's rule for its own optimizers: only a capturable optimizer may be captured (a graph
@@ -423,9 +429,33 @@ class SharpnessAware(torch.optim.Optimizer):
         if device_skip:  # torch's fused optimizers read it (see _build), also where the host decides below
             self.base.found_inf.copy_(found_inf)
         if device_skip and self._base_state_ready():
-            self.base.step()
+            self._base_step_without_global_hooks()
         elif not bool(found_inf):  # the one host sync: this base optimizer cannot skip on the device
-            self.base.step()
+            self._base_step_without_global_hooks()
+
+    def _base_step_without_global_hooks(self) -> None:
+        """``base.step()`` without torch's global optimizer hooks, which fire once per full step, for
+        this optimizer (`_fire_step_hooks`); hooks registered on ``opt.base`` itself still fire."""
+        step = type(self.base).step
+        step = getattr(step, "__wrapped__", step) if getattr(step, "hooked", False) else step
+        base = self.base
+        for hook in base._optimizer_step_pre_hooks.values():
+            hook(base, (), {})
+        step(base)
+        for hook in base._optimizer_step_post_hooks.values():
+            hook(base, (), {})
+
+    def _fire_step_hooks(self, post: bool) -> None:
+        """torch's step hooks (``register_step_pre_hook``/``register_step_post_hook``, this optimizer's
+        and the global ones) for the manual API: first_step fires the pre-hooks, the end of the step
+        the post-hooks, once per full step. Within step(closure) torch's wrapper of step fires them.
+        A pre-hook's replacement arguments have nothing to replace here and are ignored."""
+        if self._progress.in_step:
+            return
+        hooks = (chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()) if post
+                 else chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()))
+        for hook in hooks:
+            hook(self, (), {})
 
     @contextlib.contextmanager
     def perturbed(self, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Iterator["SharpnessAware"]:
@@ -459,9 +489,13 @@ class SharpnessAware(torch.optim.Optimizer):
         ``grad_scaler.step(opt, closure)`` (or ``opt.step(closure, grad_scaler=grad_scaler)``) and
         ``grad_scaler.update()`` (see first_step and second_step for what the scaler is used for)."""
         closure = self._check_step_call(closure, grad_scaler)
-        first_loss = self._first_pass_by_closure(closure)
-        with self.perturbed(grad_scaler):
-            loss = self._call_closure(closure)
+        self._progress.in_step = True  # torch's wrapper of step fires the step hooks, not first/second_step
+        try:
+            first_loss = self._first_pass_by_closure(closure)
+            with self.perturbed(grad_scaler):
+                loss = self._call_closure(closure)
+        finally:
+            self._progress.in_step = False
         return loss if first_loss is _NO_LOSS else first_loss
 
     def _check_step_call(self, closure: Optional[Callable[[], Any]],

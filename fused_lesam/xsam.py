@@ -244,18 +244,22 @@ class FusedXSAM(SharpnessAware):
         If ``closure`` or ``search_alpha`` raises, w_0 is restored bit-exactly and the step is skipped."""
         closure = self._check_step_call(closure, grad_scaler)
         self._check_search(search_alpha)
-        first_loss = self._first_pass_by_closure(closure)  # as FusedLESAM.step: the closure-only convention
-        self.first_step(zero_grad=True, grad_scaler=grad_scaler)
+        self._progress.in_step = True  # torch's wrapper of step fires the step hooks, not first/second_step
         try:
-            for i in range(self.steps):
-                loss = self._call_closure(closure)
-                if i + 1 < self.steps:
-                    self.ascent_step(zero_grad=True)
-        except BaseException:
-            with torch.no_grad():
-                self._restore()
-            raise
-        self.second_step(grad_scaler=grad_scaler, search_alpha=search_alpha)
+            first_loss = self._first_pass_by_closure(closure)  # as FusedLESAM.step: the closure-only convention
+            self.first_step(zero_grad=True, grad_scaler=grad_scaler)
+            try:
+                for i in range(self.steps):
+                    loss = self._call_closure(closure)
+                    if i + 1 < self.steps:
+                        self.ascent_step(zero_grad=True)
+            except BaseException:
+                with torch.no_grad():
+                    self._restore()
+                raise
+            self.second_step(grad_scaler=grad_scaler, search_alpha=search_alpha)
+        finally:
+            self._progress.in_step = False
         return loss if first_loss is _NO_LOSS else first_loss
 
     # ------------------------------------------------------------------ checkpoints

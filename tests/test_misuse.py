@@ -371,3 +371,40 @@ def test_sigma_annealing_takes_in_groups_added_later():
     sched2.optimizer.add_param_group({"params": mlp()[2].parameters(), "sigma": 0.2})
     sched2.step(); sched2.step()  # epoch 2 of 4, halfway down the cosine
     assert sched2.get_last_sigma() == [pytest.approx(0.4), pytest.approx(0.2)]
+
+
+# ---------------------------------------------------------------------- 10: step hooks
+@pytest.mark.parametrize("api", ["step", "manual", "perturbed"])
+@pytest.mark.parametrize("cls, update", [(FusedLESAM, "fused"), (FusedLESAM, "generic"), (FusedXSAM, "generic")],
+                         ids=["lesam-fused", "lesam-generic", "xsam-generic"])  # XSAM has the generic update only
+def test_step_hooks_fire_once_per_full_step_in_every_api(cls, update, api):
+    """register_step_pre_hook/post_hook (ours and torch's global ones) once per full step. Before,
+    first_step/second_step fired none of ours, and step(closure) with the generic base update fired
+    the global ones twice (once more for the base's step)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    model = mlp()
+    opt = cls(model.parameters(), lr=0.1, momentum=0.9, base_update=update)
+    seen = []
+    handles = [opt.register_step_pre_hook(lambda o, a, k: seen.append(("pre", o))),
+               opt.register_step_post_hook(lambda o, a, k: seen.append(("post", o))),
+               register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("global-pre", o))),
+               register_optimizer_step_post_hook(lambda o, a, k: seen.append(("global-post", o)))]
+    try:
+        for x, y in batches(2):
+            loss_of(model, x, y).backward()
+            if api == "step":
+                opt.step(lambda: loss_of(model, x, y).backward())
+            elif api == "manual":
+                opt.first_step(zero_grad=True)
+                loss_of(model, x, y).backward()
+                opt.second_step()
+            else:
+                with opt.perturbed():
+                    loss_of(model, x, y).backward()
+            opt.zero_grad()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [name for name, _ in seen] == ["global-pre", "pre", "post", "global-post"] * 2
+    assert all(o is opt for _, o in seen)
+    assert opt._progress.count == 2 and opt.state  # the steps were taken
