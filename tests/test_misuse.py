@@ -408,3 +408,34 @@ def test_step_hooks_fire_once_per_full_step_in_every_api(cls, update, api):
     assert [name for name, _ in seen] == ["global-pre", "pre", "post", "global-post"] * 2
     assert all(o is opt for _, o in seen)
     assert opt._progress.count == 2 and opt.state  # the steps were taken
+
+
+# ---------------------------------------------------------------------- 11: gradient clipping by hand
+@pytest.mark.parametrize("update", UPDATES)
+def test_clipping_by_hand_with_a_grad_scaler(update):
+    """The README's recipe: unscale the pass yourself (scaler.unscale_(opt) for the first,
+    scaler.unscale_(opt.base) for the final gradient), clip, then the step with the scaler, which
+    does not unscale again. Before, the step's own unscale_ raised ("already been called")."""
+    def run(scaler):
+        model = mlp()
+        opt = lesam(model, "torch", update)
+        for x, y in batches(3):
+            scale = scaler.scale if scaler else (lambda t: t)
+            scale(loss_of(model, x, y)).backward()
+            if scaler:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            opt.first_step(zero_grad=True, grad_scaler=scaler)
+            scale(loss_of(model, x, y)).backward()
+            if scaler:
+                scaler.unscale_(opt.base)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            assert float(norm) > 0.05  # the clipping does something
+            opt.second_step(zero_grad=True, grad_scaler=scaler)
+            if scaler:
+                scaler.update()
+        return model
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    assert_same_params(run(scaler), run(None))
+    assert scaler.get_scale() == 2.0**10
