@@ -121,9 +121,16 @@ class ParamBucket:
         """Per parameter: whether it had a gradient at the last `bind_grads`."""
         return [g is not None for g in self._expected_grads]
 
-    def check_storage(self) -> None:
-        """RuntimeError if a parameter no longer lives in this bucket (e.g. ``model.to()`` after the optimizer)."""
+    def check_storage(self, after_base_step: str = "") -> None:
+        """RuntimeError if a parameter no longer lives in this bucket (e.g. ``model.to()`` after the
+        optimizer); ``after_base_step``: the base optimizer's class, when its step just ran."""
         i = first_moved(self.params, self.param_views)
+        if i >= 0 and after_base_step:
+            raise RuntimeError(
+                f"the base optimizer {after_base_step}'s step() replaced parameter {i} of param group "
+                f"{self.group_index} (p.data = ...) instead of updating it in place: the optimizer works on the "
+                f"parameters' flat buckets, so the base must update in place (p.add_(...), p.copy_(...))"
+            )
         if i >= 0:
             raise RuntimeError(
                 f"parameter {i} of param group {self.group_index} (shape {tuple(self.params[i].shape)}) no longer "
@@ -149,7 +156,9 @@ class ParamBucket:
                     self._n_bound -= 1
                 continue
             if g.is_sparse:
-                raise RuntimeError("fused_lesam does not support sparse gradients")
+                raise RuntimeError(f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) has a "
+                                   f"sparse gradient, and the optimizer keeps dense ones in a flat buffer: build the "
+                                   f"module with sparse=False (nn.Embedding(..., sparse=False))")
             view.copy_(g)
             p.grad = view
             self._n_bound += self._expected_grads[i] is None
@@ -219,7 +228,7 @@ class ShardBucket:
     ensure_backup = ParamBucket.ensure_backup
     ensure_center = ParamBucket.ensure_center
 
-    def check_storage(self) -> None:
+    def check_storage(self, after_base_step: str = "") -> None:
         if self.params[0].to_local().data_ptr() != self.param.data_ptr():
             raise RuntimeError("a sharded parameter's local storage changed after the optimizer was built "
                                "(e.g. fully_shard() applied afterwards): build the optimizer last")

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["make_base", "check_base_hypers", "watch_params", "replaced_params_error", "refuse_foreign_kwargs"]
+__all__ = ["make_base", "check_base_hypers", "watch_params", "replaced_params_error", "refuse_foreign_kwargs",
+           "refuse_sparse_base"]
 
 
 # ---------------------------------------------------------------------- the base optimizer
@@ -37,7 +38,16 @@ def make_base(base: Any, base_optimizer: Any, param_groups: list[dict], base_kwa
     instance = base(param_groups, **base_kwargs)
     if not isinstance(instance, torch.optim.Optimizer):
         raise TypeError(f"base must build a torch.optim.Optimizer, but {base!r} returned {type(instance).__name__}")
+    refuse_sparse_base(instance)
     return instance
+
+
+def refuse_sparse_base(base: torch.optim.Optimizer) -> None:
+    """SparseAdam steps on sparse gradients only, and the flat grad buffer holds dense ones: refused
+    at construction rather than at the first step."""
+    if isinstance(base, torch.optim.SparseAdam):
+        raise TypeError("SparseAdam cannot be the base optimizer: it needs sparse gradients, and the optimizer keeps "
+                        "every gradient in a dense flat buffer; use torch.optim.Adam (and nn.Embedding(sparse=False))")
 
 
 def _step_needs_closure(cls: type) -> bool:
@@ -119,6 +129,12 @@ def watch_params(optimizer: Any, params: list[Tensor]) -> None:
     global _hook_handle
     ref = weakref.ref(optimizer)
     for p in params:
+        previous = _owners.get(p)
+        earlier = previous() if previous is not None else None
+        if earlier is not None and earlier is not optimizer:
+            # The new optimizer re-flattened these parameters into its own buckets: the earlier one
+            # must not step them again (its own check would blame a model.to() otherwise).
+            earlier._superseded_by = type(optimizer).__name__
         _owners[p] = ref
     if _hook_handle is None:
         _hook_handle = torch.nn.modules.module.register_module_parameter_registration_hook(_on_parameter_registered)

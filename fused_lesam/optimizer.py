@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from itertools import chain
 from typing import Any, Callable, Iterator, Optional
 
@@ -39,7 +40,19 @@ _NO_LOSS = object()  # step(): the closure was not called for the first pass
 
 def _check(name: str, value: Any, ok: bool, need: str) -> None:
     if not ok:
+        if isinstance(value, Tensor):  # the usual cause, worth naming: the value itself may be fine
+            raise ValueError(f"{name} must be {need} as a Python number, got a Tensor {value!r}: pass float({name}) "
+                             f"(our hyperparameters are read on the host at every step)")
         raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def _plain_numbers(group: dict[str, Any], names: tuple[str, ...]) -> None:
+    """numpy scalars (np.float32(0.3)) among our hyperparameters become Python floats: they mean
+    the same number, and the ops take Python floats."""
+    for name in names:
+        value = group.get(name)
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)) and not isinstance(value, Tensor):
+            group[name] = float(value)
 
 
 def _unscaled_already(grad_scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer) -> bool:
@@ -106,9 +119,11 @@ class SharpnessAware(torch.optim.Optimizer):
             raise ValueError(f"backend must be a string, got {backend!r}")
         _check("capturable", capturable, isinstance(capturable, bool), "a bool")
         _check("base_update", base_update, base_update in ("auto", "fused", "generic"), "'auto', 'fused' or 'generic'")
+        _plain_numbers(hyper, self._hyper_names)
         self._check_group(hyper)
         super().__init__(params, hyper)
         for group in self.param_groups:
+            _plain_numbers(group, self._hyper_names)
             self._check_group(group)
         # The base optimizer shares our param-group dicts, so edits to opt.param_groups (an LR
         # scheduler on either optimizer, a SigmaAnnealing) reach both.
@@ -135,6 +150,7 @@ class SharpnessAware(torch.optim.Optimizer):
         self._buckets: list[ParamBucket | ShardBucket] = build_buckets(self.param_groups)
         if not hasattr(self, "_replaced_params"):
             self._replaced_params: list = []  # (module, name, old parameter), appended by checks.watch_params' hook
+            self._superseded_by: Optional[str] = None  # set by checks.watch_params: a newer optimizer took the params
         watch_params(self, [p for group in self.param_groups for p in group["params"]])
         self._mark_grads()
         # Sharded (FSDP2) buckets hold a part of the model each: the norm is summed over this group.
@@ -184,6 +200,7 @@ class SharpnessAware(torch.optim.Optimizer):
             raise RuntimeError("add_param_group() between first_step() and second_step(): finish the step first")
         for name in self._hyper_names:
             param_group.setdefault(name, self.defaults[name])
+        _plain_numbers(param_group, self._hyper_names)
         self._check_group(param_group)
         check_base_hypers(param_group, self._hyper_names)
         self.base.add_param_group(param_group)  # appends to the shared list, fills the base's defaults
@@ -444,6 +461,9 @@ class SharpnessAware(torch.optim.Optimizer):
         step(base)
         for hook in base._optimizer_step_post_hooks.values():
             hook(base, (), {})
+        if not torch.compiler.is_compiling():
+            for bucket in self._buckets:  # one call per bucket: a base must update the parameters in place
+                bucket.check_storage(after_base_step=type(base).__name__)
 
     def _fire_step_hooks(self, post: bool) -> None:
         """torch's step hooks (``register_step_pre_hook``/``register_step_post_hook``, this optimizer's
@@ -549,6 +569,10 @@ class SharpnessAware(torch.optim.Optimizer):
         return any(bucket.grads_written() for bucket in self._buckets)
 
     def _check_not_replaced(self) -> None:
+        if self._superseded_by:
+            raise RuntimeError(f"this {type(self).__name__} was superseded: a {self._superseded_by} built later on the same "
+                               f"parameters took them into its own flat buckets. Step the newer optimizer only (build "
+                               f"one optimizer per set of parameters)")
         if self._replaced_params:
             message = replaced_params_error(self._replaced_params)
             if message:

@@ -439,3 +439,64 @@ def test_clipping_by_hand_with_a_grad_scaler(update):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
     assert_same_params(run(scaler), run(None))
     assert scaler.get_scale() == 2.0**10
+
+
+# ---------------------------------------------------------------------- errors that name the right cause
+def test_an_optimizer_superseded_by_a_newer_one_on_the_same_parameters_says_so():
+    """Before, the old one blamed a model.to() / load_state_dict(assign=True)."""
+    model = mlp()
+    old = lesam(model, "torch", "fused")
+    new = FusedSAM(model.parameters(), lr=0.1)
+    x, y = batches(1)[0]
+    loss_of(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="superseded: a FusedSAM built later on the same parameters"):
+        old.step(lambda: loss_of(model, x, y).backward())
+    new.step(lambda: loss_of(model, x, y).backward())
+
+
+class RebindingSGD(torch.optim.Optimizer):
+    """A base that writes new tensors into p.data instead of updating in place."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data = p - group["lr"] * p.grad
+
+
+def test_a_base_that_rebinds_param_data_is_named():
+    model = mlp()
+    opt = FusedLESAM(model.parameters(), base=RebindingSGD, lr=0.1)
+    x, y = batches(1)[0]
+    loss_of(model, x, y).backward()
+    with pytest.raises(RuntimeError, match=r"RebindingSGD's step\(\) replaced parameter 0 .*in place"):
+        opt.step(lambda: loss_of(model, x, y).backward())
+
+
+def test_numpy_and_tensor_hyperparameters():
+    import numpy as np
+    model, ref = mlp(), mlp()
+    opt = FusedLESAM(model.parameters(), lr=0.1, sigma=np.float32(0.25), rho_max=np.float64(0.5))
+    ref_opt = FusedLESAM(ref.parameters(), lr=0.1, sigma=float(np.float32(0.25)), rho_max=0.5)
+    assert type(opt.param_groups[0]["sigma"]) is float
+    for m, o in ((model, opt), (ref, ref_opt)):
+        x, y = batches(1)[0]
+        loss_of(m, x, y).backward()
+        o.step(lambda: loss_of(m, x, y).backward())
+    assert_same_params(model, ref)
+    with pytest.raises(ValueError, match=r"sigma must be .* as a Python number, got a Tensor .*pass float\(sigma\)"):
+        FusedLESAM(mlp().parameters(), lr=0.1, sigma=torch.tensor(0.3))
+
+
+def test_sparse_gradients_name_the_fix_and_sparse_adam_is_refused_at_construction():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    with pytest.raises(TypeError, match="SparseAdam cannot be the base optimizer"):
+        FusedLESAM(emb.parameters(), base=torch.optim.SparseAdam, lr=0.1)
+    opt = FusedLESAM(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"sparse gradient.*sparse=False"):
+        opt.first_step()
