@@ -500,3 +500,54 @@ def test_sparse_gradients_name_the_fix_and_sparse_adam_is_refused_at_constructio
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match=r"sparse gradient.*sparse=False"):
         opt.first_step()
+
+
+# ---------------------------------------------------------------------- 9 and 12: documented behaviours
+def test_zero_grad_set_to_none_keeps_a_part_without_gradients_still():
+    """Item 9, documented rather than changed: the default zero_grad() keeps gradients bound (a zero
+    gradient still moves AdamW's state); set_to_none=True, the README's remedy, leaves a head that
+    stopped getting gradients untouched, as torch's optimizers do by default."""
+    for set_to_none in (False, True):
+        model = mlp()
+        opt = FusedLESAM(model.parameters(), base=torch.optim.AdamW, lr=0.01)
+        x, y = batches(1)[0]
+        loss_of(model, x, y).backward()
+        opt.step(lambda: loss_of(model, x, y).backward())
+        opt.zero_grad(set_to_none=set_to_none)
+        model[2].weight.requires_grad_(False)  # the head stops getting gradients
+        head = model[2].weight.detach().clone()
+        loss_of(model, x, y).backward()
+        opt.step(lambda: loss_of(model, x, y).backward())
+        opt.zero_grad(set_to_none=set_to_none)
+        assert torch.equal(model[2].weight, head) == set_to_none
+
+
+def test_saving_part_of_a_model_writes_the_bucket_unless_cloned(tmp_path):
+    """Item 12, documented: a view saved alone writes its whole storage (the flat bucket); the
+    README's fix, clone(), writes the layer only; the whole model's and optimizer's state dicts are
+    compact and round-trip."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4096))
+    opt = FusedLESAM(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(4, 64)
+    model(x).square().mean().backward()
+    opt.step(lambda: model(x).square().mean().backward())
+    opt.zero_grad()
+    part = {k: v for k, v in model.state_dict().items() if k.startswith("0.")}
+    layer_bytes = sum(v.numel() * v.element_size() for v in part.values())
+    torch.save(part, tmp_path / "view.pt")
+    torch.save({k: v.clone() for k, v in part.items()}, tmp_path / "clone.pt")
+    assert (tmp_path / "view.pt").stat().st_size > 10 * layer_bytes  # the whole bucket
+    assert (tmp_path / "clone.pt").stat().st_size < 2 * layer_bytes + 4096
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "all.pt")
+    assert (tmp_path / "all.pt").stat().st_size < 2.2 * model_bytes  # weights + momentum, once each
+    loaded = torch.load(tmp_path / "all.pt")
+    other = copy.deepcopy(model)
+    other_opt = FusedLESAM(other.parameters(), lr=0.1, momentum=0.9)
+    other.load_state_dict(loaded["model"])
+    other_opt.load_state_dict(loaded["opt"])
+    for o, m in ((other_opt, other), (opt, model)):
+        m(x).square().mean().backward()
+        o.step(lambda: m(x).square().mean().backward())
+    assert_same_params(model, other)
