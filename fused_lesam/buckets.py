@@ -247,12 +247,18 @@ class ShardBucket:
 
     def mark_grads(self) -> None:
         grad = self.params[0].grad
-        self._grad_mark = (grad, None if grad is None else grad._version)
+        self._grad_mark = (grad, _local_version(grad))
 
     def grads_written(self) -> bool:
+        """As ParamBucket's: a new gradient, or one written in place (FSDP accumulates into the local
+        shard, whose version counter the DTensor wrapper does not share)."""
         grad = self.params[0].grad
         marked, version = getattr(self, "_grad_mark", (None, None))
-        return grad is not marked or (grad is not None and grad._version != version)
+        return grad is not marked or _local_version(grad) != version
+
+
+def _local_version(grad: Optional[Tensor]) -> Optional[int]:
+    return None if grad is None else grad.to_local()._version
 
 
 def _is_dtensor(p: Tensor) -> bool:
