@@ -46,6 +46,11 @@ def _check(name: str, value: Any, ok: bool, need: str) -> None:
         raise ValueError(f"{name} must be {need}, got {value!r}")
 
 
+def _check_max_grad_norm(value: Optional[float]) -> None:
+    if value is not None and not torch.compiler.is_compiling():
+        _check("max_grad_norm", value, _is_real(value) and math.isfinite(value) and value > 0, "a finite number > 0")
+
+
 def _plain_numbers(group: dict[str, Any], names: tuple[str, ...]) -> None:
     """numpy scalars (np.float32(0.3)) among our hyperparameters become Python floats: they mean
     the same number, and the ops take Python floats."""
@@ -348,8 +353,14 @@ class SharpnessAware(torch.optim.Optimizer):
                 bucket.center.div_(world)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+    def second_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None,
+                    max_grad_norm: Optional[float] = None) -> None:
         """Restore w exactly, combine gradients for LE-SAM+, and let the base optimizer step with g_hat.
+
+        ``max_grad_norm``: clip the final gradient g_hat to this global norm first, as
+        ``torch.nn.utils.clip_grad_norm_`` would (coefficient max_norm / (||g_hat|| + 1e-6), at most
+        1), after the GradScaler's unscale. Its norm is the one the non-finite check computes anyway;
+        the scaling is one more pass over the gradient, on the device (no host sync).
 
         If the first or the final gradient is not finite, the base step is skipped and counted in
         ``skipped_steps``: on the device when the base optimizer can skip there (torch's fused
@@ -363,13 +374,17 @@ class SharpnessAware(torch.optim.Optimizer):
         """
         if not self._progress.perturbed:
             raise RuntimeError("second_step() called before first_step(): nothing to restore; the parameters were not changed")
+        _check_max_grad_norm(max_grad_norm)  # before anything changes: a second_step(...) may follow
         self._take_final_grads(grad_scaler)
         if self._progress.local:
             self._average_centers()
         # The final gradient's check reads it once more (4 B per parameter): a skip must be known
         # before the update writes anything, and the update is one pass over every bucket.
-        found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(self._global_sq_norm(adaptive_aware=False)))
+        final_sq = self._global_sq_norm(adaptive_aware=False)
+        found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(final_sq))
         found_inf = self._or_bad_device_hypers(found_inf)
+        if max_grad_norm is not None:
+            self._clip_final_grads(final_sq, max_grad_norm)
         fused = self._fused_update
         if fused is not None and not fused.why_not():
             self.skipped_steps += found_inf
@@ -382,6 +397,13 @@ class SharpnessAware(torch.optim.Optimizer):
         self._finish_step(found_inf, zero_grad)
         if fused is not None:  # torch's own step may have created state that is not in the flat buffers
             fused.stale = True
+
+    def _clip_final_grads(self, final_sq: Tensor, max_norm: float) -> None:
+        """g_hat *= min(1, max_norm / (||g_hat|| + 1e-6)) in every bucket (torch's clip_grad_norm_ rule)."""
+        coef = (max_norm / (final_sq.sqrt() + 1e-6)).clamp(max=1.0)
+        coef_on = self._on_devices(coef)
+        for bucket in self._buckets:
+            bucket.grad.mul_(coef_on[bucket.device].to(bucket.grad.dtype))
 
     def _or_bad_device_hypers(self, found_inf: Tensor) -> Tensor:
         """Fold a non-finite hyperparameter held as a tensor on an accelerator (first_step collected
@@ -478,7 +500,8 @@ class SharpnessAware(torch.optim.Optimizer):
             hook(self, (), {})
 
     @contextlib.contextmanager
-    def perturbed(self, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Iterator["SharpnessAware"]:
+    def perturbed(self, grad_scaler: Optional["torch.amp.GradScaler"] = None,
+                  max_grad_norm: Optional[float] = None) -> Iterator["SharpnessAware"]:
         """``with opt.perturbed(): <second forward + backward>``: the whole sharpness-aware step.
 
         Entering perturbs (first_step, grads zeroed); leaving normally finishes the step
@@ -493,10 +516,10 @@ class SharpnessAware(torch.optim.Optimizer):
             with torch.no_grad():
                 self._restore()
             raise
-        self.second_step(grad_scaler=grad_scaler)
+        self.second_step(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
 
     def step(self, closure: Optional[Callable[[], Any]] = None,
-             grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Any:
+             grad_scaler: Optional["torch.amp.GradScaler"] = None, max_grad_norm: Optional[float] = None) -> Any:
         """One step. ``closure`` does a forward and backward and may return the loss.
 
         The first backward (at w) is normally done by the caller, and ``closure`` redoes it at
@@ -507,12 +530,14 @@ class SharpnessAware(torch.optim.Optimizer):
 
         fp16 with a ``torch.amp.GradScaler``: both backwards on ``grad_scaler.scale(loss)``, then
         ``grad_scaler.step(opt, closure)`` (or ``opt.step(closure, grad_scaler=grad_scaler)``) and
-        ``grad_scaler.update()`` (see first_step and second_step for what the scaler is used for)."""
+        ``grad_scaler.update()`` (see first_step and second_step for what the scaler is used for).
+        ``max_grad_norm``: clip the final gradient (see second_step)."""
         closure = self._check_step_call(closure, grad_scaler)
+        _check_max_grad_norm(max_grad_norm)
         self._progress.in_step = True  # torch's wrapper of step fires the step hooks, not first/second_step
         try:
             first_loss = self._first_pass_by_closure(closure)
-            with self.perturbed(grad_scaler):
+            with self.perturbed(grad_scaler, max_grad_norm):
                 loss = self._call_closure(closure)
         finally:
             self._progress.in_step = False

@@ -182,9 +182,12 @@ class FusedXSAM(SharpnessAware):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None,
-                    search_alpha: Optional[Callable[[], Any]] = None) -> None:
+                    search_alpha: Optional[Callable[[], Any]] = None, max_grad_norm: Optional[float] = None) -> None:
         """After the last backward (g_hat at w_k): with ``search_alpha`` (dynamic mode) choose alpha;
         then restore w_0 exactly, write ||g_hat|| d(alpha) into the gradient, and base-step."""
+        if max_grad_norm is not None:
+            raise TypeError("FusedXSAM has no max_grad_norm: clip by hand (README, Gradient clipping); its update "
+                            "gradient ||g_hat|| d(alpha) is built after the last backward")
         if not self._progress.perturbed:
             raise RuntimeError("second_step() called before first_step(): nothing to restore; the parameters were not changed")
         if self._progress.ascents != self.steps:

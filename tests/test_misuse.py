@@ -551,3 +551,56 @@ def test_saving_part_of_a_model_writes_the_bucket_unless_cloned(tmp_path):
         m(x).square().mean().backward()
         o.step(lambda: m(x).square().mean().backward())
     assert_same_params(model, other)
+
+
+# ---------------------------------------------------------------------- 11: max_grad_norm=
+@pytest.mark.filterwarnings("ignore:GradScaler is going to stop passing itself:FutureWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("update", UPDATES)
+def test_max_grad_norm_clips_the_final_gradient_like_clip_grad_norm(backend, update):
+    """step(closure, max_grad_norm=) equals clipping by hand with torch's clip_grad_norm_ (up to the
+    rounding of the two norms), with a GradScaler too (the clip comes after the unscale)."""
+    def run(how):
+        model = mlp()
+        opt = lesam(model, backend, update)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+        for x, y in batches(3):
+            if how == "by-hand":
+                loss_of(model, x, y).backward()
+                opt.first_step(zero_grad=True)
+                loss_of(model, x, y).backward()
+                assert float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)) > 0.05
+                opt.second_step(zero_grad=True)
+            elif how == "option":
+                loss_of(model, x, y).backward()
+                opt.step(lambda: loss_of(model, x, y).backward(), max_grad_norm=0.05)
+                opt.zero_grad()
+            else:
+                scaler.scale(loss_of(model, x, y)).backward()
+                scaler.step(opt, lambda: scaler.scale(loss_of(model, x, y)).backward(), max_grad_norm=0.05)
+                scaler.update()
+                opt.zero_grad()
+        return model
+
+    by_hand = run("by-hand")
+    for how in ("option", "scaler"):
+        for p, q in zip(run(how).parameters(), by_hand.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    unclipped = reference_run(backend, update, 3)
+    assert any(not torch.allclose(p, q, rtol=1e-3, atol=1e-4) for p, q in zip(by_hand.parameters(), unclipped.parameters()))
+
+
+def test_max_grad_norm_is_checked_before_anything_changes():
+    model = mlp()
+    opt = lesam(model, "torch", "fused")
+    x, y = batches(1)[0]
+    loss_of(model, x, y).backward()
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="max_grad_norm must be a finite number > 0"):
+        opt.step(lambda: loss_of(model, x, y).backward(), max_grad_norm=float("nan"))
+    assert_same_params(model, before)
+    with pytest.raises(TypeError, match="FusedXSAM has no max_grad_norm"):
+        xsam = FusedXSAM(mlp().parameters(), lr=0.1)
+        with xsam.perturbed():
+            pass
+        xsam.second_step(max_grad_norm=1.0)
