@@ -546,9 +546,11 @@ class SharpnessAware(torch.optim.Optimizer):
     def _check_step_call(self, closure: Optional[Callable[[], Any]],
                          grad_scaler: Optional["torch.amp.GradScaler"]) -> Callable[[], Any]:
         if closure is None:
+            with_scaler = (" With a GradScaler: scaler.step(opt, closure), or opt.step(closure, grad_scaler=scaler); "
+                           "then scaler.update()." if grad_scaler is not None else "")
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that re-evaluates the loss and calls backward(); "
-                f"or call first_step(), do the second forward/backward, then second_step()"
+                f"or call first_step(), do the second forward/backward, then second_step().{with_scaler}"
             )
         if grad_scaler is None and self.__dict__.get("grad_scale") is not None:
             # GradScaler's newer protocol sets opt.grad_scale instead of passing itself: the closure's

@@ -604,3 +604,16 @@ def test_max_grad_norm_is_checked_before_anything_changes():
         with xsam.perturbed():
             pass
         xsam.second_step(max_grad_norm=1.0)
+
+
+@pytest.mark.filterwarnings("ignore:GradScaler is going to stop passing itself:FutureWarning")
+def test_grad_scaler_step_without_a_closure_says_how():
+    model = mlp()
+    opt = lesam(model, "torch", "fused")
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = batches(1)[0]
+    scaler.scale(loss_of(model, x, y)).backward()
+    before = copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match=r"With a GradScaler: scaler.step\(opt, closure\)"):
+        scaler.step(opt)
+    assert_same_params(model, before)
