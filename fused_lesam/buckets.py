@@ -91,6 +91,7 @@ class ParamBucket:
         # bound, None before (and after the user dropped it).
         self._expected_grads: list[Optional[Tensor]] = [None] * len(params)
         self._n_bound = 0
+        self._grad_mark = 0  # the grad buffer's version at `mark_grads`
         with torch.no_grad():
             for p, offset in zip(params, self.offsets):
                 view = _view(self.param, offset, p)
@@ -120,9 +121,16 @@ class ParamBucket:
         """Per parameter: whether it had a gradient at the last `bind_grads`."""
         return [g is not None for g in self._expected_grads]
 
-    def check_storage(self) -> None:
-        """RuntimeError if a parameter no longer lives in this bucket (e.g. ``model.to()`` after the optimizer)."""
+    def check_storage(self, after_base_step: str = "") -> None:
+        """RuntimeError if a parameter no longer lives in this bucket (e.g. ``model.to()`` after the
+        optimizer); ``after_base_step``: the base optimizer's class, when its step just ran."""
         i = first_moved(self.params, self.param_views)
+        if i >= 0 and after_base_step:
+            raise RuntimeError(
+                f"the base optimizer {after_base_step}'s step() replaced parameter {i} of param group "
+                f"{self.group_index} (p.data = ...) instead of updating it in place: the optimizer works on the "
+                f"parameters' flat buckets, so the base must update in place (p.add_(...), p.copy_(...))"
+            )
         if i >= 0:
             raise RuntimeError(
                 f"parameter {i} of param group {self.group_index} (shape {tuple(self.params[i].shape)}) no longer "
@@ -148,7 +156,9 @@ class ParamBucket:
                     self._n_bound -= 1
                 continue
             if g.is_sparse:
-                raise RuntimeError("fused_lesam does not support sparse gradients")
+                raise RuntimeError(f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) has a "
+                                   f"sparse gradient, and the optimizer keeps dense ones in a flat buffer: build the "
+                                   f"module with sparse=False (nn.Embedding(..., sparse=False))")
             view.copy_(g)
             p.grad = view
             self._n_bound += self._expected_grads[i] is None
@@ -158,6 +168,20 @@ class ParamBucket:
     def zero_grad(self) -> None:
         """Zero the grad buffer in place; grads stay bound, so the next backward writes straight into it."""
         self.grad.zero_()
+
+    def mark_grads(self) -> None:
+        """Remember the gradients as they are now, for `grads_written`."""
+        self._grad_mark = self.grad._version
+
+    def grads_written(self) -> bool:
+        """Whether a gradient was written since `mark_grads`: a backward accumulates into the bound
+        views in place (which bumps the buffer's version counter, shared by its views) or sets a new
+        ``.grad`` where there was none. One call per bucket unless a ``.grad`` was replaced."""
+        if self.grad._version != self._grad_mark:
+            return True
+        if not grads_changed(self.params, self._expected_grads):
+            return False
+        return any(p.grad is not None and p.grad is not bound for p, bound in zip(self.params, self._expected_grads))
 
     def drop_grads(self) -> None:
         """``.grad = None`` for every parameter, as torch's ``zero_grad(set_to_none=True)`` does."""
@@ -204,7 +228,7 @@ class ShardBucket:
     ensure_backup = ParamBucket.ensure_backup
     ensure_center = ParamBucket.ensure_center
 
-    def check_storage(self) -> None:
+    def check_storage(self, after_base_step: str = "") -> None:
         if self.params[0].to_local().data_ptr() != self.param.data_ptr():
             raise RuntimeError("a sharded parameter's local storage changed after the optimizer was built "
                                "(e.g. fully_shard() applied afterwards): build the optimizer last")
@@ -220,6 +244,21 @@ class ShardBucket:
     def drop_grads(self) -> None:
         self.params[0].grad = None
         self.grad = self._no_grad
+
+    def mark_grads(self) -> None:
+        grad = self.params[0].grad
+        self._grad_mark = (grad, _local_version(grad))
+
+    def grads_written(self) -> bool:
+        """As ParamBucket's: a new gradient, or one written in place (FSDP accumulates into the local
+        shard, whose version counter the DTensor wrapper does not share)."""
+        grad = self.params[0].grad
+        marked, version = getattr(self, "_grad_mark", (None, None))
+        return grad is not marked or _local_version(grad) != version
+
+
+def _local_version(grad: Optional[Tensor]) -> Optional[int]:
+    return None if grad is None else grad.to_local()._version
 
 
 def _is_dtensor(p: Tensor) -> bool:

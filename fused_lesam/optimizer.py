@@ -17,25 +17,55 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+from itertools import chain
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import backends
 from .base_update import FusedBaseUpdate, fused_kind
 from .buckets import ParamBucket, ShardBucket, build_buckets
+from .checks import check_base_hypers, make_base, refuse_foreign_kwargs, replaced_params_error, watch_params
 from .schedule import check_schedule, sigma_at
 
 __all__ = ["SharpnessAware", "FusedLESAM", "FusedSAM"]
 
 _STATE_KEY = "fused_lesam"
+_NO_LOSS = object()  # step(): the closure was not called for the first pass
 
 
 def _check(name: str, value: Any, ok: bool, need: str) -> None:
     if not ok:
+        if isinstance(value, Tensor):  # the usual cause, worth naming: the value itself may be fine
+            raise ValueError(f"{name} must be {need} as a Python number, got a Tensor {value!r}: pass float({name}) "
+                             f"(our hyperparameters are read on the host at every step)")
         raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def _check_max_grad_norm(value: Optional[float]) -> None:
+    if value is not None and not torch.compiler.is_compiling():
+        _check("max_grad_norm", value, _is_real(value) and math.isfinite(value) and value > 0, "a finite number > 0")
+
+
+def _plain_numbers(group: dict[str, Any], names: tuple[str, ...]) -> None:
+    """numpy scalars (np.float32(0.3)) among our hyperparameters become Python floats: they mean
+    the same number, and the ops take Python floats."""
+    for name in names:
+        value = group.get(name)
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)) and not isinstance(value, Tensor):
+            group[name] = float(value)
+
+
+def _unscaled_already(grad_scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the user called ``grad_scaler.unscale_(optimizer)`` in this iteration already (to clip
+    the first gradient, say): a second unscale_ would be an error."""
+    states = getattr(grad_scaler, "_per_optimizer_states", None)
+    stage = states[id(optimizer)].get("stage") if states is not None and id(optimizer) in states else None
+    return getattr(stage, "name", None) == "UNSCALED"
 
 
 def _is_real(value: Any) -> bool:
@@ -51,9 +81,11 @@ class _Progress:
         self.perturbed = False
         self.ascents = 0  # perturbation (ascent) steps taken in the current step: 1 for SAM and LE-SAM
         self.first_sq: Optional[Tensor] = None  # the first pass's squared norm, for the skip decision
+        self.device_hypers: list[Tensor] = []  # base hyperparameters held as accelerator tensors, for the skip
         self.combine: list[Optional[tuple[float, float]]] = []  # LE-SAM+ coefficients per bucket
         self.local_pending = False  # set by local_first_pass, taken by the next first_step
         self.local = False
+        self.in_step = False  # inside step(closure), whose hooks torch's wrapper fires
 
 
 class SharpnessAware(torch.optim.Optimizer):
@@ -79,22 +111,30 @@ class SharpnessAware(torch.optim.Optimizer):
 
     # Hyperparameter names of this kind of optimizer; they live in each param group.
     _hyper_names: tuple[str, ...] = ()
+    # torch.amp.GradScaler's protocol: `scaler.step(opt, closure)` then calls
+    # `opt.step(closure, grad_scaler=scaler)`, so both passes are unscaled here. Without it the
+    # scaler unscales the first pass only and the closure's still-scaled gradient would reach the
+    # base step (an update `scale` times too large).
+    _step_supports_amp_scaling = True
 
-    def __init__(self, params, base: type[torch.optim.Optimizer], hyper: dict[str, Any], backend: str,
+    def __init__(self, params, base: Optional[Callable[..., torch.optim.Optimizer]], hyper: dict[str, Any], backend: str,
                  capturable: bool = False, base_update: str = "auto", **base_kwargs):
-        if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
-            raise TypeError(f"base must be a torch.optim.Optimizer class such as torch.optim.SGD, got {base!r}")
+        base_optimizer = base_kwargs.pop("base_optimizer", None)  # davda54/sam's name for base
         if not isinstance(backend, str):
             raise ValueError(f"backend must be a string, got {backend!r}")
         _check("capturable", capturable, isinstance(capturable, bool), "a bool")
         _check("base_update", base_update, base_update in ("auto", "fused", "generic"), "'auto', 'fused' or 'generic'")
+        _plain_numbers(hyper, self._hyper_names)
         self._check_group(hyper)
         super().__init__(params, hyper)
         for group in self.param_groups:
+            _plain_numbers(group, self._hyper_names)
             self._check_group(group)
         # The base optimizer shares our param-group dicts, so edits to opt.param_groups (an LR
         # scheduler on either optimizer, a SigmaAnnealing) reach both.
-        self.base = base(self.param_groups, **base_kwargs)
+        self.base = make_base(base, base_optimizer, self.param_groups, base_kwargs)
+        for group in self.param_groups:
+            check_base_hypers(group, self._hyper_names)
         self.param_groups = self.base.param_groups
         self.state = self.base.state
         self.defaults.update(self.base.defaults)
@@ -106,13 +146,18 @@ class SharpnessAware(torch.optim.Optimizer):
         if capturable and self.base_update != "fused" and not getattr(self.base, "_step_supports_amp_scaling", False):
             raise ValueError(
                 f"capturable=True needs a base update that can skip a non-finite step on the device: the fused one "
-                f"(base torch.optim.SGD/Adam/AdamW) or a base with fused=True; {base.__name__}({base_kwargs}) would "
+                f"(base torch.optim.SGD/Adam/AdamW) or a base with fused=True; {type(self.base).__name__}({base_kwargs}) would "
                 f"need a host sync to skip"
             )
 
     # ------------------------------------------------------------------ set-up
     def _build(self) -> None:
         self._buckets: list[ParamBucket | ShardBucket] = build_buckets(self.param_groups)
+        if not hasattr(self, "_replaced_params"):
+            self._replaced_params: list = []  # (module, name, old parameter), appended by checks.watch_params' hook
+            self._superseded_by: Optional[str] = None  # set by checks.watch_params: a newer optimizer took the params
+        watch_params(self, [p for group in self.param_groups for p in group["params"]])
+        self._mark_grads()
         # Sharded (FSDP2) buckets hold a part of the model each: the norm is summed over this group.
         sharded = self._buckets and isinstance(self._buckets[0], ShardBucket)
         self._shard_group = self._buckets[0].mesh.get_group() if sharded else None
@@ -160,9 +205,16 @@ class SharpnessAware(torch.optim.Optimizer):
             raise RuntimeError("add_param_group() between first_step() and second_step(): finish the step first")
         for name in self._hyper_names:
             param_group.setdefault(name, self.defaults[name])
+        _plain_numbers(param_group, self._hyper_names)
         self._check_group(param_group)
+        check_base_hypers(param_group, self._hyper_names)
         self.base.add_param_group(param_group)  # appends to the shared list, fills the base's defaults
         self._build()
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """``opt.base``, under davda54/sam's name."""
+        return self.base
 
     @property
     def backend_names(self) -> dict[str, str]:
@@ -220,15 +272,19 @@ class SharpnessAware(torch.optim.Optimizer):
                 "first_step() called twice without second_step(): the parameters are already perturbed "
                 "(a second perturbation would overwrite the exact backup of w)"
             )
+        self._fire_step_hooks(post=False)
         self._check_capture()
         # Host checks, skipped while tracing: the compiler may treat hyperparameters as symbols and
         # cannot trace data pointers (the graph is specialised to these parameters anyway).
+        self._progress.device_hypers = []
         if not torch.compiler.is_compiling():
             for group in self.param_groups:
                 self._check_group(group)
+                check_base_hypers(group, self._hyper_names, self._progress.device_hypers)
             for bucket in self._buckets:
                 bucket.check_storage()
-        if grad_scaler is not None:
+            self._check_not_replaced()
+        if grad_scaler is not None and not _unscaled_already(grad_scaler, self):
             grad_scaler.unscale_(self)
         self._progress.local, self._progress.local_pending = self._progress.local_pending, False
         for bucket in self._buckets:
@@ -262,6 +318,8 @@ class SharpnessAware(torch.optim.Optimizer):
         if zero_grad:
             for bucket in self._buckets:  # grads were bound above
                 bucket.zero_grad()
+        if not torch.compiler.is_compiling():  # for step(closure): does the closure call backward? (not traced)
+            self._mark_grads()
 
     def _restore(self, combine: bool = False) -> None:
         """w <- backup in every bucket, with the LE-SAM+ combine decided at first_step if ``combine``."""
@@ -295,8 +353,14 @@ class SharpnessAware(torch.optim.Optimizer):
                 bucket.center.div_(world)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+    def second_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None,
+                    max_grad_norm: Optional[float] = None) -> None:
         """Restore w exactly, combine gradients for LE-SAM+, and let the base optimizer step with g_hat.
+
+        ``max_grad_norm``: clip the final gradient g_hat to this global norm first, as
+        ``torch.nn.utils.clip_grad_norm_`` would (coefficient max_norm / (||g_hat|| + 1e-6), at most
+        1), after the GradScaler's unscale. Its norm is the one the non-finite check computes anyway;
+        the scaling is one more pass over the gradient, on the device (no host sync).
 
         If the first or the final gradient is not finite, the base step is skipped and counted in
         ``skipped_steps``: on the device when the base optimizer can skip there (torch's fused
@@ -310,12 +374,17 @@ class SharpnessAware(torch.optim.Optimizer):
         """
         if not self._progress.perturbed:
             raise RuntimeError("second_step() called before first_step(): nothing to restore; the parameters were not changed")
+        _check_max_grad_norm(max_grad_norm)  # before anything changes: a second_step(...) may follow
         self._take_final_grads(grad_scaler)
         if self._progress.local:
             self._average_centers()
         # The final gradient's check reads it once more (4 B per parameter): a skip must be known
         # before the update writes anything, and the update is one pass over every bucket.
-        found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(self._global_sq_norm(adaptive_aware=False)))
+        final_sq = self._global_sq_norm(adaptive_aware=False)
+        found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(final_sq))
+        found_inf = self._or_bad_device_hypers(found_inf)
+        if max_grad_norm is not None:
+            self._clip_final_grads(final_sq, max_grad_norm)
         fused = self._fused_update
         if fused is not None and not fused.why_not():
             self.skipped_steps.add_(found_inf)
@@ -329,10 +398,26 @@ class SharpnessAware(torch.optim.Optimizer):
         if fused is not None:  # torch's own step may have created state that is not in the flat buffers
             fused.stale = True
 
+    def _clip_final_grads(self, final_sq: Tensor, max_norm: float) -> None:
+        """g_hat *= min(1, max_norm / (||g_hat|| + 1e-6)) in every bucket (torch's clip_grad_norm_ rule)."""
+        coef = (max_norm / (final_sq.sqrt() + 1e-6)).clamp(max=1.0)
+        coef_on = self._on_devices(coef)
+        for bucket in self._buckets:
+            bucket.grad.mul_(coef_on[bucket.device].to(bucket.grad.dtype))
+
+    def _or_bad_device_hypers(self, found_inf: Tensor) -> Tensor:
+        """Fold a non-finite hyperparameter held as a tensor on an accelerator (first_step collected
+        them) into the skip flag: the step is skipped and counted rather than read on the host."""
+        hypers = self._progress.device_hypers
+        if not hypers:
+            return found_inf
+        bad = torch.stack([~torch.isfinite(t.to(found_inf.device)).all() for t in hypers]).any()
+        return found_inf | bad
+
     def _take_final_grads(self, grad_scaler: Optional["torch.amp.GradScaler"]) -> None:
         """The last backward's gradients, unscaled (through the base optimizer, see second_step) and
         bound into the flat grad buffers."""
-        if grad_scaler is not None:
+        if grad_scaler is not None and not _unscaled_already(grad_scaler, self.base):  # (to clip it, say)
             grad_scaler.unscale_(self.base)
         for bucket in self._buckets:
             bucket.bind_grads()
@@ -349,9 +434,13 @@ class SharpnessAware(torch.optim.Optimizer):
         if self.capturable:
             self._device_count += 1
         self._opt_called = True  # what torch's LR schedulers check to know the optimizer has stepped
+        self.base._opt_called = True  # also when a scheduler was built on opt.base (its step is not called, see _base_step)
         if zero_grad:
             for bucket in self._buckets:  # grads were bound in second_step
                 bucket.zero_grad()
+        if not torch.compiler.is_compiling():  # for step(closure): did a backward come since? (not traced)
+            self._mark_grads()
+        self._fire_step_hooks(post=True)
 
     def _check_capture(self) -> None:
         """torch's rule for its own optimizers: only a capturable optimizer may be captured (a graph
@@ -379,12 +468,40 @@ class SharpnessAware(torch.optim.Optimizer):
         if device_skip:  # torch's fused optimizers read it (see _build), also where the host decides below
             self.base.found_inf.copy_(found_inf)
         if device_skip and self._base_state_ready():
-            self.base.step()
+            self._base_step_without_global_hooks()
         elif not bool(found_inf):  # the one host sync: this base optimizer cannot skip on the device
-            self.base.step()
+            self._base_step_without_global_hooks()
+
+    def _base_step_without_global_hooks(self) -> None:
+        """``base.step()`` without torch's global optimizer hooks, which fire once per full step, for
+        this optimizer (`_fire_step_hooks`); hooks registered on ``opt.base`` itself still fire."""
+        step = type(self.base).step
+        step = getattr(step, "__wrapped__", step) if getattr(step, "hooked", False) else step
+        base = self.base
+        for hook in base._optimizer_step_pre_hooks.values():
+            hook(base, (), {})
+        step(base)
+        for hook in base._optimizer_step_post_hooks.values():
+            hook(base, (), {})
+        if not torch.compiler.is_compiling():
+            for bucket in self._buckets:  # one call per bucket: a base must update the parameters in place
+                bucket.check_storage(after_base_step=type(base).__name__)
+
+    def _fire_step_hooks(self, post: bool) -> None:
+        """torch's step hooks (``register_step_pre_hook``/``register_step_post_hook``, this optimizer's
+        and the global ones) for the manual API: first_step fires the pre-hooks, the end of the step
+        the post-hooks, once per full step. Within step(closure) torch's wrapper of step fires them.
+        A pre-hook's replacement arguments have nothing to replace here and are ignored."""
+        if self._progress.in_step:
+            return
+        hooks = (chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()) if post
+                 else chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()))
+        for hook in hooks:
+            hook(self, (), {})
 
     @contextlib.contextmanager
-    def perturbed(self, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Iterator["SharpnessAware"]:
+    def perturbed(self, grad_scaler: Optional["torch.amp.GradScaler"] = None,
+                  max_grad_norm: Optional[float] = None) -> Iterator["SharpnessAware"]:
         """``with opt.perturbed(): <second forward + backward>``: the whole sharpness-aware step.
 
         Entering perturbs (first_step, grads zeroed); leaving normally finishes the step
@@ -399,25 +516,94 @@ class SharpnessAware(torch.optim.Optimizer):
             with torch.no_grad():
                 self._restore()
             raise
-        self.second_step(grad_scaler=grad_scaler)
+        self.second_step(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
 
     def step(self, closure: Optional[Callable[[], Any]] = None,
-             grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Any:
-        """One step. The first backward (at w) is done by the caller; ``closure`` must redo the
-        forward and backward (at w + eps) and may return the loss, which is returned.
+             grad_scaler: Optional["torch.amp.GradScaler"] = None, max_grad_norm: Optional[float] = None) -> Any:
+        """One step. ``closure`` does a forward and backward and may return the loss.
+
+        The first backward (at w) is normally done by the caller, and ``closure`` redoes it at
+        w + eps; its loss is returned. When no backward happened since the last step or
+        ``zero_grad()`` (torch's closure convention, and PyTorch Lightning's automatic
+        optimization: ``opt.zero_grad(); opt.step(closure)``), the closure is called for the first
+        pass too, and the loss at w, its first result, is returned.
 
         fp16 with a ``torch.amp.GradScaler``: both backwards on ``grad_scaler.scale(loss)``, then
-        ``opt.step(closure, grad_scaler=grad_scaler)`` and ``grad_scaler.update()`` (see first_step
-        and second_step for what the scaler is used for)."""
+        ``grad_scaler.step(opt, closure)`` (or ``opt.step(closure, grad_scaler=grad_scaler)``) and
+        ``grad_scaler.update()`` (see first_step and second_step for what the scaler is used for).
+        ``max_grad_norm``: clip the final gradient (see second_step)."""
+        closure = self._check_step_call(closure, grad_scaler)
+        _check_max_grad_norm(max_grad_norm)
+        self._progress.in_step = True  # torch's wrapper of step fires the step hooks, not first/second_step
+        try:
+            first_loss = self._first_pass_by_closure(closure)
+            with self.perturbed(grad_scaler, max_grad_norm):
+                loss = self._call_closure(closure)
+        finally:
+            self._progress.in_step = False
+        return loss if first_loss is _NO_LOSS else first_loss
+
+    def _check_step_call(self, closure: Optional[Callable[[], Any]],
+                         grad_scaler: Optional["torch.amp.GradScaler"]) -> Callable[[], Any]:
         if closure is None:
+            with_scaler = (" With a GradScaler: scaler.step(opt, closure), or opt.step(closure, grad_scaler=scaler); "
+                           "then scaler.update()." if grad_scaler is not None else "")
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that re-evaluates the loss and calls backward(); "
-                f"or call first_step(), do the second forward/backward, then second_step()"
+                f"or call first_step(), do the second forward/backward, then second_step().{with_scaler}"
             )
-        with self.perturbed(grad_scaler):
-            with torch.enable_grad():
-                loss = closure()
+        if grad_scaler is None and self.__dict__.get("grad_scale") is not None:
+            # GradScaler's newer protocol sets opt.grad_scale instead of passing itself: the closure's
+            # pass could not be unscaled.
+            raise RuntimeError(f"{type(self).__name__} was stepped by a GradScaler that did not pass itself as "
+                               f"grad_scaler=: call opt.step(closure, grad_scaler=scaler), then scaler.update()")
+        if not torch.compiler.is_compiling():
+            self._check_not_replaced()
+        return closure
+
+    def _first_pass_by_closure(self, closure: Callable[[], Any]) -> Any:
+        """Call ``closure`` for the first pass when no gradient was written since the last step or
+        zero_grad() (see step); its loss, or _NO_LOSS when the caller did the first backward. Not
+        decided while tracing (the version counters are not traced): the caller's backward is assumed."""
+        if torch.compiler.is_compiling() or self._grads_written():
+            return _NO_LOSS
+        with torch.enable_grad():
+            loss = closure()
+        if not self._grads_written():
+            raise RuntimeError(self._no_backward_message("no gradient exists at w: no backward() ran since the last "
+                                                         "step or zero_grad(), and the closure did not call one either"))
         return loss
+
+    def _call_closure(self, closure: Callable[[], Any]) -> Any:
+        """The closure at the perturbed point; it must write a gradient (else the base would step
+        on a zero or stale one). The caller restores w on the exception."""
+        with torch.enable_grad():
+            loss = closure()
+        if not torch.compiler.is_compiling() and not self._grads_written():
+            raise RuntimeError(self._no_backward_message("the closure returned without calling backward()"))
+        return loss
+
+    def _no_backward_message(self, what: str) -> str:
+        return (f"{type(self).__name__}.step(closure): {what}, so the step would use no gradient. The closure must "
+                f"compute the loss and call loss.backward() (and may return the loss); the parameters are unchanged")
+
+    def _mark_grads(self) -> None:
+        for bucket in self._buckets:
+            bucket.mark_grads()
+
+    def _grads_written(self) -> bool:
+        """A gradient was written into some bucket since the last `_mark_grads` (a step, zero_grad())."""
+        return any(bucket.grads_written() for bucket in self._buckets)
+
+    def _check_not_replaced(self) -> None:
+        if self._superseded_by:
+            raise RuntimeError(f"this {type(self).__name__} was superseded: a {self._superseded_by} built later on the same "
+                               f"parameters took them into its own flat buckets. Step the newer optimizer only (build "
+                               f"one optimizer per set of parameters)")
+        if self._replaced_params:
+            message = replaced_params_error(self._replaced_params)
+            if message:
+                raise RuntimeError(message)
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero the gradients in place (default): they stay views into the flat grad buffer, so the
@@ -429,6 +615,7 @@ class SharpnessAware(torch.optim.Optimizer):
             else:
                 bucket.bind_grads()
                 bucket.zero_grad()
+            bucket.mark_grads()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -437,32 +624,21 @@ class SharpnessAware(torch.optim.Optimizer):
             raise RuntimeError("state_dict() between first_step() and second_step(): the parameters are perturbed")
         state = self.base.state_dict()
         count = int(self._device_count) if self.capturable else self._progress.count
-        state[_STATE_KEY] = {"step": count, "skipped_steps": self.skipped_steps.clone()}
+        state[_STATE_KEY] = {"kind": type(self).__name__, "step": count, "skipped_steps": self.skipped_steps.clone()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this optimizer, or of a plain torch optimizer of the base's class
-        (then the hyperparameters of this optimizer's groups and its step counts are kept)."""
+        (then the hyperparameters of this optimizer's groups and its step counts are kept). One of
+        another kind of fused optimizer, or one with values this optimizer refuses, is refused
+        before anything changes."""
         if self._progress.perturbed:
             raise RuntimeError("load_state_dict() between first_step() and second_step(): finish the step first")
-        state_dict = dict(state_dict)
-        ours = state_dict.pop(_STATE_KEY, None)
-        saved_groups = state_dict.get("param_groups", [])
-        if len(saved_groups) == len(self.param_groups):
-            groups = []
-            for saved, current in zip(saved_groups, self.param_groups):
-                missing = [name for name in self._hyper_names if name not in saved]
-                if missing and ours is not None:  # checked before anything changes
-                    raise ValueError(f"this state dict was saved by another kind of optimizer: its param groups lack "
-                                     f"{missing}, which {type(self).__name__} needs; load it into the class that saved it")
-                groups.append({**{name: current[name] for name in missing}, **saved})
-            state_dict["param_groups"] = groups
+        state_dict, ours = self._loadable(state_dict)
         self.base.load_state_dict(state_dict)
         # torch's load_state_dict builds new group dicts and a new state: share them again.
         self.param_groups = self.base.param_groups
         self.state = self.base.state
-        for group in self.param_groups:
-            self._check_group(group)
         if self._fused_update is not None:  # the loaded tensors go into the flat buffers
             self._fused_update.adopt(self._buckets)
         if ours is None:  # a plain torch optimizer's state: our counters go on as they were
@@ -471,6 +647,34 @@ class SharpnessAware(torch.optim.Optimizer):
         if self.capturable:
             self._device_count.fill_(self._progress.count)
         self.skipped_steps.copy_(ours["skipped_steps"])
+
+
+    def _loadable(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+        """(the state dict for the base, our counters or None for a plain torch optimizer's), after
+        every check that can fail: loading must not stop half way and leave the optimizer broken."""
+        state_dict = dict(state_dict)
+        ours = state_dict.pop(_STATE_KEY, None)
+        kind = type(self).__name__
+        saved_by = ours.get("kind") if ours is not None else None
+        if saved_by is not None and saved_by != kind:
+            raise ValueError(f"this state dict was saved by {saved_by}, and this is a {kind}: their hyperparameters and "
+                             f"state differ; load it into a {saved_by}. Nothing was changed")
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"this state dict has {len(saved_groups)} param groups and the optimizer "
+                             f"{len(self.param_groups)}: load it into an optimizer built on the same groups")
+        groups = []
+        for saved, current in zip(saved_groups, self.param_groups):
+            missing = [name for name in self._hyper_names if name not in saved]
+            if missing and ours is not None:
+                raise ValueError(f"this state dict was saved by another kind of optimizer: its param groups lack "
+                                 f"{missing}, which {kind} needs; load it into the class that saved it. Nothing was changed")
+            group = {**{name: current[name] for name in missing}, **saved}
+            self._check_group(group)
+            check_base_hypers(group, self._hyper_names)
+            groups.append(group)
+        state_dict["param_groups"] = groups
+        return state_dict, ours
 
 
 class FusedLESAM(SharpnessAware):
@@ -503,7 +707,7 @@ class FusedLESAM(SharpnessAware):
     def __init__(
         self,
         params,
-        base: type[torch.optim.Optimizer] = torch.optim.SGD,
+        base: Optional[Callable[..., torch.optim.Optimizer]] = None,
         *,
         sigma: float = 0.35,
         rho_max: Optional[float] = 0.4,
@@ -518,6 +722,10 @@ class FusedLESAM(SharpnessAware):
         base_update: str = "auto",
         **base_kwargs,
     ):
+        refuse_foreign_kwargs("FusedLESAM", base, base_kwargs, {
+            "rho": "LE-SAM has no fixed radius: it back-solves rho_t = min(sigma_t / ||g||, rho_max) from the loss "
+                   "budget sigma each step; give sigma= (the budget, default 0.35) and rho_max= (the cap), or use "
+                   "FusedSAM(rho=...) for SAM's fixed radius (davda54/sam's rho)"})
         check_schedule(total_steps, anneal_steps, names=("total_steps", "anneal_steps", "warmup"))
         self.total_steps = total_steps
         self.anneal_steps = anneal_steps
@@ -572,9 +780,12 @@ class FusedSAM(SharpnessAware):
 
     _hyper_names = ("rho", "adaptive")
 
-    def __init__(self, params, base: type[torch.optim.Optimizer] = torch.optim.SGD, *, rho: float = 0.05,
+    def __init__(self, params, base: Optional[Callable[..., torch.optim.Optimizer]] = None, *, rho: float = 0.05,
                  adaptive: bool = False, backend: str = "auto", capturable: bool = False, base_update: str = "auto",
                  **base_kwargs):
+        refuse_foreign_kwargs("FusedSAM", base, base_kwargs, {
+            name: f"{name} is LE-SAM's (FusedLESAM); SAM's radius is the fixed rho="
+            for name in ("sigma", "rho_max", "varrho")})
         super().__init__(params, base, dict(rho=rho, adaptive=adaptive), backend, capturable, base_update, **base_kwargs)
 
     def _check_group(self, group: dict[str, Any]) -> None:

@@ -95,6 +95,8 @@ class SigmaAnnealing:
     def step(self) -> None:
         self.last_epoch += 1
         for group in self.optimizer.param_groups:
+            # A group added since (opt.add_param_group) joins the schedule from its own sigma.
+            group.setdefault("initial_sigma", group["sigma"])
             group["sigma"] = sigma_at(self.last_epoch, group["initial_sigma"], self.total, self.anneal, self.sigma_min, self.warmup)
 
     def get_last_sigma(self) -> list[float]:

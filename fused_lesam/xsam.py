@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import reference
-from .optimizer import SharpnessAware, _check, _is_real
+from .checks import refuse_foreign_kwargs
+from .optimizer import _NO_LOSS, SharpnessAware, _check, _is_real
 
 __all__ = ["FusedXSAM"]
 
@@ -54,7 +55,7 @@ class FusedXSAM(SharpnessAware):
     def __init__(
         self,
         params,
-        base: type[torch.optim.Optimizer] = torch.optim.SGD,
+        base: Optional[Callable[..., torch.optim.Optimizer]] = None,
         *,
         rho: float = 0.15,
         steps: int = 1,
@@ -69,6 +70,8 @@ class FusedXSAM(SharpnessAware):
         base_update: str = "generic",
         **base_kwargs,
     ):
+        refuse_foreign_kwargs("FusedXSAM", base, base_kwargs, {
+            "sigma": "XSAM ascends by the fixed length rho; LE-SAM's loss budget sigma is FusedLESAM's"})
         _check("steps", steps, isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "an int >= 1")
         _check("dynamic", dynamic, isinstance(dynamic, bool), "a bool")
         _check("alpha_delta", alpha_delta, _is_real(alpha_delta) and math.isfinite(alpha_delta) and alpha_delta > 0,
@@ -140,6 +143,8 @@ class FusedXSAM(SharpnessAware):
         if zero_grad:
             for bucket in self._buckets:
                 bucket.zero_grad()
+        if not torch.compiler.is_compiling():  # for step(closure): does the next closure call backward?
+            self._mark_grads()
 
     def _dots(self) -> Tensor:
         """[||w_k - w_0||^2, ||g_hat||^2, (w_k - w_0) . g_hat] over every bucket, on the main device."""
@@ -177,9 +182,12 @@ class FusedXSAM(SharpnessAware):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None,
-                    search_alpha: Optional[Callable[[], Any]] = None) -> None:
+                    search_alpha: Optional[Callable[[], Any]] = None, max_grad_norm: Optional[float] = None) -> None:
         """After the last backward (g_hat at w_k): with ``search_alpha`` (dynamic mode) choose alpha;
         then restore w_0 exactly, write ||g_hat|| d(alpha) into the gradient, and base-step."""
+        if max_grad_norm is not None:
+            raise TypeError("FusedXSAM has no max_grad_norm: clip by hand (README, Gradient clipping); its update "
+                            "gradient ||g_hat|| d(alpha) is built after the last backward")
         if not self._progress.perturbed:
             raise RuntimeError("second_step() called before first_step(): nothing to restore; the parameters were not changed")
         if self._progress.ascents != self.steps:
@@ -213,7 +221,7 @@ class FusedXSAM(SharpnessAware):
         self.last_theta.copy_(theta)
         self.last_ascent_norm.copy_(dots[0].sqrt())
         self.last_ghat_norm.copy_(ghat_norm)
-        found_inf = ~(torch.isfinite(self._progress.first_sq) & torch.isfinite(dots).all())
+        found_inf = self._or_bad_device_hypers(~(torch.isfinite(self._progress.first_sq) & torch.isfinite(dots).all()))
         self._finish_step(found_inf, zero_grad)
 
     def local_first_pass(self, model: torch.nn.Module):
@@ -237,22 +245,25 @@ class FusedXSAM(SharpnessAware):
         parameters, forward only (it is called under no_grad, once per grid point).
 
         If ``closure`` or ``search_alpha`` raises, w_0 is restored bit-exactly and the step is skipped."""
-        if closure is None:
-            raise RuntimeError("FusedXSAM.step() needs a closure that re-evaluates the loss and calls backward()")
+        closure = self._check_step_call(closure, grad_scaler)
         self._check_search(search_alpha)
-        self.first_step(zero_grad=True, grad_scaler=grad_scaler)
+        self._progress.in_step = True  # torch's wrapper of step fires the step hooks, not first/second_step
         try:
-            for i in range(self.steps):
-                with torch.enable_grad():
-                    loss = closure()
-                if i + 1 < self.steps:
-                    self.ascent_step(zero_grad=True)
-        except BaseException:
-            with torch.no_grad():
-                self._restore()
-            raise
-        self.second_step(grad_scaler=grad_scaler, search_alpha=search_alpha)
-        return loss
+            first_loss = self._first_pass_by_closure(closure)  # as FusedLESAM.step: the closure-only convention
+            self.first_step(zero_grad=True, grad_scaler=grad_scaler)
+            try:
+                for i in range(self.steps):
+                    loss = self._call_closure(closure)
+                    if i + 1 < self.steps:
+                        self.ascent_step(zero_grad=True)
+            except BaseException:
+                with torch.no_grad():
+                    self._restore()
+                raise
+            self.second_step(grad_scaler=grad_scaler, search_alpha=search_alpha)
+        finally:
+            self._progress.in_step = False
+        return loss if first_loss is _NO_LOSS else first_loss
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -261,6 +272,7 @@ class FusedXSAM(SharpnessAware):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loadable(state_dict)  # the checks of every kind first: another kind's state dict is named as such
         alpha = state_dict.get("fused_lesam", {}).get("alpha")
         if alpha is None:
             raise ValueError("this state dict has no XSAM alpha: it was not saved by FusedXSAM.state_dict()")

@@ -110,3 +110,21 @@ def test_xsam_step_traces_without_a_sync(backend):
     for p, q in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert opt.alpha.item() == eager.alpha.item()
+
+
+def test_a_base_that_cannot_skip_on_the_device_breaks_the_graph_at_the_skip_decision():
+    """What the README says compiles with which base: a plain base on torch's own step decides the
+    skip on the host (bool(found_inf)), a graph break in our _base_step besides torch's own."""
+    torch.manual_seed(0)
+    model = SmallConvNet()
+    opt = FusedLESAM(model.parameters(), lr=0.05, momentum=0.9, base_update="generic", backend="torch")
+    (x, y), = make_batches(1)
+    sam_step(model, opt, x, y)
+    loss_fn(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_fn(model, x, y).backward()
+    explained = torch._dynamo.explain(opt.second_step)()
+    assert not opt._progress.perturbed
+    ours = [reason for reason in explained.break_reasons
+            if reason.user_stack[-1].filename.endswith(os.path.join("fused_lesam", "optimizer.py"))]
+    assert ours and all(reason.user_stack[-1].name == "_base_step" for reason in ours), explained.break_reasons
