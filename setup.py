@@ -163,8 +163,8 @@ class BuildKernels(build_ext):
             raise SystemExit(
                 f"fused-lesam: torch is not importable in the build environment ({err}). The kernels are "
                 "compiled against the torch they will run with: install torch first, then build with "
-                "pip's --no-build-isolation, e.g. `pip install --no-build-isolation fused-lesam` (or `.` in a "
-                "clone). Without the kernels: FUSED_LESAM_NO_EXTENSION=1 pip install ...") from None
+                "pip's --no-build-isolation: `pip install --no-build-isolation <the sdist, or . in a clone>`. "
+                "Without the kernels: FUSED_LESAM_NO_EXTENSION=1 pip install ...") from None
         self.record.update(torch=torch.__version__, torch_cuda=torch.version.cuda)
 
         why_no_cxx = _compiler_problem()
