@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from .. import build_info
+
 # name -> (module that implements the ops, device types it runs on; None: any device)
 _MODULES: dict[str, tuple[str, Optional[frozenset[str]]]] = {
     "torch": ("fused_lesam.backends.reference", None),
@@ -28,7 +30,6 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 NAMES = tuple(_MODULES)
 
 EXTENSION = "fused_lesam._C"
-EXTENSION_MISSING = "built without a C++ compiler or torch at build time, or with FUSED_LESAM_NO_EXTENSION=1"
 
 
 def _load(name: str) -> tuple[Optional[ModuleType], str]:
@@ -40,20 +41,27 @@ def _load(name: str) -> tuple[Optional[ModuleType], str]:
         if err.name == module_name:
             return None, f"{module_name} is not part of this build of fused_lesam"
         if err.name == EXTENSION:
-            return None, f"the compiled extension {EXTENSION} is not installed ({EXTENSION_MISSING})"
+            return None, f"the compiled extension {EXTENSION} is not installed ({build_info.NO_RECORD})"
         return None, f"{module_name} could not be imported: {err}"
-    except (ImportError, OSError, RuntimeError) as err:
+    except ImportError as err:
+        if err.name == EXTENSION:  # compiled.py's check: says why and how to fix it
+            return None, str(err)
+        return None, f"{module_name} could not be loaded: {err}"
+    except (OSError, RuntimeError) as err:
         return None, f"{module_name} could not be loaded: {err}"
 
 
 def extension_error() -> str:
     """"" when the compiled extension (C++/CUDA kernels) loads, else why it does not."""
+    problem = build_info.extension_problem()
+    if problem:
+        return f"{EXTENSION} is not usable: {problem}"
     try:
         importlib.import_module(EXTENSION)
     except ModuleNotFoundError as err:
         if err.name != EXTENSION:
             raise
-        return f"{EXTENSION} is not installed ({EXTENSION_MISSING})"
+        return f"{EXTENSION} is not installed ({build_info.NO_RECORD})"
     except (ImportError, OSError) as err:
         return f"{EXTENSION} could not be loaded: {err}"
     return ""

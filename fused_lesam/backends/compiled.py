@@ -13,9 +13,14 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .. import build_info
 from . import reference
 
-import fused_lesam._C  # noqa: F401  (registers torch.ops.fused_lesam)
+_problem = build_info.extension_problem()
+if _problem:  # checked before loading: an extension built for another torch must not be loaded
+    raise ImportError(f"the compiled extension fused_lesam._C is not usable: {_problem}", name="fused_lesam._C")
+
+import fused_lesam._C  # noqa: E402,F401  (registers torch.ops.fused_lesam)
 
 _OPS = ("sq_norm", "perturb_", "restore_", "xsam_dots", "xsam_restore_", "xsam_probe_", "sgd_step_", "adam_step_")
 
