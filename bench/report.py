@@ -2,7 +2,7 @@
 its rows to the byte-limit fraction, the speed-ups, the pass/short decisions against issue 14's
 targets, and the printed tables. No timing here, so the tests can feed it made-up figures.
 
-Byte model (fp32, per parameter and step; README "byte model", DESIGN.md §3): the ideal whole step
+Byte model (fp32, per parameter and step; README "byte model", docs/design.md §3): the ideal whole step
 reads g for the norm (4), reads w, g and writes w, w_bak to perturb (16), and in one pass reads
 w_bak, the final gradient and the base's state and writes w and the state: 20 for SGD with
 momentum (w_bak, g, m in; w, m out), 28 for AdamW (w_bak, g, m, v in; w, m, v out). A copy_ moves

@@ -1,6 +1,6 @@
 """The step microbenchmark (issue 14): one whole sharpness-aware optimizer step, first_step +
 second_step with the gradients in place and no forward/backward, against the per-tensor loop users
-copy and against the byte limit of the machine (DESIGN.md §3, bench/report.py).
+copy and against the byte limit of the machine (docs/design.md §3, bench/report.py).
 
 Per parameter set (bench/models.py) and base optimizer (momentum SGD lr 0.05 / momentum 0.9 /
 wd 5e-4; AdamW lr 1e-3 / wd 0.05), in one interleaved run:

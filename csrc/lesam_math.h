@@ -2,7 +2,7 @@
 //
 // The CPU kernels (cpu/bucket_ops.cpp) and the CUDA kernels (cuda/bucket_ops.cu) both call these
 // inline functions, so the CPU tests run the arithmetic the GPU runs. The specification they are
-// tested against is fused_lesam/backends/reference.py (DESIGN.md §1).
+// tested against is fused_lesam/backends/reference.py (docs/design.md §1).
 //
 // `acc_t` is the type the arithmetic is done in: float for fp32/fp16/bf16 buckets, double for
 // fp64 ones. Values are loaded from the bucket's dtype, computed in acc_t, rounded back once.

@@ -6,7 +6,7 @@ LE-SAM back-solves it from a loss budget, SAM keeps it fixed. The engine owns th
 delegates the actual update to an ordinary torch optimizer (``base``) built on the same param
 groups, so LR schedulers, per-group settings and the base optimizer's state work as usual.
 
-One step (DESIGN.md §1)::
+One step (docs/design.md §1)::
 
     first_step:  n = ||g|| over every bucket; per bucket: backup <- w; w <- w + eps(n, group)
     (caller)     second forward/backward at w + eps

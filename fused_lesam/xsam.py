@@ -1,4 +1,4 @@
-"""FusedXSAM: explicit sharpness-aware minimization (Chen & Zhou, ICLR 2026; DESIGN.md §1 "XSAM").
+"""FusedXSAM: explicit sharpness-aware minimization (Chen & Zhou, ICLR 2026; docs/design.md §1 "XSAM").
 
 XSAM ascends like SAM, in ``steps`` steps of length rho / steps, then updates w_0 along an explicit
 estimate of the direction to the neighbourhood's maximum: the slerp d(alpha) between where the

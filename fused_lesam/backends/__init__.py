@@ -4,7 +4,7 @@
 Every backend is a module exposing those functions with the signatures of
 ``fused_lesam.backends.reference`` (the "torch" backend, the specification). A backend knows
 nothing of optimizers; the optimizer knows nothing of kernels. ``backend="auto"`` tries, in order,
-cuda -> triton -> torch on CUDA tensors and cpp -> torch on CPU tensors (DESIGN.md §2).
+cuda -> triton -> torch on CUDA tensors and cpp -> torch on CPU tensors (docs/design.md §2).
 """
 
 from __future__ import annotations

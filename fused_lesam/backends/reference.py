@@ -7,7 +7,7 @@ the device: no ``.item()``, no Python branch on a tensor value, so no host synch
 Each op works on flat 1-D buckets (see ``fused_lesam.buckets``). Arithmetic is done in the
 accumulation dtype (fp32, or fp64 for fp64 buckets) and rounded to the bucket's dtype once.
 
-SAM and LE-SAM use ``sq_norm``, ``perturb_`` and ``restore_``. XSAM (DESIGN.md §1) ascends with
+SAM and LE-SAM use ``sq_norm``, ``perturb_`` and ``restore_``. XSAM (docs/design.md §1) ascends with
 ``sq_norm`` and ``perturb_`` too, then uses ``xsam_dots`` (three reductions in one pass),
 ``slerp_coefficients`` (a few scalar ops on the device, shared by every backend) and
 ``xsam_restore_`` / ``xsam_probe_`` (one element-wise pass each).
@@ -25,7 +25,7 @@ NAME = "torch"
 # The dtypes a bucket may have (every backend takes these).
 BUCKET_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-# Added to the norm before dividing by it; the paper's eps = rho_t * g / ||g|| (DESIGN.md §1).
+# Added to the norm before dividing by it; the paper's eps = rho_t * g / ||g|| (docs/design.md §1).
 NORM_EPS = 1e-12
 
 
@@ -128,7 +128,7 @@ def restore_(
 
 # ---------------------------------------------------------------------------------------- XSAM
 # Below this sine of the angle between the ascent and the last gradient, the slerp's division is
-# replaced by its limit, the linear interpolation (DESIGN.md §1 writes (v0 + v1) / 2 there, which
+# replaced by its limit, the linear interpolation (docs/design.md §1 writes (v0 + v1) / 2 there, which
 # is the limit only at alpha = 0.5: the limit keeps alpha = 1 exactly SAM).
 SLERP_MIN_SIN = 1e-8
 

@@ -1,4 +1,4 @@
-"""LE-SAM and SAM as a plain per-tensor loop, written from Algorithm 1 of the paper and DESIGN.md §1.
+"""LE-SAM and SAM as a plain per-tensor loop, written from Algorithm 1 of the paper and docs/design.md §1.
 
 Independent of the package on purpose (it imports nothing from fused_lesam): the fused optimizer
 is checked against this, so a mistake shared by both would need to be made twice. It follows the

@@ -1,4 +1,4 @@
-"""XSAM as a plain per-tensor loop, written from DESIGN.md §1 "XSAM" (Chen & Zhou, ICLR 2026).
+"""XSAM as a plain per-tensor loop, written from docs/design.md §1 "XSAM" (Chen & Zhou, ICLR 2026).
 
 Independent of the package on purpose (it imports nothing from fused_lesam), like lesam_loop.py:
 norms per tensor stacked into global ones, an exact copy of w_0 per tensor, the slerp written out
