@@ -1,0 +1,123 @@
+"""The recipes in examples/ run on the real frameworks (installed by ./dev: Lightning, transformers,
+accelerate, timm) for a few steps of a tiny model on synthetic data, and each takes exactly the
+steps of a plain PyTorch loop with the same optimizer, `opt.step(closure)`, the same seeds and data.
+
+Where the recipe's arithmetic is the plain loop's, operation for operation, the parameters (and
+BatchNorm's buffers) are compared bit for bit. The one exception is said where it is made."""
+
+import contextlib
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_lesam import frozen_bn_stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+# The frameworks are test dependencies (./dev installs them): a missing one fails here, never skips.
+import lightning_lesam as lightning_recipe  # noqa: E402
+
+STEPS = 4
+pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")  # Lightning's, on torch 2.14
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Parameters and buffers (BatchNorm's running statistics) equal bit for bit."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), f"{name}: max difference {(sa[name].float() - sb[name].float()).abs().max()}"
+
+
+def assert_trained(model: torch.nn.Module, init: torch.nn.Module) -> None:
+    """A guard against comparing two runs that did nothing."""
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), init.parameters()))
+
+
+# ---------------------------------------------------------------------- PyTorch Lightning
+def lightning_plain_loop(model, loader, steps, bf16=False, max_grad_norm=None, frozen_bn=False):
+    """The same optimizer, scheduler and batches in a plain loop: first backward by hand, closure for the second."""
+    opt = lightning_recipe.make_optimizer(model.parameters())
+    sched = lightning_recipe.make_scheduler(opt)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    for (x, y), _ in zip(loader, range(steps)):
+        with autocast():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+
+        def closure():
+            with autocast(), (frozen_bn_stats(model) if frozen_bn else contextlib.nullcontext()):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+
+        opt.step(closure, max_grad_norm=max_grad_norm)
+        opt.zero_grad()
+        sched.step()
+    return model
+
+
+@pytest.mark.parametrize("precision, max_grad_norm", [("32-true", None), ("32-true", 0.05), ("bf16-mixed", None)])
+def test_lightning_automatic_optimization(precision, max_grad_norm):
+    """An unchanged LightningModule but for configure_optimizers: Lightning's closure (training_step,
+    zero_grad, backward) runs for both passes; the LR scheduler steps per step; bf16 autocast; the
+    final gradient clipped through the step (max_grad_norm 0.05 is below every gradient norm here)."""
+    loader = lightning_recipe.synthetic_loader(batches=STEPS)
+    init = lightning_recipe.small_cnn(batchnorm=False)
+    module = lightning_recipe.LESAMClassifier(copy.deepcopy(init), max_grad_norm=max_grad_norm)
+    trainer = lightning_recipe.train(module, loader, STEPS, precision=precision)
+    assert trainer.global_step == STEPS
+    opt = trainer.optimizers[0]
+    assert opt._progress.count == STEPS and float(opt.last_rho[0]) > 0  # perturbed: a real LE-SAM step
+    reference = lightning_plain_loop(copy.deepcopy(init), loader, STEPS, bf16=precision == "bf16-mixed",
+                                     max_grad_norm=max_grad_norm)
+    assert_same_state(module.model, reference)
+    assert_trained(module.model, init)
+    if max_grad_norm is not None:  # the clipping took part: the unclipped run differs
+        unclipped = lightning_plain_loop(copy.deepcopy(init), loader, STEPS)
+        assert any(not torch.allclose(p, q) for p, q in zip(reference.parameters(), unclipped.parameters()))
+
+
+@pytest.mark.parametrize("closure_form", [False, True], ids=["first_step-then-step", "step-closure"])
+def test_lightning_manual_optimization(closure_form):
+    """first_step, manual_backward under frozen_bn_stats, opt.step() (or opt.step(closure)): the
+    plain loop's steps, BatchNorm's running statistics included, and Lightning counts every step."""
+    loader = lightning_recipe.synthetic_loader(batches=STEPS)
+    init = lightning_recipe.small_cnn(batchnorm=True)
+    module = lightning_recipe.ManualLESAMClassifier(copy.deepcopy(init), closure_form=closure_form)
+    trainer = lightning_recipe.train(module, loader, STEPS)
+    assert trainer.global_step == STEPS
+    assert trainer.optimizers[0]._progress.count == STEPS
+    reference = lightning_plain_loop(copy.deepcopy(init), loader, STEPS, frozen_bn=True)
+    assert_same_state(module.model, reference)
+    assert_trained(module.model, init)
+
+
+def test_lightning_automatic_refuses_gradient_accumulation():
+    module = lightning_recipe.LESAMClassifier(lightning_recipe.small_cnn(batchnorm=False))
+    with pytest.raises(RuntimeError, match="accumulate_grad_batches > 1 splits LE-SAM's two passes"):
+        lightning_recipe.train(module, lightning_recipe.synthetic_loader(), STEPS, accumulate_grad_batches=2)
+
+
+@pytest.mark.filterwarnings("ignore:GradScaler is going to stop passing itself:FutureWarning")
+@pytest.mark.filterwarnings("ignore:.*AMP with fp16 is not supported on CPU")
+def test_lightning_what_the_recipe_says_of_clipping_and_fp16():
+    """bf16-mixed with gradient_clip_val: Lightning refuses it for this optimizer (it does the GradScaler's
+    unscaling itself). Lightning's fp16 plugin (a MixedPrecision plugin with a GradScaler, here on
+    the CPU) runs the closure itself and calls scaler.step(optimizer) without it: refused, with the
+    parameters left as they were. On a CPU, precision="16-mixed" becomes "bf16-mixed"."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    module = lightning_recipe.LESAMClassifier(lightning_recipe.small_cnn(batchnorm=False))
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+        lightning_recipe.train(module, lightning_recipe.synthetic_loader(), STEPS, precision="bf16-mixed",
+                               gradient_clip_val=1.0)
+    init = lightning_recipe.small_cnn(batchnorm=False)
+    module = lightning_recipe.LESAMClassifier(copy.deepcopy(init))
+    fp16 = MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(RuntimeError, match=r"needs a closure.*With a GradScaler"):
+        lightning_recipe.train(module, lightning_recipe.synthetic_loader(), STEPS, precision=None, plugins=[fp16])
+    assert_same_state(module.model, init)
+    import lightning as L
+    assert L.Trainer(accelerator="cpu", precision="16-mixed", logger=False).precision == "bf16-mixed"
