@@ -121,3 +121,70 @@ def test_lightning_what_the_recipe_says_of_clipping_and_fp16():
     assert_same_state(module.model, init)
     import lightning as L
     assert L.Trainer(accelerator="cpu", precision="16-mixed", logger=False).precision == "bf16-mixed"
+
+
+# ---------------------------------------------------------------------- Hugging Face Trainer
+import hf_trainer_lesam as hf_recipe  # noqa: E402
+
+
+def record_inputs(model):
+    """Every forward's inputs, in order (the Trainer's sampler shuffles: the plain loop replays its batches)."""
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append((kwargs["x"].clone(), kwargs["labels"].clone())),
+                                    with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("accumulation, max_grad_norm", [(2, 0.5), (1, 0.0)], ids=["accumulate2-clip", "plain"])
+def test_hf_trainer(tmp_path, accumulation, max_grad_norm):
+    """LESAMTrainer with the Trainer's gradient accumulation, its clipping of the final gradient and
+    its linear LR schedule with warm-up, AdamW (fused) as the base: the plain loop's steps on the
+    batches the Trainer drew, bit for bit."""
+    from transformers import get_scheduler
+    from fused_lesam import FusedLESAM
+    init = hf_recipe.TinyClassifier()
+    model = copy.deepcopy(init)
+    seen = record_inputs(model)
+    args = hf_recipe.arguments(str(tmp_path), STEPS, gradient_accumulation_steps=accumulation, max_grad_norm=max_grad_norm)
+    trainer = hf_recipe.LESAMTrainer(model=model, args=args, train_dataset=hf_recipe.synthetic_dataset(),
+                                     lesam=hf_recipe.LESAM)
+    trainer.train()
+    opt = trainer.optimizer.optimizer
+    assert isinstance(opt, FusedLESAM) and isinstance(opt.base, torch.optim.AdamW)
+    assert opt._progress.count == STEPS and trainer.state.global_step == STEPS
+
+    # Each step: the window's micro-batches at w, then the same ones again at w + eps.
+    k = accumulation
+    assert len(seen) == STEPS * 2 * k
+    windows = [seen[s * 2 * k:(s + 1) * 2 * k] for s in range(STEPS)]
+    for window in windows:
+        for (x1, y1), (x2, y2) in zip(window[:k], window[k:]):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert len(norms) == STEPS
+    if max_grad_norm:
+        assert min(norms) > max_grad_norm  # the Trainer's clipping took part in every step
+
+    # The plain loop: the Trainer's param groups (decay on the Linear weights only), its base, schedule.
+    reference = copy.deepcopy(init)
+    net = reference.net
+    decay = [net[0].weight, net[3].weight]
+    no_decay = [net[0].bias, net[1].weight, net[1].bias, net[3].bias]
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 4]
+    ref_opt = FusedLESAM([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                         base=torch.optim.AdamW, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True,
+                         **hf_recipe.LESAM)
+    sched = get_scheduler("linear", ref_opt, num_warmup_steps=args.warmup_steps, num_training_steps=STEPS)
+    for window in windows:
+        def accumulate(clip=False):
+            for x, y in window[:k]:
+                (reference(x=x, labels=y)["loss"] / k).backward()
+            if clip and max_grad_norm:  # the final gradient, clipped at the end of the closure (README)
+                torch.nn.utils.clip_grad_norm_(reference.parameters(), max_grad_norm)
+
+        accumulate()
+        ref_opt.step(lambda: accumulate(clip=True))
+        sched.step()
+        ref_opt.zero_grad()
+    assert_same_state(model, reference)
+    assert_trained(model, init)
