@@ -24,6 +24,16 @@ STEPS = 4
 pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")  # Lightning's, on torch 2.14
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: on a shared 2-core machine torch's two intra-op threads wait on each other for
+    most of a step (a timm ResNet's forward took 1-3 s with two, 20-40 ms with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     """Parameters and buffers (BatchNorm's running statistics) equal bit for bit."""
     sa, sb = a.state_dict(), b.state_dict()
@@ -188,3 +198,79 @@ def test_hf_trainer(tmp_path, accumulation, max_grad_norm):
         ref_opt.zero_grad()
     assert_same_state(model, reference)
     assert_trained(model, init)
+
+
+# ---------------------------------------------------------------------- accelerate, timm
+import accelerate_timm_lesam as accelerate_recipe  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state, fixed by the first Accelerator (the HF Trainer makes
+    one too): each test starts from none, as a new process would."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_accelerate_with_a_timm_model_and_scheduler(mixed_precision):
+    """Accelerator.prepare(model, optimizer, loader), accelerator.backward in both passes,
+    optimizer.step(closure) through accelerate's wrapper, timm's ResNet (BatchNorm frozen in the
+    second pass) and its cosine scheduler with warm-up: the plain loop's steps bit for bit.
+    accelerate's bf16 is autocast around the model's forward with the outputs cast to fp32."""
+    from fused_lesam import FusedLESAM
+    init = accelerate_recipe.make_model()
+    loader = accelerate_recipe.synthetic_loader()
+    model = accelerate_recipe.train(copy.deepcopy(init), loader, STEPS, mixed_precision=mixed_precision)
+
+    reference = copy.deepcopy(init)
+    opt = FusedLESAM(reference.parameters(), **accelerate_recipe.OPTIMIZER)
+    sched = accelerate_recipe.make_scheduler(opt, STEPS)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if mixed_precision == "bf16" else contextlib.nullcontext
+    reference.train()
+    for step, (x, y) in zip(range(STEPS), loader):
+        def loss_at():
+            with autocast():
+                logits = reference(x)
+            return F.cross_entropy(logits.float(), y)
+
+        loss_at().backward()
+
+        def closure():
+            with frozen_bn_stats(reference):
+                loss_at().backward()
+
+        opt.step(closure)
+        opt.zero_grad()
+        sched.step_update(num_updates=step + 1)
+    assert_same_state(model, reference)
+    assert_trained(model, init)
+    assert any(not torch.equal(a, b) for a, b in zip(model.buffers(), init.buffers()))  # BatchNorm's statistics moved
+
+
+@pytest.mark.filterwarnings("ignore:GradScaler is going to stop passing itself:FutureWarning")
+def test_accelerate_fp16_wrapper_is_refused_and_the_recipe_workaround_steps():
+    """accelerate's fp16 path (its optimizer wrapper with a GradScaler, here a CPU one): the scaler
+    cannot pass itself through the wrapper, which FusedLESAM refuses before changing anything; the
+    optimizer itself with grad_scaler= steps."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from fused_lesam import FusedLESAM
+    Accelerator(cpu=True)  # the process-wide state the wrapper reads
+    model = accelerate_recipe.make_model()
+    before = copy.deepcopy(model)
+    opt = FusedLESAM(model.parameters(), **accelerate_recipe.OPTIMIZER)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    wrapped = AcceleratedOptimizer(opt, scaler=scaler)
+    x, y = next(iter(accelerate_recipe.synthetic_loader()))
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    closure = lambda: scaler.scale(F.cross_entropy(model(x), y)).backward()  # noqa: E731
+    with pytest.raises(RuntimeError, match="did not pass itself as grad_scaler="):
+        wrapped.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
+    opt.step(closure, grad_scaler=scaler)
+    scaler.update()
+    assert opt._progress.count == 1 and opt.skipped_steps == 0
+    assert_trained(model, before)
