@@ -531,7 +531,15 @@ class SharpnessAware(torch.optim.Optimizer):
         fp16 with a ``torch.amp.GradScaler``: both backwards on ``grad_scaler.scale(loss)``, then
         ``grad_scaler.step(opt, closure)`` (or ``opt.step(closure, grad_scaler=grad_scaler)``) and
         ``grad_scaler.update()`` (see first_step and second_step for what the scaler is used for).
-        ``max_grad_norm``: clip the final gradient (see second_step)."""
+        ``max_grad_norm``: clip the final gradient (see second_step).
+
+        After ``first_step()``, ``step()`` finishes the step begun there, as ``second_step()`` does
+        (see `_finish_begun_step`): what frameworks that make the ``optimizer.step()`` call themselves
+        need (the Hugging Face Trainer, Lightning's manual optimization)."""
+        if self._progress.perturbed:
+            _check_max_grad_norm(max_grad_norm)
+            return self._finish_begun_step(closure, grad_scaler,
+                                           lambda: self.second_step(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm))
         closure = self._check_step_call(closure, grad_scaler)
         _check_max_grad_norm(max_grad_norm)
         self._progress.in_step = True  # torch's wrapper of step fires the step hooks, not first/second_step
@@ -543,9 +551,45 @@ class SharpnessAware(torch.optim.Optimizer):
             self._progress.in_step = False
         return loss if first_loss is _NO_LOSS else first_loss
 
+    def _finish_begun_step(self, closure: Optional[Callable[[], Any]], grad_scaler: Optional["torch.amp.GradScaler"],
+                           finish: Callable[[], None]) -> Any:
+        """``step()`` after ``first_step()``: the second pass's gradient comes from the caller's
+        backward before ``step()`` (the Trainer's ``optimizer.step()``, whose closure, where there is
+        one, does nothing: Lightning's) or from ``closure``; then ``finish`` (second_step). The
+        closure's loss is returned. A second pass with no gradient, or with two (the caller's
+        backward and the closure's), restores w and is refused before any update."""
+        caller_did = self._grads_written()
+        loss = None
+        try:
+            self._check_step_call(closure, grad_scaler)
+            closure_did = False
+            if closure is not None:
+                self._mark_grads()
+                with torch.enable_grad():
+                    loss = closure()
+                closure_did = self._grads_written()
+            if caller_did and closure_did:
+                raise RuntimeError(f"{type(self).__name__}.step(closure) after first_step(): the second pass's gradient "
+                                   f"was computed twice, by a backward before step() and by the closure. Do one of the "
+                                   f"two (step() without a closure finishes the step); the parameters are unchanged")
+            if not (caller_did or closure_did):
+                raise RuntimeError(f"{type(self).__name__}.step() after first_step(): no backward ran at the perturbed "
+                                   f"point, so the step would use no gradient. Do the second forward and backward "
+                                   f"before step() (or in its closure); the parameters are unchanged")
+        except BaseException:
+            with torch.no_grad():
+                self._restore()
+            raise
+        self._progress.in_step = True  # torch's wrapper of step fires the post-hooks (and the pre-hooks once more)
+        try:
+            finish()
+        finally:
+            self._progress.in_step = False
+        return loss
+
     def _check_step_call(self, closure: Optional[Callable[[], Any]],
-                         grad_scaler: Optional["torch.amp.GradScaler"]) -> Callable[[], Any]:
-        if closure is None:
+                         grad_scaler: Optional["torch.amp.GradScaler"]) -> Optional[Callable[[], Any]]:
+        if closure is None and not self._progress.perturbed:
             with_scaler = (" With a GradScaler: scaler.step(opt, closure), or opt.step(closure, grad_scaler=scaler); "
                            "then scaler.update()." if grad_scaler is not None else "")
             raise RuntimeError(

@@ -244,7 +244,12 @@ class FusedXSAM(SharpnessAware):
         returned. ``search_alpha`` (dynamic mode): a function returning the loss at the current
         parameters, forward only (it is called under no_grad, once per grid point).
 
-        If ``closure`` or ``search_alpha`` raises, w_0 is restored bit-exactly and the step is skipped."""
+        If ``closure`` or ``search_alpha`` raises, w_0 is restored bit-exactly and the step is skipped.
+        After ``first_step()`` (and every ascent step), ``step()`` finishes the step as ``second_step()``
+        does (FusedLESAM.step)."""
+        if self._progress.perturbed:
+            return self._finish_begun_step(closure, grad_scaler,
+                                           lambda: self.second_step(grad_scaler=grad_scaler, search_alpha=search_alpha))
         closure = self._check_step_call(closure, grad_scaler)
         self._check_search(search_alpha)
         self._progress.in_step = True  # torch's wrapper of step fires the step hooks, not first/second_step

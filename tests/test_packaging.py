@@ -65,7 +65,7 @@ def test_sdist_holds_every_source_header_and_test_file(tmp_path):
     (sdist,) = tmp_path.glob("fused_lesam-*.tar.gz")
     with tarfile.open(sdist) as tar:
         held = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    wanted = {str(p.relative_to(ROOT)) for pattern in ("csrc/**/*.*", "tests/**/*.py", "bench/*.py", "fused_lesam/**/*.py")
+    wanted = {str(p.relative_to(ROOT)) for pattern in ("csrc/**/*.*", "tests/**/*.py", "bench/*.py", "examples/*.py", "fused_lesam/**/*.py")
               for p in ROOT.glob(pattern) if "__pycache__" not in p.parts}
     wanted |= {"setup.py", "pyproject.toml", "README.md", "MANIFEST.in", ".ci/run", ".ci/smoke.py", "dev"}
     assert {"csrc/cuda/bucket_ops.cu", "csrc/bucket_args.h", "tests/conftest.py", "tests/reference/lesam_loop.py"} <= wanted
