@@ -432,14 +432,14 @@ class SharpnessAware(torch.optim.Optimizer):
         """The end of every step: the step counts, what LR schedulers check, the optional zeroing."""
         self._progress.count += 1
         if self.capturable:
-            self._device_count += 1
-        self._opt_called = True  # what torch's LR schedulers check to know the optimizer has stepped
-        self.base._opt_called = True  # also when a scheduler was built on opt.base (its step is not called, see _base_step)
+            self._device_count.add_(1)  # in place: `+=` also sets the attribute, which torch 2.11's dynamo rejects
         if zero_grad:
             for bucket in self._buckets:  # grads were bound in second_step
                 bucket.zero_grad()
-        if not torch.compiler.is_compiling():  # for step(closure): did a backward come since? (not traced)
-            self._mark_grads()
+        if not torch.compiler.is_compiling():  # host bookkeeping, not traced (torch 2.11's dynamo cannot set these)
+            self._opt_called = True  # what torch's LR schedulers check to know the optimizer has stepped
+            self.base._opt_called = True  # also when a scheduler was built on opt.base (its step is not called)
+            self._mark_grads()  # for step(closure): did a backward come since?
         self._fire_step_hooks(post=True)
 
     def _check_capture(self) -> None:
