@@ -1,7 +1,7 @@
-"""Every bucket op of the kernel backends equals the "torch" reference backend (the specification).
+"""Every bucket op of the kernel backends equals the "torch" backend (spec.py, the specification).
 
 The reductions (sq_norm here, xsam_dots in tests/test_ops_xsam.py) are held, on every backend the
-reference included, to an error bound around their exact (fp64) sum, and must be exact where every
+the spec included, to an error bound around their exact (fp64) sum, and must be exact where every
 partial sum is (small integers): torch's own fp32 dot differs by CPU and BLAS. The inputs cover
 what the kernels treat apart: empty and one-element buckets, sizes around the
 16-element vector width, a bucket over a million elements (many reduction chunks, several
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import assert_bits_equal, assert_close, assert_sum_close
-from fused_lesam.backends import reference, resolve
+from fused_lesam.backends import spec, resolve
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # Sizes that matter to compiled kernels: empty, one element, around the 16-element vector width,
@@ -27,7 +27,7 @@ COMPILED_SIZES = [0, 1, 15, 16, 17, 4095, (1 << 20) + 3]
 # fp32 elements, 2048 fp16/bf16) and several blocks.
 INTERPRETED_SIZES = [0, 1, 17, 1023, 1024, 1025, 2047, 2048, 2049, 5000]
 
-# name: (backend, device, sizes, marks). Each is tested against the reference on the same device.
+# name: (backend, device, sizes, marks). Each is tested against the spec on the same device.
 TARGETS = {
     "cpp": ("cpp", "cpu", COMPILED_SIZES, ()),
     # tests/conftest.py sets TRITON_INTERPRET=1 on machines without a GPU; GPU machines run "triton".
@@ -38,7 +38,7 @@ TARGETS = {
 }
 
 
-# The reductions are checked on the reference backend too (its torch.dot goes through the BLAS
+# The reductions are checked on the spec backend too (its torch.dot goes through the BLAS
 # torch was built with, whose rounding differs by CPU), against the exact sum like the kernels.
 REDUCTION_TARGETS = {
     "torch": ("torch", "cpu", COMPILED_SIZES, ()),
@@ -86,7 +86,7 @@ def sq_terms(grad, weight):
 
 def sq_parts(grads, weights):
     """sq_norm's terms per bucket with the dtype each bucket is summed in, for assert_sum_close."""
-    return [(sq_terms(g, w), reference.acc_dtype(g.dtype)) for g, w in zip(grads, weights)]
+    return [(sq_terms(g, w), spec.acc_dtype(g.dtype)) for g, w in zip(grads, weights)]
 
 
 def integer_bucket(size, dtype, device, seed, offset=0):
@@ -160,7 +160,7 @@ def test_sq_norm(backend, device, dtype, size, offset, adaptive):
     grad = random_bucket(size, dtype, device, seed=1, offset=offset)
     weight = random_bucket(size, dtype, device, seed=2, offset=offset) if adaptive else None
     got = ops.sq_norm([grad], [weight])
-    assert got.shape == () and got.dtype == reference.acc_dtype(dtype) and got.device == grad.device
+    assert got.shape == () and got.dtype == spec.acc_dtype(dtype) and got.device == grad.device
     assert_sum_close(got, sq_parts([grad], [weight]), summation_depth(backend, [size]))
 
 
@@ -251,9 +251,9 @@ def test_perturb(backend, device, dtype, size, offset, adaptive):
     ops = resolve(backend, torch.device(device))
     w = random_bucket(size, dtype, device, seed=7)
     g = random_bucket(size, dtype, device, seed=8)
-    sq = reference.sq_norm([g], [w if adaptive else None])
+    sq = spec.sq_norm([g], [w if adaptive else None])
     got = run_perturb(ops, w, g, sq, LESAM, adaptive, True, offset)
-    want = run_perturb(reference, w, g, sq, LESAM, adaptive, True, offset)
+    want = run_perturb(spec, w, g, sq, LESAM, adaptive, True, offset)
     check_perturb(got, want, w, g)
 
 
@@ -276,9 +276,9 @@ def test_perturb_gradient_regimes(backend, device, dtype, regime, adaptive, with
     ops = resolve(backend, torch.device(device))
     w = random_bucket(4099, dtype, device, seed=9)
     g = random_bucket(4099, dtype, device, seed=10, regime=regime)
-    sq = reference.sq_norm([g], [w if adaptive else None])
+    sq = spec.sq_norm([g], [w if adaptive else None])
     got = run_perturb(ops, w, g, sq, LESAM, adaptive, with_center, offset=3)
-    check_perturb(got, run_perturb(reference, w, g, sq, LESAM, adaptive, with_center, offset=3), w, g)
+    check_perturb(got, run_perturb(spec, w, g, sq, LESAM, adaptive, with_center, offset=3), w, g)
     param, _, _, rho = got
     assert torch.isfinite(param).all(), "a non-finite value reached the parameters"
     if regime in ("zero", "nan", "inf") or not torch.isfinite(sq):
@@ -295,9 +295,9 @@ def test_perturb_radius(backend, device, radius, adaptive):
     ops = resolve(backend, torch.device(device))
     w = random_bucket(1000, torch.float32, device, seed=11)
     g = random_bucket(1000, torch.float32, device, seed=12)
-    sq = reference.sq_norm([g], [w if adaptive else None])
+    sq = spec.sq_norm([g], [w if adaptive else None])
     got = run_perturb(ops, w, g, sq, RADII[radius], adaptive, False, offset=0)
-    check_perturb(got, run_perturb(reference, w, g, sq, RADII[radius], adaptive, False, offset=0), w, g)
+    check_perturb(got, run_perturb(spec, w, g, sq, RADII[radius], adaptive, False, offset=0), w, g)
     sigma, rho_max, varrho = RADII[radius]
     expected_rho = min(sigma / (sq.sqrt().item() + varrho), rho_max)
     assert got[3].item() == pytest.approx(expected_rho, rel=1e-6)
@@ -316,7 +316,7 @@ def test_perturb_reads_sigma_from_the_device(backend, device, dtype, radius):
     ops = resolve(backend, torch.device(device))
     w = random_bucket(3000, dtype, device, seed=16)
     g = random_bucket(3000, dtype, device, seed=17)
-    sq = reference.sq_norm([g], [None])
+    sq = spec.sq_norm([g], [None])
     sigma, rho_max, varrho = RADII[radius]
     want = run_perturb(ops, w, g, sq, (sigma, rho_max, varrho), False, True, offset=0)
     sigma_t = torch.tensor(sigma, dtype=torch.float64, device=device)
@@ -336,7 +336,7 @@ def test_restore(backend, device, dtype, size, offset, coefs):
     center = random_bucket(size, dtype, device, seed=15) if coefs else None
     ghat_coef, center_coef = coefs or (1.0, 0.0)
     results = []
-    for impl in (ops, reference):
+    for impl in (ops, spec):
         param = clone_at(backup + 1, offset)  # the perturbed weights the op must overwrite
         grad = clone_at(ghat, offset)
         impl.restore_(param, clone_at(backup, offset), grad, None if center is None else clone_at(center, offset),
@@ -391,7 +391,7 @@ def opcheck_samples(ops, device):
     g32 = random_bucket(300, torch.float32, device, seed=20)
     w32 = random_bucket(300, torch.float32, device, seed=21)
     g16 = random_bucket(40, torch.bfloat16, device, seed=22)
-    sq = reference.sq_norm([g32], [None])
+    sq = spec.sq_norm([g32], [None])
     return [
         (ops.sq_norm, ([g32, g16], [None, g16])),
         (ops.sq_norm, ([g32], [w32])),

@@ -1,5 +1,5 @@
 """The base update fused into the restore (sgd_step_, adam_step_) on every kernel backend, against
-the "torch" reference (the specification); and the specification against torch.optim.SGD / Adam /
+the "torch" backend (spec.py, the specification); and the specification against torch.optim.SGD / Adam /
 AdamW. Same targets, sizes, dtypes and unaligned offsets as tests/test_ops.py, every option of the
 two optimizers with and without the LE-SAM+ center, the skipped step, non-finite gradients,
 opcheck and errors that name the argument. A backend without these ops fails with AttributeError.
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TOLERANCES, assert_bits_equal
-from fused_lesam.backends import reference, resolve
+from fused_lesam.backends import spec, resolve
 from test_ops import DTYPES, OFFSETS, TARGETS, TRACEABLE, clone_at, random_bucket, targets
 
 # test_ops' sizes per target, with buckets over a million elements cut to 2^18 + 3: still several
@@ -143,7 +143,7 @@ def test_base_update(backend, device, size, dtype, offset, kind, optimizer):
     name = (FULL if kind == "full" else BARE)[optimizer]
     case = CASES[optimizer](name, size, dtype, device, with_center=kind == "full")
     got = run(ops, case, offset)
-    check_against_spec(got, run(reference, case, offset), case)
+    check_against_spec(got, run(spec, case, offset), case)
 
 
 @pytest.mark.parametrize("backend,device", targets())
@@ -153,7 +153,7 @@ def test_base_update(backend, device, size, dtype, offset, kind, optimizer):
 def test_sgd_options(backend, device, dtype, with_center, options):
     ops = resolve(backend, torch.device(device))
     case = sgd_case(options, 4099, dtype, device, with_center)
-    check_against_spec(run(ops, case, offset=3), run(reference, case, offset=3), case)
+    check_against_spec(run(ops, case, offset=3), run(spec, case, offset=3), case)
 
 
 @pytest.mark.parametrize("backend,device", targets())
@@ -163,7 +163,7 @@ def test_sgd_options(backend, device, dtype, with_center, options):
 def test_adam_options(backend, device, dtype, with_center, options):
     ops = resolve(backend, torch.device(device))
     case = adam_case(options, 4099, dtype, device, with_center)
-    check_against_spec(run(ops, case, offset=3), run(reference, case, offset=3), case)
+    check_against_spec(run(ops, case, offset=3), run(spec, case, offset=3), case)
 
 
 @pytest.mark.parametrize("backend,device", targets())
@@ -179,7 +179,7 @@ def test_adam_bias_corrections_in_float64(backend, device, t):
                    exp_avg_sq=g.square() * 0.5, max_exp_avg_sq=None, center=None,
                    step=torch.tensor(float(t), device=device))
     got = run(ops, ("adam_step_", tensors, options))
-    truth = run(reference, ("adam_step_", {k: v if v is None else v.double() for k, v in tensors.items()}, options))
+    truth = run(spec, ("adam_step_", {k: v if v is None else v.double() for k, v in tensors.items()}, options))
     torch.testing.assert_close(got["param"].double(), truth["param"], rtol=2e-6, atol=0)
 
 
@@ -190,7 +190,7 @@ def test_adam_lerp_is_exact_at_weight_one(backend, device, dtype):
     exp_avg becomes the gradient bit for bit. The spec does the same."""
     ops = resolve(backend, torch.device(device))
     op, tensors, scalars = adam_case("adam", 4099, dtype, device, with_center=False)
-    for impl in (ops, reference):
+    for impl in (ops, spec):
         got = run(impl, (op, tensors, dict(scalars, beta1=0.0)), offset=3)
         assert_bits_equal(got["exp_avg"], tensors["grad"], f"{impl.NAME}: lerp(m, g, 1) must be g")
 
@@ -204,7 +204,7 @@ def test_skipped_step(backend, device, dtype, optimizer):
     ops = resolve(backend, torch.device(device))
     case = CASES[optimizer](FULL[optimizer], 4099, dtype, device, with_center=True, regime="inf")
     op, tensors, _ = case
-    for impl in (ops, reference):
+    for impl in (ops, spec):
         got = run(impl, case, offset=3, found_inf=1.0)
         assert_bits_equal(got["param"], tensors["backup"], f"{impl.NAME}: a skipped step restores w0 exactly")
         for name in STATE[op] + ("backup", "grad", "center"):
@@ -220,7 +220,7 @@ def test_nonfinite_gradient_is_not_guarded(backend, device, regime, optimizer):
     ops = resolve(backend, torch.device(device))
     case = CASES[optimizer](FULL[optimizer], 4099, torch.float32, device, with_center=True, regime=regime)
     got = run(ops, case, offset=3)
-    check_against_spec(got, run(reference, case, offset=3), case, equal_nan=True)
+    check_against_spec(got, run(spec, case, offset=3), case, equal_nan=True)
     assert not torch.isfinite(got["param"]).all(), "the non-finite gradient should have reached the weights"
 
 
@@ -266,7 +266,7 @@ SPEC_TOLERANCES = {torch.float64: dict(rtol=1e-14, atol=1e-15), torch.float32: T
 @pytest.mark.parametrize("with_center", [False, True], ids=["plain", "lesam-plus"])
 @pytest.mark.parametrize("options", [o for o in SGD_OPTIONS if o != "first-step"])
 def test_sgd_spec_is_torch_sgd(dtype, with_center, options):
-    """Five steps of reference.sgd_step_ (from w0 = the last weights) equal torch.optim.SGD's,
+    """Five steps of spec.sgd_step_ (from w0 = the last weights) equal torch.optim.SGD's,
     weights and momentum buffer, with the LE-SAM+ gradient handed to torch as its gradient."""
     kwargs = {k: v for k, v in SGD_OPTIONS[options].items() if k != "init_buffer"}
     ghat_coef, center_coef = LESAM_PLUS if with_center else (1.0, 0.0)
@@ -280,7 +280,7 @@ def test_sgd_spec_is_torch_sgd(dtype, with_center, options):
         torch_param.grad = ghat * ghat_coef - center * center_coef if with_center else ghat.clone()
         torch_sgd.step()
         backup = weights.clone()
-        reference.sgd_step_(weights, backup, ghat, buffer, center, torch.zeros(()), init_buffer=k == 0,
+        spec.sgd_step_(weights, backup, ghat, buffer, center, torch.zeros(()), init_buffer=k == 0,
                             ghat_coef=ghat_coef, center_coef=center_coef, **kwargs)
         torch.testing.assert_close(weights, torch_param.detach(), **SPEC_TOLERANCES[dtype])
         if buffer is not None:
@@ -292,7 +292,7 @@ def test_sgd_spec_is_torch_sgd(dtype, with_center, options):
 @pytest.mark.parametrize("with_center", [False, True], ids=["plain", "lesam-plus"])
 @pytest.mark.parametrize("options", [o for o in ADAM_OPTIONS if o != "late-step"])
 def test_adam_spec_is_torch_adam(dtype, with_center, options):
-    """Five steps of reference.adam_step_ equal torch.optim.Adam's (AdamW's when decoupled),
+    """Five steps of spec.adam_step_ equal torch.optim.Adam's (AdamW's when decoupled),
     weights and every state tensor."""
     _, kwargs = ADAM_OPTIONS[options]
     kwargs = dict(kwargs)
@@ -313,7 +313,7 @@ def test_adam_spec_is_torch_adam(dtype, with_center, options):
         torch_adam.step()
         step += 1  # the caller advances the step count before the update, as torch does
         backup = weights.clone()
-        reference.adam_step_(weights, backup, ghat, exp_avg, exp_avg_sq, max_exp_avg_sq, center, step,
+        spec.adam_step_(weights, backup, ghat, exp_avg, exp_avg_sq, max_exp_avg_sq, center, step,
                              torch.zeros(()), ghat_coef=ghat_coef, center_coef=center_coef, **kwargs)
         state = torch_adam.state[torch_param]
         tol = SPEC_TOLERANCES[dtype]

@@ -1,5 +1,5 @@
 """The Triton base update fused into the restore (sgd_step_, adam_step_) against the "torch"
-reference (the specification): every option, sizes around the blocks, unaligned views, the
+backend (spec.py, the specification): every option, sizes around the blocks, unaligned views, the
 LE-SAM+ combine, Adam's bias corrections at large t, and the skipped step (found_inf).
 tests/test_triton.py checks the launches and the code compiled for the GPU.
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import assert_bits_equal, assert_close
-from fused_lesam.backends import reference, resolve
+from fused_lesam.backends import spec, resolve
 from test_ops import OFFSETS, clone_at, random_bucket, targets, targets_and_sizes
 
-LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]  # fp64 buckets take the reference ops
+LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]  # fp64 buckets take the spec ops
 TRITON = [t for t in targets() if t.values[0] == "triton"]
 TRITON_SIZES = [t for t in targets_and_sizes() if t.values[0] == "triton"]
 
@@ -86,7 +86,7 @@ def check_inputs_unchanged(x, backup, grad, center):
 def assert_all_close(got, want):
     for name, a, b in zip(("param", "state 1", "state 2", "state 3"), got, want):
         if b is not None:
-            assert_close(a, b, msg=f"{name} differs from the reference")
+            assert_close(a, b, msg=f"{name} differs from the spec")
 
 
 # ---------------------------------------------------------------------- against the specification
@@ -97,7 +97,7 @@ def test_sgd_step_sizes(backend, device, size, dtype, offset):
     x = step_inputs(size, dtype, device, seed=100)
     options = SGD_OPTIONS["momentum-dampening"]
     got = run_sgd(resolve(backend, torch.device(device)), x, offset, options, with_center=True)
-    assert_all_close(got, run_sgd(reference, x, offset, options, with_center=True))
+    assert_all_close(got, run_sgd(spec, x, offset, options, with_center=True))
 
 
 @pytest.mark.parametrize("backend,device", TRITON)
@@ -108,7 +108,7 @@ def test_sgd_step_options(backend, device, dtype, options, with_center):
     x = step_inputs(2049, dtype, device, seed=110)
     ops = resolve(backend, torch.device(device))
     got = run_sgd(ops, x, 3, SGD_OPTIONS[options], with_center)
-    assert_all_close(got, run_sgd(reference, x, 3, SGD_OPTIONS[options], with_center))
+    assert_all_close(got, run_sgd(spec, x, 3, SGD_OPTIONS[options], with_center))
 
 
 @pytest.mark.parametrize("backend,device,size", TRITON_SIZES)
@@ -118,7 +118,7 @@ def test_adam_step_sizes(backend, device, size, dtype, offset):
     x = step_inputs(size, dtype, device, seed=120)
     options = ADAM_OPTIONS["adamw-amsgrad"]
     got = run_adam(resolve(backend, torch.device(device)), x, offset, options, with_center=True, t=3)
-    assert_all_close(got, run_adam(reference, x, offset, options, with_center=True, t=3))
+    assert_all_close(got, run_adam(spec, x, offset, options, with_center=True, t=3))
 
 
 @pytest.mark.parametrize("backend,device", TRITON)
@@ -130,7 +130,7 @@ def test_adam_step_options(backend, device, dtype, options, with_center, t):
     x = step_inputs(2049, dtype, device, seed=130)
     ops = resolve(backend, torch.device(device))
     got = run_adam(ops, x, 3, ADAM_OPTIONS[options], with_center, t)
-    assert_all_close(got, run_adam(reference, x, 3, ADAM_OPTIONS[options], with_center, t))
+    assert_all_close(got, run_adam(spec, x, 3, ADAM_OPTIONS[options], with_center, t))
 
 
 @pytest.mark.parametrize("backend,device", TRITON)
@@ -141,7 +141,7 @@ def test_adam_bias_corrections_at_large_t(backend, device, t):
     x = step_inputs(1025, torch.float32, device, seed=140)
     options = (1.0, 0.9999, 0.9999, 1e-8, 0.0, False, False, False)
     got = run_adam(resolve(backend, torch.device(device)), x, 0, options, with_center=False, t=t)
-    assert_all_close(got, run_adam(reference, x, 0, options, with_center=False, t=t))
+    assert_all_close(got, run_adam(spec, x, 0, options, with_center=False, t=t))
 
 
 @pytest.mark.parametrize("backend,device", TRITON)
@@ -151,11 +151,11 @@ def test_several_steps_from_the_first(backend, device, dtype):
     each implementation carrying its own state: they stay within the tolerance."""
     ops = resolve(backend, torch.device(device))
     x = step_inputs(1025, dtype, device, seed=150)
-    sgd_state = {impl: torch.zeros_like(x["w0"]) for impl in (ops, reference)}
-    adam_state = {impl: [torch.zeros_like(x["w0"]) for _ in range(3)] for impl in (ops, reference)}
+    sgd_state = {impl: torch.zeros_like(x["w0"]) for impl in (ops, spec)}
+    adam_state = {impl: [torch.zeros_like(x["w0"]) for _ in range(3)] for impl in (ops, spec)}
     for t in (1, 2, 3):
         params = {}
-        for impl in (ops, reference):
+        for impl in (ops, spec):
             sgd_param, adam_param = x["w0"] + 1, x["w0"] + 1
             impl.sgd_step_(sgd_param, x["w0"], x["grad"], sgd_state[impl], None, scalar(0.0, device), 0.1, 0.9, 0.0,
                            1e-2, True, False, t == 1, 1.0, 0.0)
@@ -164,7 +164,7 @@ def test_several_steps_from_the_first(backend, device, dtype):
                             scalar(0.0, device), 1e-3, 0.9, 0.999, 1e-8, 1e-2, True, True, False, *COMBINE)
             params[impl] = (sgd_param, adam_param)
         assert_all_close([*params[ops], sgd_state[ops], *adam_state[ops]],
-                         [*params[reference], sgd_state[reference], *adam_state[reference]])
+                         [*params[spec], sgd_state[spec], *adam_state[spec]])
 
 
 @pytest.mark.parametrize("backend,device", TRITON)
@@ -186,15 +186,15 @@ def test_skipped_step_restores_w0_and_keeps_the_state(backend, device, dtype, fo
 
 
 @pytest.mark.parametrize("backend,device", TRITON)
-def test_float64_buckets_take_the_reference(backend, device):
-    """Triton passes float scalars as fp32: fp64 buckets run the reference ops (the same bits)."""
+def test_float64_buckets_take_the_spec_ops(backend, device):
+    """Triton passes float scalars as fp32: fp64 buckets run the spec ops (the same bits)."""
     ops = resolve(backend, torch.device(device))
     x = step_inputs(300, torch.float64, device, seed=170)
     options = SGD_OPTIONS["nesterov"]
-    for a, b in zip(run_sgd(ops, x, 0, options, True), run_sgd(reference, x, 0, options, True)):
+    for a, b in zip(run_sgd(ops, x, 0, options, True), run_sgd(spec, x, 0, options, True)):
         assert_bits_equal(a, b)
     options = ADAM_OPTIONS["adamw-amsgrad"]
-    for a, b in zip(run_adam(ops, x, 0, options, True, t=4), run_adam(reference, x, 0, options, True, t=4)):
+    for a, b in zip(run_adam(ops, x, 0, options, True, t=4), run_adam(spec, x, 0, options, True, t=4)):
         assert_bits_equal(a, b)
 
 

@@ -2,7 +2,7 @@
 ``xsam_dots``, ``xsam_restore_``, ``xsam_probe_``).
 
 Every backend is a module exposing those functions with the signatures of
-``fused_lesam.backends.reference`` (the "torch" backend, the specification). A backend knows
+``fused_lesam.backends.spec`` (the "torch" backend, the specification). A backend knows
 nothing of optimizers; the optimizer knows nothing of kernels. ``backend="auto"`` tries, in order,
 cuda -> triton -> torch on CUDA tensors and cpp -> torch on CPU tensors (docs/design.md §2).
 """
@@ -20,7 +20,7 @@ from .. import build_info
 
 # name -> (module that implements the ops, device types it runs on; None: any device)
 _MODULES: dict[str, tuple[str, Optional[frozenset[str]]]] = {
-    "torch": ("fused_lesam.backends.reference", None),
+    "torch": ("fused_lesam.backends.spec", None),
     "cpp": ("fused_lesam.backends.cpp", frozenset({"cpu"})),
     "cuda": ("fused_lesam.backends.cuda", frozenset({"cuda"})),
     "triton": ("fused_lesam.backends.triton", frozenset({"cuda"})),
@@ -86,7 +86,7 @@ def resolve(name: str, device: torch.device) -> ModuleType:
             module, _ = _load(candidate)
             if module is not None:
                 return module
-        raise RuntimeError("no backend could be loaded, not even the torch reference")
+        raise RuntimeError("no backend could be loaded, not even the torch one")
     if name not in _MODULES:
         raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
     devices = _device_types(name)

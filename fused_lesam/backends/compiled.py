@@ -2,7 +2,7 @@
 
 Importing ``fused_lesam._C`` registers the ``torch.ops.fused_lesam`` ops with their CPU and,
 when built with CUDA, CUDA kernels. This module adds the fake (meta) kernels ``torch.compile``
-traces with, and exposes the ops with the signatures of the reference backend, so the "cpp" and
+traces with, and exposes the ops with the signatures of the spec backend, so the "cpp" and
 "cuda" backends are this module plus a check that their device's kernels are built.
 """
 
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import build_info
-from . import reference
+from . import spec
 
 _problem = build_info.extension_problem()
 if _problem:  # checked before loading: an extension built for another torch must not be loaded
@@ -44,7 +44,7 @@ def _sq_norm_fake(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) 
 
 @torch.library.register_fake("fused_lesam::perturb_")
 def _perturb_fake(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center=None, sigma_t=None) -> Tensor:
-    return param.new_empty((), dtype=reference.acc_dtype(param.dtype))
+    return param.new_empty((), dtype=spec.acc_dtype(param.dtype))
 
 
 @torch.library.register_fake("fused_lesam::restore_")
@@ -81,7 +81,7 @@ def _adam_step_fake(param, backup, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, ce
     return None
 
 
-# The ops take the arguments of the reference backend's functions, in the same order.
+# The ops take the arguments of the spec backend's functions, in the same order.
 sq_norm = torch.ops.fused_lesam.sq_norm
 perturb_ = torch.ops.fused_lesam.perturb_
 restore_ = torch.ops.fused_lesam.restore_

@@ -1,6 +1,6 @@
 """The "triton" backend: the bucket ops as Triton kernels, registered as PyTorch custom ops.
 
-The same maths as the reference backend (reference.py, the specification) and the C++/CUDA
+The same maths as the spec backend (spec.py, the specification) and the C++/CUDA
 kernels, over flat buckets:
 
 - ``sq_norm``: one program per ``CHUNK`` elements writes a partial sum, then one program adds
@@ -15,11 +15,11 @@ kernels, over flat buckets:
   from device memory, the bias corrections computed in fp64 by every program).
 
 Arithmetic is fp32 for fp32/bf16/fp16 buckets (loaded, converted, computed, converted back once),
-with correctly rounded divisions and square roots (``div_rn``, ``sqrt_rn``) where the reference
+with correctly rounded divisions and square roots (``div_rn``, ``sqrt_rn``) where the spec
 divides or takes a root: plain ``/`` and ``sqrt`` are approximate on the GPU.
 Float arguments are not specialised by Triton, so one compiled kernel serves every sigma_t of an
 annealing. Triton passes float scalars as fp32, which would cost fp64 buckets precision: those
-take the reference ops. The ops are ``torch.library.triton_op``s (namespace ``fused_lesam_triton``),
+take the spec ops. The ops are ``torch.library.triton_op``s (namespace ``fused_lesam_triton``),
 so ``torch.compile`` traces into them. Every launch goes through `_launch`: ``wrap_triton``
 under a guard of the buckets' device (Triton launches on the current device).
 
@@ -41,7 +41,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import reference
+from . import spec
 
 NAME = "triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -105,7 +105,7 @@ def _sum_kernel(partials_ptr, count, out_ptr, BLOCK: tl.constexpr):
 def _perturb_kernel(w_ptr, g_ptr, backup_ptr, center_ptr, sq_ptr, sigma_ptr, rho_ptr, n, sigma, rho_max, varrho,
                     ADAPTIVE: tl.constexpr, SAVE_BACKUP: tl.constexpr, SAVE_CENTER: tl.constexpr,
                     SIGMA_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):
-    # The radius back-solve (reference.radius_and_scale): rho_t = min(sigma / (n + varrho), rho_max),
+    # The radius back-solve (spec.radius_and_scale): rho_t = min(sigma / (n + varrho), rho_max),
     # scale = rho_t / (n + 1e-12); both 0 for a non-finite norm, the scale 0 for a zero norm.
     if SIGMA_ON_DEVICE:
         sigma = tl.load(sigma_ptr).to(tl.float32)
@@ -150,7 +150,7 @@ def _restore_kernel(w_ptr, backup_ptr, g_ptr, center_ptr, n, ghat_coef, center_c
 def _check(op: str, name: str, t: Tensor, like: Optional[Tensor] = None, like_name: str = "") -> None:
     """The checks of the C++ ops (csrc/bucket_args.h), with the same messages."""
     where = f"fused_lesam_triton::{op}: {name}"
-    if t.dtype not in reference.BUCKET_DTYPES:
+    if t.dtype not in spec.BUCKET_DTYPES:
         raise RuntimeError(f"{where} has dtype {t.dtype}; buckets must be float32, float64, float16 or bfloat16")
     if not t.is_contiguous():
         raise RuntimeError(f"{where} must be contiguous (a flat bucket), got strides {t.stride()}")
@@ -227,7 +227,7 @@ def perturb_(param: Tensor, grad: Tensor, backup: Optional[Tensor], sq: Tensor, 
     if sigma_t is not None and sigma_t.device != param.device:
         raise RuntimeError(f"fused_lesam_triton::perturb_: sigma_t is on {sigma_t.device} but param is on {param.device}")
     if param.dtype == torch.float64:
-        return reference.perturb_(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center, sigma_t)
+        return spec.perturb_(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center, sigma_t)
     rho = torch.empty((), dtype=torch.float32, device=param.device)
     _launch_elementwise(
         _perturb_kernel, param, param, grad, param if backup is None else backup, param if center is None else center,
@@ -260,7 +260,7 @@ def restore_(param: Tensor, backup: Tensor, grad: Tensor, center: Optional[Tenso
     if center is not None:
         _check("restore_", "center", center, param, "param")
     if param.dtype == torch.float64:
-        reference.restore_(param, backup, grad, center, ghat_coef, center_coef)
+        spec.restore_(param, backup, grad, center, ghat_coef, center_coef)
         return
     _launch_elementwise(_restore_kernel, param, param, backup, grad, grad if center is None else center,
                         param.numel(), ghat_coef, center_coef, COMBINE=center is not None)
@@ -369,7 +369,7 @@ def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Optional[T
         _check("xsam_restore_", "delta", delta, param, "param")
     _check_coefs("xsam_restore_", coefs, param)
     if param.dtype == torch.float64:
-        reference.xsam_restore_(param, backup, grad, delta, coefs)
+        spec.xsam_restore_(param, backup, grad, delta, coefs)
         return
     _launch_elementwise(_xsam_restore_kernel, param, param, backup, grad, param if delta is None else delta, coefs,
                         param.numel(), HAS_DELTA=delta is not None)
@@ -383,7 +383,7 @@ def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coef
     _check("xsam_probe_", "delta", delta, param, "param")
     _check_coefs("xsam_probe_", coefs, param)
     if param.dtype == torch.float64:
-        reference.xsam_probe_(param, backup, grad, delta, coefs, save_delta)
+        spec.xsam_probe_(param, backup, grad, delta, coefs, save_delta)
         return
     _launch_elementwise(_xsam_probe_kernel, param, param, backup, grad, delta, coefs, param.numel(),
                         SAVE_DELTA=save_delta)
@@ -391,7 +391,7 @@ def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coef
 
 # ------------------------------------------------------------------ the base update, fused into the restore
 # One pass ends a step: read w0 (backup), the final gradient and the optimizer state, write the
-# weights and the state (reference.sgd_step_ / adam_step_, torch.optim's SGD and Adam/AdamW).
+# weights and the state (spec.sgd_step_ / adam_step_, torch.optim's SGD and Adam/AdamW).
 # Each stored state value is rounded once to the bucket's dtype and the stored value is what the
 # rest of the step uses, as torch's reads of its state do. found_inf is read here: a skipped step
 # stores w0 bit-exactly and writes no state (the state stores are masked off, not rewritten).
@@ -546,7 +546,7 @@ def sgd_step_(param: Tensor, backup: Tensor, grad: Tensor, momentum_buffer: Opti
     _check_given("sgd_step_", "momentum_buffer", momentum_buffer, momentum != 0, "momentum != 0")
     _check_device_scalar("sgd_step_", "found_inf", found_inf, param)
     if param.dtype == torch.float64:
-        reference.sgd_step_(param, backup, grad, momentum_buffer, center, found_inf, lr, momentum, dampening,
+        spec.sgd_step_(param, backup, grad, momentum_buffer, center, found_inf, lr, momentum, dampening,
                             weight_decay, nesterov, maximize, init_buffer, ghat_coef, center_coef)
         return
     _launch_elementwise(
@@ -567,7 +567,7 @@ def adam_step_(param: Tensor, backup: Tensor, grad: Tensor, exp_avg: Tensor, exp
     _check_device_scalar("adam_step_", "step", step, param)
     _check_device_scalar("adam_step_", "found_inf", found_inf, param)
     if param.dtype == torch.float64:
-        reference.adam_step_(param, backup, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, center, step, found_inf, lr,
+        spec.adam_step_(param, backup, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, center, step, found_inf, lr,
                              beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, ghat_coef,
                              center_coef)
         return
