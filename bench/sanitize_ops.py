@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from fused_lesam.backends import spec, resolve
+from fused_lesam import maths
+from fused_lesam.backends import resolve, spec
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SIZES = [0, 1, 15, 17, 4095, 16384 + 3]  # 16384: the CUDA norm's chunk (csrc/lesam_math.h kReduceChunk)
@@ -85,7 +86,7 @@ def run_restore(ops, case: Case) -> None:
 
 def xsam_coefs(ops, case: Case) -> torch.Tensor:
     dots = ops.xsam_dots([case.put(case.ghat)], [case.put(case.w)], [case.put(case.g)])
-    return spec.slerp_coefficients(dots, 0.5, 0.3, 1e-12)[0]
+    return maths.slerp_coefficients(dots, 0.5, 0.3, 1e-12)[0]
 
 
 def run_xsam_dots(ops, case: Case) -> None:

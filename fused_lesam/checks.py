@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import weakref
 from typing import Any, Callable, Optional
 
@@ -16,8 +17,55 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["make_base", "check_base_hypers", "watch_params", "replaced_params_error", "refuse_foreign_kwargs",
-           "refuse_sparse_base"]
+__all__ = ["check_value", "is_real", "plain_numbers", "check_max_grad_norm", "check_schedule", "make_base",
+           "check_base_hypers", "watch_params", "replaced_params_error", "refuse_foreign_kwargs", "refuse_sparse_base"]
+
+
+# ---------------------------------------------------------------------- our own hyperparameters
+def check_value(name: str, value: Any, ok: bool, need: str) -> None:
+    """ValueError saying that ``name`` must be ``need`` unless ``ok``."""
+    if not ok:
+        if isinstance(value, Tensor):  # the usual cause, worth naming: the value itself may be fine
+            raise ValueError(f"{name} must be {need} as a Python number, got a Tensor {value!r}: pass float({name}) "
+                             f"(our hyperparameters are read on the host at every step)")
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def is_real(value: Any) -> bool:
+    """A Python int or float (a bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def plain_numbers(group: dict[str, Any], names: tuple[str, ...]) -> None:
+    """numpy scalars (np.float32(0.3)) among our hyperparameters become Python floats: they mean
+    the same number, and the ops take Python floats."""
+    for name in names:
+        value = group.get(name)
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)) and not isinstance(value, Tensor):
+            group[name] = float(value)
+
+
+def check_max_grad_norm(value: Optional[float]) -> None:
+    if value is not None and not torch.compiler.is_compiling():
+        check_value("max_grad_norm", value, is_real(value) and math.isfinite(value) and value > 0, "a finite number > 0")
+
+
+def check_schedule(total: Optional[int], anneal: int, warmup: int = 0, *, suffix: str = "") -> None:
+    """ValueError naming the argument when a schedule's lengths do not fit together. The arguments
+    are named total, anneal and warmup, the first two with ``suffix`` (FusedLESAM's are *_steps)."""
+    total_name, anneal_name = f"total{suffix}", f"anneal{suffix}"
+    if not isinstance(anneal, int) or anneal < 0:
+        raise ValueError(f"{anneal_name} must be an int >= 0, got {anneal!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if anneal == 0 and warmup == 0:
+        return
+    if not isinstance(total, int) or total <= 0:
+        raise ValueError(f"{total_name} must be a positive int when {anneal_name} > 0, got {total!r}")
+    if anneal > total:
+        raise ValueError(f"{anneal_name}={anneal} is longer than {total_name}={total}")
+    if warmup > total - anneal:
+        raise ValueError(f"warmup={warmup} overlaps the annealing, which starts at {total - anneal}")
 
 
 # ---------------------------------------------------------------------- the base optimizer

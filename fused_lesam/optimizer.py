@@ -726,7 +726,7 @@ class FusedLESAM(SharpnessAware):
             "rho": "LE-SAM has no fixed radius: it back-solves rho_t = min(sigma_t / ||g||, rho_max) from the loss "
                    "budget sigma each step; give sigma= (the budget, default 0.35) and rho_max= (the cap), or use "
                    "FusedSAM(rho=...) for SAM's fixed radius (davda54/sam's rho)"})
-        check_schedule(total_steps, anneal_steps, names=("total_steps", "anneal_steps", "warmup"))
+        check_schedule(total_steps, anneal_steps, suffix="_steps")
         self.total_steps = total_steps
         self.anneal_steps = anneal_steps
         self._sigma_tables: dict[float, Tensor] = {}

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .backends import spec
+from .maths import slerp_coefficients
 from .checks import refuse_foreign_kwargs
 from .optimizer import _NO_LOSS, SharpnessAware, _check, _is_real
 
@@ -165,7 +165,7 @@ class FusedXSAM(SharpnessAware):
         deltas = [bucket.ensure_center() for bucket in self._buckets]  # D = w_k - w_0, saved by the first probe
         losses = []
         for i, alpha in enumerate(self.alpha_grid):
-            by_group = [spec.slerp_coefficients(dots, alpha, group["rho_max"], self.eps)[0]
+            by_group = [slerp_coefficients(dots, alpha, group["rho_max"], self.eps)[0]
                         for group in self.param_groups]
             for bucket, delta in zip(self._buckets, deltas):
                 coefs = by_group[bucket.group_index].to(bucket.device)
@@ -207,7 +207,7 @@ class FusedXSAM(SharpnessAware):
         by_group = {}
         for index, group in enumerate(self.param_groups):
             alpha = self._group_alpha(group)
-            by_group[index], theta = spec.slerp_coefficients(dots, alpha, ghat_norm, self.eps)
+            by_group[index], theta = slerp_coefficients(dots, alpha, ghat_norm, self.eps)
             if isinstance(alpha, Tensor):
                 self.last_alpha[index].copy_(alpha)
             else:

@@ -219,13 +219,13 @@ def test_xsam_step_with_search_never_syncs(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_equals_cuda_extension_for_xsam(dtype):
-    from fused_lesam.backends import spec
+    from fused_lesam import maths
 
     cuda_ops, triton_ops, (w_k, w_0, ghat) = gpu_kernel_backends_and_buckets(dtype, seed=1)
     results = []
     for ops in (cuda_ops, triton_ops):
         dots = ops.xsam_dots([w_k], [w_0], [ghat])
-        coefs, _ = spec.slerp_coefficients(dots, 0.5, 0.3, 1e-12)
+        coefs, _ = maths.slerp_coefficients(dots, 0.5, 0.3, 1e-12)
         probe, delta = w_k.clone(), torch.empty_like(w_k)
         ops.xsam_probe_(probe, w_0, ghat, delta, coefs, True)
         param, grad = w_k.clone(), ghat.clone()

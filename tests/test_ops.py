@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from conftest import assert_bits_equal, assert_close, assert_sum_close
-from fused_lesam.backends import spec, resolve
+from fused_lesam import maths
+from fused_lesam.backends import resolve, spec
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # Sizes that matter to compiled kernels: empty, one element, around the 16-element vector width,
@@ -60,7 +61,6 @@ def largest_size(backend, device):
     return next(max(sizes) for b, d, sizes, _ in REDUCTION_TARGETS.values() if (b, d) == (backend, device))
 
 
-REDUCE_CHUNK = 16384  # elements per partial sum in every kernel (csrc/lesam_math.h kReduceChunk)
 
 
 def summation_depth(backend, sizes):
@@ -75,7 +75,7 @@ def summation_depth(backend, sizes):
     largest = max(sizes, default=0)
     if backend == "torch":
         return largest + len(sizes) + 4
-    return min(largest, 1024) + 16 + sum(math.ceil(n / REDUCE_CHUNK) for n in sizes) + 4
+    return min(largest, 1024) + 16 + sum(math.ceil(n / maths.REDUCE_CHUNK) for n in sizes) + 4
 
 
 def sq_terms(grad, weight):
@@ -86,7 +86,7 @@ def sq_terms(grad, weight):
 
 def sq_parts(grads, weights):
     """sq_norm's terms per bucket with the dtype each bucket is summed in, for assert_sum_close."""
-    return [(sq_terms(g, w), spec.acc_dtype(g.dtype)) for g, w in zip(grads, weights)]
+    return [(sq_terms(g, w), maths.acc_dtype(g.dtype)) for g, w in zip(grads, weights)]
 
 
 def integer_bucket(size, dtype, device, seed, offset=0):
@@ -160,7 +160,7 @@ def test_sq_norm(backend, device, dtype, size, offset, adaptive):
     grad = random_bucket(size, dtype, device, seed=1, offset=offset)
     weight = random_bucket(size, dtype, device, seed=2, offset=offset) if adaptive else None
     got = ops.sq_norm([grad], [weight])
-    assert got.shape == () and got.dtype == spec.acc_dtype(dtype) and got.device == grad.device
+    assert got.shape == () and got.dtype == maths.acc_dtype(dtype) and got.device == grad.device
     assert_sum_close(got, sq_parts([grad], [weight]), summation_depth(backend, [size]))
 
 

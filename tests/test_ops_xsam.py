@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import assert_bits_equal, assert_close, assert_sum_close
-from fused_lesam.backends import spec, resolve
+from fused_lesam import maths
+from fused_lesam.backends import resolve, spec
 from test_ops import (DTYPES, LESAM, OFFSETS, REDUCTION_TARGETS, TRACEABLE, assert_same_bits_with_any_thread_count,
                       clone_at, exact_sum, integer_bucket, largest_size, random_bucket, summation_depth, targets,
                       targets_and_sizes)
@@ -24,7 +25,7 @@ def dots_parts(params, backups, grads):
     bucket with the dtype it is summed in: three lists for assert_sum_close."""
     parts = ([], [], [])
     for w, b, g in zip(params, backups, grads):
-        delta, grad, dtype = w.double() - b.double(), g.double(), spec.acc_dtype(w.dtype)
+        delta, grad, dtype = w.double() - b.double(), g.double(), maths.acc_dtype(w.dtype)
         for sums, terms in zip(parts, (delta * delta, grad * grad, delta * grad)):
             sums.append((terms, dtype))
     return parts
@@ -43,7 +44,7 @@ def test_xsam_dots(backend, device, dtype, size, offset):
     ops = resolve(backend, torch.device(device))
     w, b, g = (random_bucket(size, dtype, device, seed=s, offset=offset) for s in (40, 41, 42))
     got = ops.xsam_dots([w], [b], [g])
-    assert got.shape == (3,) and got.dtype == spec.acc_dtype(dtype) and got.device == w.device
+    assert got.shape == (3,) and got.dtype == maths.acc_dtype(dtype) and got.device == w.device
     assert_dots_close(got, [w], [b], [g], backend)
 
 
@@ -200,7 +201,7 @@ def test_xsam_ops_trace_whole_graph(backend, device):
         ops.perturb_(param, grad, backup, sq, math.inf, 0.05, 1.0, False)
         ops.perturb_(param, grad, None, sq, math.inf, 0.05, 1.0, False)
         dots = ops.xsam_dots([param], [backup], [ghat])
-        coefs, theta = spec.slerp_coefficients(dots, 0.5, dots[1].sqrt(), 1e-12)
+        coefs, theta = maths.slerp_coefficients(dots, 0.5, dots[1].sqrt(), 1e-12)
         ops.xsam_restore_(param, backup, ghat, None, coefs)
         return dots, theta
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import SmallConvNet, assert_close, groups_of, loss_fn, make_batches, sam_step, through_bytes
 from fused_lesam import FusedSAM, FusedXSAM, available_backends, frozen_bn_stats
-from fused_lesam.backends import spec
+from fused_lesam import maths
 from reference.xsam_loop import PerTensorXSAM
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
@@ -145,7 +145,7 @@ def test_telemetry_is_the_step_s_geometry():
 
 # ---------------------------------------------------------------------- the slerp's guards
 def coefs(d_sq, g_sq, dot, alpha=0.5, length=1.0):
-    return spec.slerp_coefficients(torch.tensor([d_sq, g_sq, dot]), alpha, length, 1e-12)
+    return maths.slerp_coefficients(torch.tensor([d_sq, g_sq, dot]), alpha, length, 1e-12)
 
 
 def test_cosine_is_clamped_before_arccos():

@@ -41,6 +41,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from ..maths import BUCKET_DTYPES, NORM_EPS, REDUCE_CHUNK, sum_dtype
 from . import spec
 
 NAME = "triton"
@@ -53,7 +54,7 @@ if INTERPRETED:
     def wrap_triton(kernel):
         return kernel
 
-CHUNK = 16384  # elements per partial sum of the norm, as in the C++/CUDA kernels
+CHUNK = REDUCE_CHUNK  # elements per partial sum of the norm, as in the C++/CUDA kernels
 REDUCE_BLOCK = 1024  # elements loaded at a time by the norm programs
 ELEMENTWISE_BLOCK = {torch.float32: 1024, torch.float16: 2048, torch.bfloat16: 2048}  # 4 KB per program
 NUM_WARPS = 4
@@ -104,9 +105,9 @@ def _sum_kernel(partials_ptr, count, out_ptr, BLOCK: tl.constexpr):
 @triton.jit
 def _perturb_kernel(w_ptr, g_ptr, backup_ptr, center_ptr, sq_ptr, sigma_ptr, rho_ptr, n, sigma, rho_max, varrho,
                     ADAPTIVE: tl.constexpr, SAVE_BACKUP: tl.constexpr, SAVE_CENTER: tl.constexpr,
-                    SIGMA_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):
-    # The radius back-solve (spec.radius_and_scale): rho_t = min(sigma / (n + varrho), rho_max),
-    # scale = rho_t / (n + 1e-12); both 0 for a non-finite norm, the scale 0 for a zero norm.
+                    SIGMA_ON_DEVICE: tl.constexpr, NORM_EPS: tl.constexpr, BLOCK: tl.constexpr):
+    # The radius back-solve (maths.radius_and_scale): rho_t = min(sigma / (n + varrho), rho_max),
+    # scale = rho_t / (n + NORM_EPS); both 0 for a non-finite norm, the scale 0 for a zero norm.
     if SIGMA_ON_DEVICE:
         sigma = tl.load(sigma_ptr).to(tl.float32)
     # sqrt_rn and div_rn: correctly rounded, as torch computes them (plain sqrt and / are approximate
@@ -114,7 +115,7 @@ def _perturb_kernel(w_ptr, g_ptr, backup_ptr, center_ptr, sq_ptr, sigma_ptr, rho
     norm = tl.sqrt_rn(tl.load(sq_ptr).to(tl.float32))
     finite = norm - norm == 0.0  # false for inf and NaN
     rho = tl.where(finite, tl.minimum(tl.div_rn(sigma, norm + varrho), rho_max), 0.0)
-    scale = tl.where(finite & (norm > 0.0), tl.div_rn(rho, norm + 1e-12), 0.0)
+    scale = tl.where(finite & (norm > 0.0), tl.div_rn(rho, norm + NORM_EPS), 0.0)
     pid = tl.program_id(0)
     if pid == 0:
         tl.store(rho_ptr, rho)
@@ -150,7 +151,7 @@ def _restore_kernel(w_ptr, backup_ptr, g_ptr, center_ptr, n, ghat_coef, center_c
 def _check(op: str, name: str, t: Tensor, like: Optional[Tensor] = None, like_name: str = "") -> None:
     """The checks of the C++ ops (csrc/bucket_args.h), with the same messages."""
     where = f"fused_lesam_triton::{op}: {name}"
-    if t.dtype not in spec.BUCKET_DTYPES:
+    if t.dtype not in BUCKET_DTYPES:
         raise RuntimeError(f"{where} has dtype {t.dtype}; buckets must be float32, float64, float16 or bfloat16")
     if not t.is_contiguous():
         raise RuntimeError(f"{where} must be contiguous (a flat bucket), got strides {t.stride()}")
@@ -162,6 +163,18 @@ def _check(op: str, name: str, t: Tensor, like: Optional[Tensor] = None, like_na
         raise RuntimeError(f"{where} has {t.numel()} elements but {like_name} has {like.numel()}")
     if t.device != like.device:
         raise RuntimeError(f"{where} is on {t.device} but {like_name} is on {like.device}")
+
+
+def _check_buckets(op: str, param: Tensor, flat: bool = False, **others: Optional[Tensor]) -> None:
+    """The prologue of every element-wise op: ``param`` and its other buckets (None: not given),
+    each like ``param``; with ``flat``, 1-D as well (the base-update ops slice them)."""
+    for name, t in {"param": param, **others}.items():
+        if t is None:
+            continue
+        _check(op, name, t, None if t is param else param, "param")
+        if flat and t.dim() != 1:
+            raise RuntimeError(f"fused_lesam_triton::{op}: {name} must be a flat (1-D) bucket, "
+                               f"got shape {tuple(t.shape)}")
 
 
 def _device_guard(device: torch.device):
@@ -195,7 +208,7 @@ def sq_norm(grads: list[Tensor], weights: list[Optional[Tensor]]) -> Tensor:
         _check("sq_norm", f"grads[{i}]", grad)
         if weight is not None:
             _check("sq_norm", f"weights[{i}]", weight, grad, f"grads[{i}]")
-    out_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    out_dtype = sum_dtype(grads)
     chunks = [triton.cdiv(g.numel(), CHUNK) for g in grads]
     partials = torch.empty(sum(chunks), dtype=out_dtype, device=grads[0].device)
     first = 0
@@ -212,12 +225,7 @@ def sq_norm(grads: list[Tensor], weights: list[Optional[Tensor]]) -> Tensor:
 @triton_op("fused_lesam_triton::perturb_", mutates_args=("param", "backup", "center"))
 def perturb_(param: Tensor, grad: Tensor, backup: Optional[Tensor], sq: Tensor, sigma: float, rho_max: float,
              varrho: float, adaptive: bool, center: Optional[Tensor] = None, sigma_t: Optional[Tensor] = None) -> Tensor:
-    _check("perturb_", "param", param)
-    _check("perturb_", "grad", grad, param, "param")
-    if backup is not None:
-        _check("perturb_", "backup", backup, param, "param")
-    if center is not None:
-        _check("perturb_", "center", center, param, "param")
+    _check_buckets("perturb_", param, grad=grad, backup=backup, center=center)
     if sq.dim() != 0 or sq.dtype not in (torch.float32, torch.float64) or sq.device != param.device:
         raise RuntimeError(f"fused_lesam_triton::perturb_: sq must be the 0-d float32/float64 tensor sq_norm returns "
                            f"on param's device, got a {sq.dtype} tensor of shape {tuple(sq.shape)} on {sq.device}")
@@ -227,13 +235,14 @@ def perturb_(param: Tensor, grad: Tensor, backup: Optional[Tensor], sq: Tensor, 
     if sigma_t is not None and sigma_t.device != param.device:
         raise RuntimeError(f"fused_lesam_triton::perturb_: sigma_t is on {sigma_t.device} but param is on {param.device}")
     if param.dtype == torch.float64:
-        return spec.perturb_(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center, sigma_t)
+        return spec.perturb_(param=param, grad=grad, backup=backup, sq=sq, sigma=sigma, rho_max=rho_max, varrho=varrho,
+                             adaptive=adaptive, center=center, sigma_t=sigma_t)
     rho = torch.empty((), dtype=torch.float32, device=param.device)
     _launch_elementwise(
         _perturb_kernel, param, param, grad, param if backup is None else backup, param if center is None else center,
         sq, sq if sigma_t is None else sigma_t, rho, param.numel(), sigma, rho_max, varrho, ADAPTIVE=adaptive,
         SAVE_BACKUP=backup is not None, SAVE_CENTER=center is not None, SIGMA_ON_DEVICE=sigma_t is not None,
-        min_programs=1)  # one program at least: it stores rho_t
+        NORM_EPS=NORM_EPS, min_programs=1)  # one program at least: it stores rho_t
     return rho
 
 
@@ -254,13 +263,10 @@ if torch.__version__ < (2, 14):
 @triton_op("fused_lesam_triton::restore_", mutates_args=("param", "grad"))
 def restore_(param: Tensor, backup: Tensor, grad: Tensor, center: Optional[Tensor], ghat_coef: float,
              center_coef: float) -> None:
-    _check("restore_", "param", param)
-    _check("restore_", "backup", backup, param, "param")
-    _check("restore_", "grad", grad, param, "param")
-    if center is not None:
-        _check("restore_", "center", center, param, "param")
+    _check_buckets("restore_", param, backup=backup, grad=grad, center=center)
     if param.dtype == torch.float64:
-        spec.restore_(param, backup, grad, center, ghat_coef, center_coef)
+        spec.restore_(param=param, backup=backup, grad=grad, center=center, ghat_coef=ghat_coef,
+                      center_coef=center_coef)
         return
     _launch_elementwise(_restore_kernel, param, param, backup, grad, grad if center is None else center,
                         param.numel(), ghat_coef, center_coef, COMBINE=center is not None)
@@ -344,7 +350,7 @@ def xsam_dots(params: list[Tensor], backups: list[Tensor], grads: list[Tensor]) 
         _check("xsam_dots", f"params[{i}]", param)
         _check("xsam_dots", f"backups[{i}]", backup, param, f"params[{i}]")
         _check("xsam_dots", f"grads[{i}]", grad, param, f"params[{i}]")
-    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    out_dtype = sum_dtype(params)
     chunks = [triton.cdiv(p.numel(), CHUNK) for p in params]
     total = sum(chunks)
     partials = torch.zeros(3 * max(total, 1), dtype=out_dtype, device=params[0].device)
@@ -362,14 +368,10 @@ def xsam_dots(params: list[Tensor], backups: list[Tensor], grads: list[Tensor]) 
 
 @triton_op("fused_lesam_triton::xsam_restore_", mutates_args=("param", "grad"))
 def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Optional[Tensor], coefs: Tensor) -> None:
-    _check("xsam_restore_", "param", param)
-    _check("xsam_restore_", "backup", backup, param, "param")
-    _check("xsam_restore_", "grad", grad, param, "param")
-    if delta is not None:
-        _check("xsam_restore_", "delta", delta, param, "param")
+    _check_buckets("xsam_restore_", param, backup=backup, grad=grad, delta=delta)
     _check_coefs("xsam_restore_", coefs, param)
     if param.dtype == torch.float64:
-        spec.xsam_restore_(param, backup, grad, delta, coefs)
+        spec.xsam_restore_(param=param, backup=backup, grad=grad, delta=delta, coefs=coefs)
         return
     _launch_elementwise(_xsam_restore_kernel, param, param, backup, grad, param if delta is None else delta, coefs,
                         param.numel(), HAS_DELTA=delta is not None)
@@ -377,13 +379,10 @@ def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Optional[T
 
 @triton_op("fused_lesam_triton::xsam_probe_", mutates_args=("param", "delta"))
 def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coefs: Tensor, save_delta: bool) -> None:
-    _check("xsam_probe_", "param", param)
-    _check("xsam_probe_", "backup", backup, param, "param")
-    _check("xsam_probe_", "grad", grad, param, "param")
-    _check("xsam_probe_", "delta", delta, param, "param")
+    _check_buckets("xsam_probe_", param, backup=backup, grad=grad, delta=delta)
     _check_coefs("xsam_probe_", coefs, param)
     if param.dtype == torch.float64:
-        spec.xsam_probe_(param, backup, grad, delta, coefs, save_delta)
+        spec.xsam_probe_(param=param, backup=backup, grad=grad, delta=delta, coefs=coefs, save_delta=save_delta)
         return
     _launch_elementwise(_xsam_probe_kernel, param, param, backup, grad, delta, coefs, param.numel(),
                         SAVE_DELTA=save_delta)
@@ -511,17 +510,6 @@ def _halves(x: float) -> tuple[float, float]:
     return hi, _fp32(x - hi)
 
 
-def _check_step_buckets(op: str, param: Tensor, **buckets: Optional[Tensor]) -> None:
-    """param and the other buckets of a step op (None: not given): flat buckets like param."""
-    for name, t in {"param": param, **buckets}.items():
-        if t is None:
-            continue
-        _check(op, name, t, None if t is param else param, "param")
-        if t.dim() != 1:
-            raise RuntimeError(f"fused_lesam_triton::{op}: {name} must be a flat (1-D) bucket, "
-                               f"got shape {tuple(t.shape)}")
-
-
 def _check_given(op: str, name: str, t: Optional[Tensor], wanted: bool, when: str) -> None:
     """An optional state bucket is given exactly when its option is on (``when`` says which)."""
     if (t is not None) != wanted:
@@ -542,12 +530,15 @@ def _check_device_scalar(op: str, name: str, t: Tensor, param: Tensor) -> None:
 def sgd_step_(param: Tensor, backup: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], center: Optional[Tensor],
               found_inf: Tensor, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
               maximize: bool, init_buffer: bool, ghat_coef: float, center_coef: float) -> None:
-    _check_step_buckets("sgd_step_", param, backup=backup, grad=grad, momentum_buffer=momentum_buffer, center=center)
+    _check_buckets("sgd_step_", param, flat=True, backup=backup, grad=grad, momentum_buffer=momentum_buffer,
+                   center=center)
     _check_given("sgd_step_", "momentum_buffer", momentum_buffer, momentum != 0, "momentum != 0")
     _check_device_scalar("sgd_step_", "found_inf", found_inf, param)
     if param.dtype == torch.float64:
-        spec.sgd_step_(param, backup, grad, momentum_buffer, center, found_inf, lr, momentum, dampening,
-                            weight_decay, nesterov, maximize, init_buffer, ghat_coef, center_coef)
+        spec.sgd_step_(param=param, backup=backup, grad=grad, momentum_buffer=momentum_buffer, center=center,
+                       found_inf=found_inf, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                       nesterov=nesterov, maximize=maximize, init_buffer=init_buffer, ghat_coef=ghat_coef,
+                       center_coef=center_coef)
         return
     _launch_elementwise(
         _sgd_step_kernel, param, param, backup, grad, param if momentum_buffer is None else momentum_buffer,
@@ -561,15 +552,17 @@ def adam_step_(param: Tensor, backup: Tensor, grad: Tensor, exp_avg: Tensor, exp
                max_exp_avg_sq: Optional[Tensor], center: Optional[Tensor], step: Tensor, found_inf: Tensor, lr: float,
                beta1: float, beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool,
                maximize: bool, ghat_coef: float, center_coef: float) -> None:
-    _check_step_buckets("adam_step_", param, backup=backup, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                        max_exp_avg_sq=max_exp_avg_sq, center=center)
+    _check_buckets("adam_step_", param, flat=True, backup=backup, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                   max_exp_avg_sq=max_exp_avg_sq, center=center)
     _check_given("adam_step_", "max_exp_avg_sq", max_exp_avg_sq, amsgrad, "amsgrad")
     _check_device_scalar("adam_step_", "step", step, param)
     _check_device_scalar("adam_step_", "found_inf", found_inf, param)
     if param.dtype == torch.float64:
-        spec.adam_step_(param, backup, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, center, step, found_inf, lr,
-                             beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, ghat_coef,
-                             center_coef)
+        spec.adam_step_(param=param, backup=backup, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                        max_exp_avg_sq=max_exp_avg_sq, center=center, step=step, found_inf=found_inf, lr=lr,
+                        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        ghat_coef=ghat_coef, center_coef=center_coef)
         return
     # The scalars the kernel combines with each other are rounded here, as torch rounds them: fp32
     # for the element-wise maths, fp32 halves of the fp64 values behind the bias corrections.
