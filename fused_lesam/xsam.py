@@ -6,7 +6,7 @@ ascent went (v0, from w_k - w_0) and where the loss rises at its end (v1, from t
 scaled to the last gradient's length. alpha = 1 is SAM; ``dynamic=True`` re-chooses alpha by the
 largest loss at w_0 + rho_max d(alpha) on a grid, when ``step`` is given ``search_alpha``.
 
-On the engine of FusedLESAM/FusedSAM (`SharpnessAware`): the ascent steps are its norm and perturb
+On the engine of FusedLESAM/FusedSAM (`SharpnessAware`, engine.py): the ascent steps are its norm and perturb
 ops (the backup of w_0 written at the first only); the end of the step is ``xsam_dots`` (three
 reductions in one pass), the slerp coefficients on the device, and ``xsam_restore_``, one pass
 that restores w_0 and writes the update gradient.
@@ -19,12 +19,12 @@ import math
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from . import checkpoint, distributed, skip
+from .checks import check_value, is_real, refuse_foreign_kwargs
+from .engine import NO_LOSS, SharpnessAware
 from .maths import slerp_coefficients
-from .checks import refuse_foreign_kwargs
-from .optimizer import _NO_LOSS, SharpnessAware, _check, _is_real
 
 __all__ = ["FusedXSAM"]
 
@@ -72,15 +72,15 @@ class FusedXSAM(SharpnessAware):
     ):
         refuse_foreign_kwargs("FusedXSAM", base, base_kwargs, {
             "sigma": "XSAM ascends by the fixed length rho; LE-SAM's loss budget sigma is FusedLESAM's"})
-        _check("steps", steps, isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "an int >= 1")
-        _check("dynamic", dynamic, isinstance(dynamic, bool), "a bool")
-        _check("alpha_delta", alpha_delta, _is_real(alpha_delta) and math.isfinite(alpha_delta) and alpha_delta > 0,
+        check_value("steps", steps, isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "an int >= 1")
+        check_value("dynamic", dynamic, isinstance(dynamic, bool), "a bool")
+        check_value("alpha_delta", alpha_delta, is_real(alpha_delta) and math.isfinite(alpha_delta) and alpha_delta > 0,
                "a finite number > 0")
-        _check("alpha_max", alpha_max, _is_real(alpha_max) and math.isfinite(alpha_max) and alpha_max >= 0,
+        check_value("alpha_max", alpha_max, is_real(alpha_max) and math.isfinite(alpha_max) and alpha_max >= 0,
                "a finite number >= 0")
-        _check("eps", eps, _is_real(eps) and math.isfinite(eps) and eps > 0, "a finite number > 0")
+        check_value("eps", eps, is_real(eps) and math.isfinite(eps) and eps > 0, "a finite number > 0")
         points = alpha_max / alpha_delta
-        _check("alpha_max", alpha_max, abs(points - round(points)) < 1e-6,
+        check_value("alpha_max", alpha_max, abs(points - round(points)) < 1e-6,
                f"a whole multiple of alpha_delta={alpha_delta!r}")
         self.steps, self.dynamic, self.eps = steps, dynamic, eps
         self.alpha_grid = [i * alpha_delta for i in range(round(points) + 1)]
@@ -105,9 +105,9 @@ class FusedXSAM(SharpnessAware):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         rho, rho_max, alpha = group["rho"], group["rho_max"], group["alpha"]
-        _check("rho", rho, _is_real(rho) and math.isfinite(rho) and rho >= 0, "a finite number >= 0")
-        _check("rho_max", rho_max, _is_real(rho_max) and math.isfinite(rho_max) and rho_max >= 0, "a finite number >= 0")
-        _check("alpha", alpha, _is_real(alpha) and math.isfinite(alpha), "a finite number")
+        check_value("rho", rho, is_real(rho) and math.isfinite(rho) and rho >= 0, "a finite number >= 0")
+        check_value("rho_max", rho_max, is_real(rho_max) and math.isfinite(rho_max) and rho_max >= 0, "a finite number >= 0")
+        check_value("alpha", alpha, is_real(alpha) and math.isfinite(alpha), "a finite number")
 
     def _radius_args(self, group: dict[str, Any]) -> tuple[float, float, float]:
         return math.inf, group["rho"] / self.steps, 1.0  # a fixed step: SAM's perturbation, length rho / k
@@ -135,8 +135,8 @@ class FusedXSAM(SharpnessAware):
         sq_on = self._on_devices(sq)
         for bucket in self._buckets:
             _, step_length, _ = self._radius_args(self.param_groups[bucket.group_index])
-            self._ops[bucket.device].perturb_(bucket.param, bucket.grad, None, sq_on[bucket.device],
-                                              math.inf, step_length, 1.0, False)
+            self._ops[bucket.device].perturb_(param=bucket.param, grad=bucket.grad, backup=None, sq=sq_on[bucket.device],
+                                              sigma=math.inf, rho_max=step_length, varrho=1.0, adaptive=False)
         # A non-finite gradient on the way skips the step at the end, as one in the first pass does.
         self._progress.first_sq = self._progress.first_sq + sq
         self._progress.ascents += 1
@@ -162,20 +162,20 @@ class FusedXSAM(SharpnessAware):
         """Dynamic alpha: w <- w_0 + rho_max d(alpha) for each alpha of the grid, keep the one with
         the largest loss (on the device; a non-finite loss never wins, and when all are, alpha stays).
         Under torch.distributed the losses are summed over the ranks (one all-reduce per search)."""
-        deltas = [bucket.ensure_center() for bucket in self._buckets]  # D = w_k - w_0, saved by the first probe
+        deltas = [bucket.ensure_delta() for bucket in self._buckets]  # D = w_k - w_0, saved by the first probe
         losses = []
         for i, alpha in enumerate(self.alpha_grid):
             by_group = [slerp_coefficients(dots, alpha, group["rho_max"], self.eps)[0]
                         for group in self.param_groups]
             for bucket, delta in zip(self._buckets, deltas):
                 coefs = by_group[bucket.group_index].to(bucket.device)
-                self._ops[bucket.device].xsam_probe_(bucket.param, bucket.backup, bucket.grad, delta, coefs, i == 0)
+                self._ops[bucket.device].xsam_probe_(param=bucket.param, backup=bucket.backup, grad=bucket.grad,
+                                                     delta=delta, coefs=coefs, save_delta=i == 0)
             loss = search_alpha()
             losses.append(torch.as_tensor(loss, device=self._main_device).detach().float().reshape(()))
         losses = torch.stack(losses)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self._shard_group) > 1:
-            # Each rank saw its own batch: sum the losses so that every rank keeps the same alpha.
-            dist.all_reduce(losses, group=self._shard_group)
+        # Each rank saw its own batch: sum the losses so that every rank keeps the same alpha.
+        distributed.sum_over_ranks(losses, self._shard_group)
         losses = torch.where(torch.isfinite(losses), losses, -math.inf)
         best = self._alpha_grid.gather(0, losses.argmax().view(1)).view(())
         self.alpha.copy_(torch.where(torch.isfinite(losses).any(), best, self.alpha))
@@ -213,15 +213,15 @@ class FusedXSAM(SharpnessAware):
             else:
                 self.last_alpha[index].fill_(alpha)
         for bucket in self._buckets:
-            delta = bucket.center if searched else None  # the probes overwrote w_k
-            self._ops[bucket.device].xsam_restore_(bucket.param, bucket.backup, bucket.grad, delta,
-                                                   by_group[bucket.group_index].to(bucket.device))
+            delta = bucket.delta if searched else None  # the probes overwrote w_k
+            self._ops[bucket.device].xsam_restore_(param=bucket.param, backup=bucket.backup, grad=bucket.grad,
+                                                   delta=delta, coefs=by_group[bucket.group_index].to(bucket.device))
         self._progress.perturbed = False
         self._progress.ascents = 0
         self.last_theta.copy_(theta)
         self.last_ascent_norm.copy_(dots[0].sqrt())
         self.last_ghat_norm.copy_(ghat_norm)
-        found_inf = self._or_bad_device_hypers(~(torch.isfinite(self._progress.first_sq) & torch.isfinite(dots).all()))
+        found_inf = skip.skip_flag([self._progress.first_sq, dots], self._progress.device_hypers)
         self._finish_step(found_inf, zero_grad)
 
     def local_first_pass(self, model: torch.nn.Module):
@@ -263,17 +263,17 @@ class FusedXSAM(SharpnessAware):
             self.second_step(grad_scaler=grad_scaler, search_alpha=search_alpha)
         finally:
             self._progress.in_step = False
-        return loss if first_loss is _NO_LOSS else first_loss
+        return loss if first_loss is NO_LOSS else first_loss
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["fused_lesam"]["alpha"] = self.alpha.clone()
+        state[checkpoint.STATE_KEY]["alpha"] = self.alpha.clone()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loadable(state_dict)  # the checks of every kind first: another kind's state dict is named as such
-        alpha = state_dict.get("fused_lesam", {}).get("alpha")
+        checkpoint.loadable(self, state_dict)  # the checks of every kind first: another kind's state dict is named
+        alpha = state_dict.get(checkpoint.STATE_KEY, {}).get("alpha")
         if alpha is None:
             raise ValueError("this state dict has no XSAM alpha: it was not saved by FusedXSAM.state_dict()")
         super().load_state_dict(state_dict)

@@ -268,7 +268,7 @@ def test_non_finite_tensor_hyperparameter_on_an_accelerator_skips_the_step(monke
             group = {k: v for k, v in group.items() if k != "lr"}
         real(group, ours, on_device)
 
-    monkeypatch.setattr("fused_lesam.optimizer.check_base_hypers", as_if_on_device)
+    monkeypatch.setattr("fused_lesam.engine.check_base_hypers", as_if_on_device)
     x, y = batches(1)[0]
     loss_of(model, x, y).backward()
     opt.step(lambda: loss_of(model, x, y).backward())
