@@ -1,7 +1,8 @@
 """Backends: who runs the bucket ops (``sq_norm``, ``perturb_``, ``restore_``, and XSAM's
 ``xsam_dots``, ``xsam_restore_``, ``xsam_probe_``).
 
-Every backend is a module exposing those functions with the signatures of
+Every backend is a module (or, for the compiled extension's "cpp" and "cuda", a namespace made by
+``compiled.backend``) exposing ``NAME`` and those functions with the signatures of
 ``fused_lesam.backends.spec`` (the "torch" backend, the specification). A backend knows
 nothing of optimizers; the optimizer knows nothing of kernels. ``backend="auto"`` tries, in order,
 cuda -> triton -> torch on CUDA tensors and cpp -> torch on CPU tensors (docs/design.md §2).
@@ -11,18 +12,18 @@ from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from .. import build_info
 
-# name -> (module that implements the ops, device types it runs on; None: any device)
+# name -> (module that implements the ops, device types it runs on; None: any device). The compiled
+# module serves two backends: it makes each with `backend(name)`.
 _MODULES: dict[str, tuple[str, Optional[frozenset[str]]]] = {
     "torch": ("fused_lesam.backends.spec", None),
-    "cpp": ("fused_lesam.backends.cpp", frozenset({"cpu"})),
-    "cuda": ("fused_lesam.backends.cuda", frozenset({"cuda"})),
+    "cpp": ("fused_lesam.backends.compiled", frozenset({"cpu"})),
+    "cuda": ("fused_lesam.backends.compiled", frozenset({"cuda"})),
     "triton": ("fused_lesam.backends.triton", frozenset({"cuda"})),
 }
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
@@ -30,13 +31,15 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 NAMES = tuple(_MODULES)
 
 EXTENSION = "fused_lesam._C"
+_COMPILED = "fused_lesam.backends.compiled"
 
 
-def _load(name: str) -> tuple[Optional[ModuleType], str]:
-    """(module, "") when the backend can be used, else (None, why not)."""
+def _load(name: str) -> tuple[Optional[Any], str]:
+    """(backend, "") when the backend can be used, else (None, why not)."""
     module_name, _ = _MODULES[name]
     try:
-        return importlib.import_module(module_name), ""
+        module = importlib.import_module(module_name)
+        return (module.backend(name) if module_name == _COMPILED else module), ""
     except ModuleNotFoundError as err:
         if err.name == module_name:
             return None, f"{module_name} is not part of this build of fused_lesam"
@@ -44,7 +47,7 @@ def _load(name: str) -> tuple[Optional[ModuleType], str]:
             return None, f"the compiled extension {EXTENSION} is not installed ({build_info.NO_RECORD})"
         return None, f"{module_name} could not be imported: {err}"
     except ImportError as err:
-        if err.name == EXTENSION:  # compiled.py's check: says why and how to fix it
+        if err.name == EXTENSION:  # compiled.py's checks: say why and how to fix it
             return None, str(err)
         return None, f"{module_name} could not be loaded: {err}"
     except (OSError, RuntimeError) as err:
@@ -79,8 +82,8 @@ def available_backends() -> dict[str, str]:
     return {name: _load(name)[1] for name in NAMES}
 
 
-def resolve(name: str, device: torch.device) -> ModuleType:
-    """The backend module for ``name`` ("auto" or one of `NAMES`) on ``device``; a clear error if unusable."""
+def resolve(name: str, device: torch.device) -> Any:
+    """The backend (its ops as attributes) for ``name`` ("auto" or one of `NAMES`) on ``device``; a clear error if unusable."""
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             module, _ = _load(candidate)
