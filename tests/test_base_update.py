@@ -16,8 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_bits_equal, assert_close, loss_fn, make_batches, sam_step, through_bytes
 from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM, available_backends
+from helpers.asserts import assert_bits_equal, assert_close
+from helpers.models import loss_fn, make_batches, sam_step, through_bytes
 
 BACKENDS = [b for b in ("torch", "cpp") if not available_backends()[b]]
 

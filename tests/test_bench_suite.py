@@ -22,11 +22,12 @@ import radius_dynamics
 import report
 import test_step_overhead
 from common import CIFAR_MEAN, CIFAR_STD, Batches
-from conftest import SmallConvNet, assert_close, make_batches, sam_step
 from models import param_shapes
 
 import fused_lesam
 from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM
+from helpers.asserts import assert_close
+from helpers.models import make_batches, sam_step, SmallConvNet
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,8 @@ import copy
 import pytest
 import torch
 
-from conftest import SmallConvNet, loss_fn, make_batches, sam_step
 from fused_lesam import FusedLESAM, FusedXSAM
+from helpers.models import loss_fn, make_batches, sam_step, SmallConvNet
 
 BACKENDS = ["torch", "cpp"]  # Triton's interpreter cannot run under fake tensors: its compile test is a GPU test
 

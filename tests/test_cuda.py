@@ -11,8 +11,9 @@ import copy
 import pytest
 import torch
 
-from conftest import SmallConvNet, assert_close, loss_fn, make_batches, sam_step
 from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM, available_backends
+from helpers.asserts import assert_close
+from helpers.models import loss_fn, make_batches, sam_step, SmallConvNet
 
 pytestmark = pytest.mark.cuda
 

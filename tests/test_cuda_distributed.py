@@ -18,10 +18,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import assert_close
 from fused_lesam import FusedLESAM, FusedXSAM, available_backends
 from fused_lesam.backends import resolve
-from test_distributed import HYPER, XSAM_HYPER, batches, mlp
+from helpers.asserts import assert_close
+from helpers.ddp_cases import batches, HYPER, mlp, XSAM_HYPER
 
 pytestmark = pytest.mark.cuda
 

@@ -16,21 +16,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fused_lesam import FusedLESAM, FusedXSAM
+from helpers.ddp_cases import batches, HYPER, mlp, XSAM_HYPER
 
 WORLD = 2
-STEPS = 5
-HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, sigma=0.1, rho_max=0.5, alpha=0.3)
-
-
-def mlp():
-    torch.manual_seed(0)
-    # No BatchNorm: DDP keeps per-rank batch statistics, which the whole-batch run cannot match.
-    return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 5))
-
-
-def batches():
-    gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(16, 12, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(STEPS)]
 
 
 def train(model, opt, data, rank=0, world=1, local=False, snapshot=lambda p: p.detach().clone()):
@@ -89,7 +77,6 @@ def test_ddp_synchronized_equals_whole_batch(tmp_path, bucket_view):
         torch.testing.assert_close(rank["rho"], opt.last_rho, rtol=1e-5, atol=1e-7)
 
 
-XSAM_HYPER = dict(lr=0.1, momentum=0.9, rho=0.3, steps=2, dynamic=True, alpha=1.0, rho_max=1.0, alpha_delta=0.25)
 
 
 def train_xsam(model, opt, data, rank=0, world=1):

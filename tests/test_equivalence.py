@@ -5,9 +5,10 @@ import copy
 import pytest
 import torch
 
-from conftest import SmallConvNet, assert_close, groups_of, make_batches, sam_step
 from fused_lesam import FusedLESAM, FusedSAM, available_backends
-from reference.lesam_loop import PerTensorSAM
+from reference.lesam_loop import ReferenceSAM
+from helpers.asserts import assert_close
+from helpers.models import groups_of, make_batches, sam_step, SmallConvNet
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
 STEPS = 12
@@ -42,7 +43,7 @@ def test_fused_equals_per_tensor_loop(case, backend):
     base = dict(lr=0.05, momentum=0.9, weight_decay=5e-3)
     fused_cls = FusedLESAM if kind == "lesam" else FusedSAM
     opt = fused_cls(groups_of(model, split), torch.optim.SGD, backend=backend, **kwargs, **base)
-    ref = PerTensorSAM(groups_of(ref_model, split), torch.optim.SGD, mode=kind, **kwargs, **base)
+    ref = ReferenceSAM(groups_of(ref_model, split), torch.optim.SGD, mode=kind, **kwargs, **base)
     for step, (x, y) in enumerate(make_batches(STEPS, dtype)):
         sam_step(model, opt, x, y)
         sam_step(ref_model, ref, x, y)

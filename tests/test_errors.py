@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from conftest import SmallConvNet, loss_fn, make_batches, sam_step
 from fused_lesam import FusedLESAM, FusedSAM, backends
+from helpers.models import loss_fn, make_batches, sam_step, SmallConvNet
 
 
 def params():

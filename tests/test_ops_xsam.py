@@ -8,12 +8,10 @@ import math
 import pytest
 import torch
 
-from conftest import assert_bits_equal, assert_close, assert_sum_close
 from fused_lesam import maths
 from fused_lesam.backends import resolve, spec
-from test_ops import (DTYPES, LESAM, OFFSETS, REDUCTION_TARGETS, TRACEABLE, assert_same_bits_with_any_thread_count,
-                      clone_at, exact_sum, integer_bucket, largest_size, random_bucket, summation_depth, targets,
-                      targets_and_sizes)
+from helpers.asserts import assert_bits_equal, assert_close, assert_sum_close
+from helpers.op_cases import assert_same_bits_with_any_thread_count, clone_at, DTYPES, exact_sum, integer_bucket, largest_size, LESAM, OFFSETS, random_bucket, REDUCTION_TARGETS, summation_depth, targets, targets_and_sizes, TRACEABLE
 
 
 def coefs_for(device, dtype=torch.float32):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fused_lesam import FusedLESAM, FusedSAM
-from reference.lesam_loop import PerTensorSAM
+from reference.lesam_loop import ReferenceSAM
 
 
 def one_step(make_opt, w0, a, lr=0.1):
@@ -26,7 +26,7 @@ def fused_lesam(**kw):
 
 
 def reference(mode, **kw):
-    return lambda params, lr: PerTensorSAM(params, torch.optim.SGD, mode=mode, lr=lr, varrho=1e-12, **kw)
+    return lambda params, lr: ReferenceSAM(params, torch.optim.SGD, mode=mode, lr=lr, varrho=1e-12, **kw)
 
 
 # w0 = (3, 4), a = (1, 1): g = (3, 4), ||g|| = 5.

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.models import make_batches, SmallConvNet
 
-from conftest import SmallConvNet, make_batches
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -10,9 +10,9 @@ the same sizes around the blocks as tests/test_ops.py; on a GPU machine they run
 import pytest
 import torch
 
-from conftest import assert_bits_equal, assert_close
 from fused_lesam.backends import spec, resolve
-from test_ops import OFFSETS, clone_at, random_bucket, targets, targets_and_sizes
+from helpers.asserts import assert_bits_equal, assert_close
+from helpers.op_cases import clone_at, OFFSETS, random_bucket, targets, targets_and_sizes
 
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]  # fp64 buckets take the spec ops
 TRITON = [t for t in targets() if t.values[0] == "triton"]

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from conftest import SmallConvNet, assert_close, groups_of, loss_fn, make_batches, sam_step, through_bytes
 from fused_lesam import FusedSAM, FusedXSAM, available_backends, frozen_bn_stats
 from fused_lesam import maths
-from reference.xsam_loop import PerTensorXSAM
+from reference.xsam_loop import ReferenceXSAM
+from helpers.asserts import assert_close
+from helpers.models import groups_of, loss_fn, make_batches, sam_step, SmallConvNet, through_bytes
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
 STEPS = 8
@@ -74,7 +75,7 @@ def test_fused_xsam_equals_the_per_tensor_loop(case, backend):
     model = SmallConvNet(dtype)
     loop_model = copy.deepcopy(model)
     opt = FusedXSAM(groups_of(model, split), backend=backend, **kwargs, **BASE)
-    loop = PerTensorXSAM(groups_of(loop_model, split), torch.optim.SGD, **kwargs, **BASE)
+    loop = ReferenceXSAM(groups_of(loop_model, split), torch.optim.SGD, **kwargs, **BASE)
     for x, y in make_batches(STEPS, dtype):
         xsam_step(model, opt, x, y)
         loop_step(loop_model, loop, x, y)
@@ -91,7 +92,7 @@ def test_dynamic_alpha_chooses_what_the_loop_chooses(backend, steps):
     loop_model = copy.deepcopy(model)
     kwargs = dict(rho=0.15, steps=steps, alpha=1.0, rho_max=0.3, alpha_max=2.0, alpha_delta=0.25)
     opt = FusedXSAM(model.parameters(), backend=backend, dynamic=True, **kwargs, **BASE)
-    loop = PerTensorXSAM(model_params := list(loop_model.parameters()), torch.optim.SGD,
+    loop = ReferenceXSAM(model_params := list(loop_model.parameters()), torch.optim.SGD,
                          **{k: kwargs[k] for k in ("rho", "steps", "alpha")}, **BASE)
     grid = [i * 0.25 for i in range(9)]
     chosen = []

@@ -25,7 +25,7 @@ def cosine_sigma(t, sigma0, total, anneal):
     return 0.5 * sigma0 * (1 + math.cos(math.pi * (t - start) / (total - 1 - start)))
 
 
-class PerTensorSAM:
+class ReferenceSAM:
     """mode="lesam": rho_t = min(sigma_t / (||g|| + varrho), rho_max); mode="sam": rho_t = rho."""
 
     def __init__(self, params, base_cls, *, mode, sigma=0.35, rho_max=0.4, varrho=1e-12, alpha=0.0,
