@@ -13,17 +13,25 @@ import torch
 class PerTensorSAM(torch.optim.Optimizer):
     """``rho`` fixed (SAM), or with ``sigma`` given the LE-SAM radius min(sigma/(||g||+varrho), rho_max)."""
 
-    def __init__(self, params, base, rho=0.05, sigma=None, rho_max=float("inf"), varrho=1e-12, adaptive=False,
-                 **base_kwargs):
+    def __init__(
+        self, params, base, rho=0.05, sigma=None, rho_max=float("inf"), varrho=1e-12, adaptive=False, **base_kwargs
+    ):
         super().__init__(params, dict(rho=rho, sigma=sigma, rho_max=rho_max, varrho=varrho, adaptive=adaptive))
         self.base = base(self.param_groups, **base_kwargs)
         self.param_groups = self.base.param_groups
 
     def _grad_norm(self):
-        return torch.norm(torch.stack([
-            ((torch.abs(p) if group["adaptive"] else 1.0) * p.grad).norm(p=2)
-            for group in self.param_groups for p in group["params"] if p.grad is not None
-        ]), p=2)
+        return torch.norm(
+            torch.stack(
+                [
+                    ((torch.abs(p) if group["adaptive"] else 1.0) * p.grad).norm(p=2)
+                    for group in self.param_groups
+                    for p in group["params"]
+                    if p.grad is not None
+                ]
+            ),
+            p=2,
+        )
 
     @torch.no_grad()
     def first_step(self, zero_grad=False):

@@ -84,8 +84,10 @@ class Progress:
             self.drawn = now
             width = 24
             filled = width * self.done // max(self.total, 1)
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                             f"{now - self.start:5.1f}s" + ("\n" if finished else ""))
+            sys.stderr.write(
+                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"{now - self.start:5.1f}s" + ("\n" if finished else "")
+            )
             sys.stderr.flush()
         elif not self.tty and 4 * self.done // max(self.total, 1) > 4 * before // max(self.total, 1):
             sys.stderr.write(f"{self.label}: {self.done}/{self.total} after {now - self.start:.1f}s\n")
@@ -130,7 +132,7 @@ class Batches:
     def epoch(self):
         order = torch.randperm(self.size, generator=self.gen)
         for start in range(0, self.size, self.batch):
-            yield self.make(order[start:start + self.batch])
+            yield self.make(order[start : start + self.batch])
 
     def make(self, index: torch.Tensor):
         if self.synthetic:
@@ -148,6 +150,6 @@ class Batches:
         n = len(x)
         padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
         dx, dy = torch.randint(0, 9, (2,), generator=self.gen).tolist()  # one offset per batch: cheap
-        x = padded[:, :, dy:dy + 32, dx:dx + 32]
+        x = padded[:, :, dy : dy + 32, dx : dx + 32]
         flip = torch.rand(n, generator=self.gen).to(x.device) < 0.5
         return torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)

@@ -38,9 +38,14 @@ import fused_lesam
 from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM, frozen_bn_stats
 
 # The paper's Table 6: seconds per epoch, RTX 5090, its own training loops.
-PAPER_TABLE6 = {("resnet18", "SAM"): 9.06, ("resnet18", "LE-SAM"): 9.32,
-                ("wrn28_10", "SAM"): 55.83, ("wrn28_10", "LE-SAM"): 56.26,
-                ("pyramidnet110", "SAM"): 88.82, ("pyramidnet110", "LE-SAM"): 89.72}
+PAPER_TABLE6 = {
+    ("resnet18", "SAM"): 9.06,
+    ("resnet18", "LE-SAM"): 9.32,
+    ("wrn28_10", "SAM"): 55.83,
+    ("wrn28_10", "LE-SAM"): 56.26,
+    ("pyramidnet110", "SAM"): 88.82,
+    ("pyramidnet110", "LE-SAM"): 89.72,
+}
 # Table 8 (CIFAR-100): SGD and LE-SAM settings per model; SAM uses rho = 0.1 on CIFAR-100.
 HYPER = {
     "resnet18": dict(batch=128, lr=0.05, weight_decay=1e-3, sigma=0.35, rho_max=0.4),
@@ -69,10 +74,12 @@ def optimizer_rows(model_name: str, device: torch.device, fused_sgd: bool) -> di
             continue
         rows[f"FusedSAM ({name})"] = lambda ps, b=name: FusedSAM(ps, torch.optim.SGD, rho=SAM_RHO, backend=b, **sgd)
         rows[f"FusedLESAM ({name})"] = lambda ps, b=name: FusedLESAM(
-            ps, torch.optim.SGD, sigma=h["sigma"], rho_max=h["rho_max"], backend=b, **sgd)
+            ps, torch.optim.SGD, sigma=h["sigma"], rho_max=h["rho_max"], backend=b, **sgd
+        )
         # dynamic=True only so that the search can be timed apart: without search_alpha, alpha stays.
         rows[f"FusedXSAM ({name})"] = lambda ps, b=name: FusedXSAM(
-            ps, torch.optim.SGD, dynamic=True, backend=b, **XSAM, **sgd)
+            ps, torch.optim.SGD, dynamic=True, backend=b, **XSAM, **sgd
+        )
     return rows
 
 
@@ -100,6 +107,7 @@ class Timer:
 def train_step(model, opt, x, y, one_pass: bool, amp: bool, timer: Timer, search: bool = False) -> None:
     """One training step as the papers' loops do it; the optimizer's own time goes to "optimizer".
     ``search``: FusedXSAM's dynamic alpha search in this step (forward passes, BatchNorm frozen)."""
+
     def loss():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             return F.cross_entropy(model(x), y)
@@ -158,8 +166,12 @@ def time_epochs(model, opt, one_pass, batches: Batches, args, progress: Progress
         epoch_times.append(timer.total["epoch"])
         opt_times.append(timer.total["optimizer"])
     kept = slice(1, None) if args.epochs > 1 else slice(None)
-    return dict(epoch_s=statistics.median(epoch_times[kept]), epochs_s=epoch_times, extrapolated=False,
-                optimizer_share=sum(opt_times[kept]) / sum(epoch_times[kept]))
+    return dict(
+        epoch_s=statistics.median(epoch_times[kept]),
+        epochs_s=epoch_times,
+        extrapolated=False,
+        optimizer_share=sum(opt_times[kept]) / sum(epoch_times[kept]),
+    )
 
 
 def time_steps(plan, args, progress: Progress) -> list[dict]:
@@ -178,19 +190,30 @@ def time_steps(plan, args, progress: Progress) -> list[dict]:
                 step_times[k].append(timer.total["step"])
                 opt_times[k].append(timer.total["optimizer"])
             progress.advance()
-    return [dict(step_s=statistics.median(steps), steps_s=steps, extrapolated=True,
-                 epoch_s=statistics.median(steps) * batches.steps_per_epoch, optimizer_share=sum(opts) / sum(steps))
-            for steps, opts, (_, batches, _, _) in zip(step_times, opt_times, plan)]
+    return [
+        dict(
+            step_s=statistics.median(steps),
+            steps_s=steps,
+            extrapolated=True,
+            epoch_s=statistics.median(steps) * batches.steps_per_epoch,
+            optimizer_share=sum(opts) / sum(steps),
+        )
+        for steps, opts, (_, batches, _, _) in zip(step_times, opt_times, plan)
+    ]
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| Architecture | Optimizer | Time / Epoch (s) | vs SAM loop | optimizer share | paper (RTX 5090) |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| Architecture | Optimizer | Time / Epoch (s) | vs SAM loop | optimizer share | paper (RTX 5090) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
         mark = " (extrapolated)" if r["extrapolated"] else ""
         paper = r.get("paper_epoch_s")
-        lines.append(f"| {PAPER_NAMES[r['model']]} | {r['row']} | {r['epoch_s']:.2f}{mark} | {r['vs_sam']:.3f}x "
-                     f"| {r['optimizer_share']:.1%} | {'' if paper is None else f'{paper:.2f}'} |")
+        lines.append(
+            f"| {PAPER_NAMES[r['model']]} | {r['row']} | {r['epoch_s']:.2f}{mark} | {r['vs_sam']:.3f}x "
+            f"| {r['optimizer_share']:.1%} | {'' if paper is None else f'{paper:.2f}'} |"
+        )
     return "\n".join(lines)
 
 
@@ -246,8 +269,12 @@ def main(argv=None) -> list[dict]:
     units = sum((args.epochs * b.steps_per_epoch) if args.epochs else (args.warmup + args.steps) for _, b, _, _ in plan)
     progress = Progress(units, "epoch_time")
     if args.epochs:
-        results = [time_epochs(*build(name, make_opt, batches.device, args.channels_last), row == "SGD", batches,
-                               args, progress) for name, batches, row, make_opt in plan]
+        results = [
+            time_epochs(
+                *build(name, make_opt, batches.device, args.channels_last), row == "SGD", batches, args, progress
+            )
+            for name, batches, row, make_opt in plan
+        ]
     else:
         results = time_steps(plan, args, progress)
     for r, (name, batches, row, make_opt) in zip(results, plan):
@@ -258,24 +285,38 @@ def main(argv=None) -> list[dict]:
     for r, (name, batches, row, _) in zip(results, plan):
         r.update(model=name, row=row, batch=batches.batch, data=batches.source)
     for r in results:
-        sam = next(s for s in results if s["model"] == r["model"] and s["row"] == SAM_ROW) \
-            if any(s["row"] == SAM_ROW for s in results) else r
+        sam = (
+            next(s for s in results if s["model"] == r["model"] and s["row"] == SAM_ROW)
+            if any(s["row"] == SAM_ROW for s in results)
+            else r
+        )
         r["vs_sam"] = r["epoch_s"] / sam["epoch_s"]
         paper_row = {SAM_ROW: "SAM", LESAM_ROW: "LE-SAM"}.get(r["row"])  # Table 6 has no XSAM
         r["paper_epoch_s"] = PAPER_TABLE6.get((r["model"], paper_row))
     info = machine(device)
     where = f"{info.get('gpu', info['cpu'])}, torch {info['torch']}"
     sources = sorted({r["data"] for r in results})
-    print(f"\nTraining time per epoch on {where}; data: {'; '.join(sources)}; "
-          f"{'AMP bf16, ' if args.amp else ''}{'channels_last, ' if args.channels_last else ''}"
-          f"batch {', '.join(sorted({str(r['batch']) for r in results}))}")
+    print(
+        f"\nTraining time per epoch on {where}; data: {'; '.join(sources)}; "
+        f"{'AMP bf16, ' if args.amp else ''}{'channels_last, ' if args.channels_last else ''}"
+        f"batch {', '.join(sorted({str(r['batch']) for r in results}))}"
+    )
     print(markdown(results))
     for r in results:
         if "alpha_search_s" in r:
-            print(f"{PAPER_NAMES[r['model']]}, {r['row']}: one dynamic alpha search ({r['alpha_search_points']} forward passes) "
-                  f"adds {r['alpha_search_s']:.2f} s (one measurement); the paper searches once per epoch")
-    write_json("epoch_time.json", dict(machine=info, config=vars(args), results=results, paper_table6=
-                                       {f"{m}/{o}": s for (m, o), s in PAPER_TABLE6.items()}))
+            print(
+                f"{PAPER_NAMES[r['model']]}, {r['row']}: one dynamic alpha search ({r['alpha_search_points']} forward passes) "
+                f"adds {r['alpha_search_s']:.2f} s (one measurement); the paper searches once per epoch"
+            )
+    write_json(
+        "epoch_time.json",
+        dict(
+            machine=info,
+            config=vars(args),
+            results=results,
+            paper_table6={f"{m}/{o}": s for (m, o), s in PAPER_TABLE6.items()},
+        ),
+    )
     plot(results, f"time per epoch, {where}", results_dir() / "epoch_time.png")
     print(f"wrote {results_dir() / 'epoch_time.json'} and {results_dir() / 'epoch_time.png'}")
     return results

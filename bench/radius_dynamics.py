@@ -25,9 +25,15 @@ from fused_lesam import FusedLESAM, FusedSAM, frozen_bn_stats
 
 def make_model() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     )
 
 
@@ -104,9 +110,9 @@ def main(argv=None) -> dict:
     anneal = args.steps // 4
     optimizers = {
         "SAM (rho = 0.05)": lambda p: FusedSAM(p, torch.optim.SGD, rho=0.05, **sgd),
-        f"LE-SAM (sigma = {args.sigma}, rho_max = 0.4, annealed over the last {anneal} steps)":
-            lambda p: FusedLESAM(p, torch.optim.SGD, sigma=args.sigma, rho_max=0.4, total_steps=args.steps,
-                                 anneal_steps=anneal, **sgd),
+        f"LE-SAM (sigma = {args.sigma}, rho_max = 0.4, annealed over the last {anneal} steps)": lambda p: FusedLESAM(
+            p, torch.optim.SGD, sigma=args.sigma, rho_max=0.4, total_steps=args.steps, anneal_steps=anneal, **sgd
+        ),
     }
     progress = Progress(args.steps * len(optimizers), "radius_dynamics")
     start = time.perf_counter()
@@ -115,10 +121,13 @@ def main(argv=None) -> dict:
     for label, run in runs.items():
         print(f"\n{label}")
         print(f"{'step':>5} {'loss':>8} {'||g||':>8} {'rho_t':>8} {'sigma_t':>8} {'rho_t||g||':>10}")
-        for step in sorted({0, args.steps // 4, args.steps // 2, args.steps - anneal, args.steps - anneal // 2,
-                            args.steps - 1}):
+        for step in sorted(
+            {0, args.steps // 4, args.steps // 2, args.steps - anneal, args.steps - anneal // 2, args.steps - 1}
+        ):
             g, rho = run["grad_norm"][step], run["rho"][step]
-            print(f"{step:>5} {run['loss'][step]:>8.4f} {g:>8.4f} {rho:>8.4f} {run['sigma'][step]:>8.4f} {rho * g:>10.4f}")
+            print(
+                f"{step:>5} {run['loss'][step]:>8.4f} {g:>8.4f} {rho:>8.4f} {run['sigma'][step]:>8.4f} {rho * g:>10.4f}"
+            )
     print(f"\n{len(runs)} runs of {args.steps} steps in {seconds:.1f} s; data: synthetic (class prototypes plus noise)")
     write_json("radius_dynamics.json", dict(machine=machine(torch.device(args.device)), config=vars(args), runs=runs))
     plot(runs, results_dir() / "radius_dynamics.png")

@@ -180,9 +180,11 @@ class ParamBucket(_Bucket):
                     self._n_bound -= 1
                 continue
             if g.is_sparse:
-                raise RuntimeError(f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) has a "
-                                   f"sparse gradient, and the optimizer keeps dense ones in a flat buffer: build the "
-                                   f"module with sparse=False (nn.Embedding(..., sparse=False))")
+                raise RuntimeError(
+                    f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) has a "
+                    f"sparse gradient, and the optimizer keeps dense ones in a flat buffer: build the "
+                    f"module with sparse=False (nn.Embedding(..., sparse=False))"
+                )
             view.copy_(g)
             p.grad = view
             self._n_bound += self._expected_grads[i] is None
@@ -238,8 +240,10 @@ class ShardBucket(_Bucket):
 
     def check_storage(self, after_base_step: str = "") -> None:
         if self.params[0].to_local().data_ptr() != self.param.data_ptr():
-            raise RuntimeError("a sharded parameter's local storage changed after the optimizer was built "
-                               "(e.g. fully_shard() applied afterwards): build the optimizer last")
+            raise RuntimeError(
+                "a sharded parameter's local storage changed after the optimizer was built "
+                "(e.g. fully_shard() applied afterwards): build the optimizer last"
+            )
 
     def bind_grads(self) -> None:
         grad = self.params[0].grad
@@ -292,6 +296,8 @@ def build_buckets(param_groups: list[dict]) -> list:
         buckets.extend(ParamBucket(params, index) for params in by_key.values())
     sharded = [b for b in buckets if isinstance(b, ShardBucket)]
     if sharded and len(sharded) != len(buckets):
-        raise TypeError("fused_lesam takes either all sharded (DTensor, FSDP2) parameters or none: the global norm "
-                        "would count the unsharded ones once per rank")
+        raise TypeError(
+            "fused_lesam takes either all sharded (DTensor, FSDP2) parameters or none: the global norm "
+            "would count the unsharded ones once per rank"
+        )
     return buckets

@@ -52,18 +52,24 @@ def loadable(opt, state_dict: dict[str, Any]) -> tuple[dict[str, Any], Optional[
     kind = type(opt).__name__
     saved_by = ours.get("kind") if ours is not None else None
     if saved_by is not None and saved_by != kind:
-        raise ValueError(f"this state dict was saved by {saved_by}, and this is a {kind}: their hyperparameters and "
-                         f"state differ; load it into a {saved_by}. Nothing was changed")
+        raise ValueError(
+            f"this state dict was saved by {saved_by}, and this is a {kind}: their hyperparameters and "
+            f"state differ; load it into a {saved_by}. Nothing was changed"
+        )
     saved_groups = state_dict.get("param_groups", [])
     if len(saved_groups) != len(opt.param_groups):
-        raise ValueError(f"this state dict has {len(saved_groups)} param groups and the optimizer "
-                         f"{len(opt.param_groups)}: load it into an optimizer built on the same groups")
+        raise ValueError(
+            f"this state dict has {len(saved_groups)} param groups and the optimizer "
+            f"{len(opt.param_groups)}: load it into an optimizer built on the same groups"
+        )
     groups = []
     for saved, current in zip(saved_groups, opt.param_groups):
         missing = [name for name in opt._hyper_names if name not in saved]
         if missing and ours is not None:
-            raise ValueError(f"this state dict was saved by another kind of optimizer: its param groups lack "
-                             f"{missing}, which {kind} needs; load it into the class that saved it. Nothing was changed")
+            raise ValueError(
+                f"this state dict was saved by another kind of optimizer: its param groups lack "
+                f"{missing}, which {kind} needs; load it into the class that saved it. Nothing was changed"
+            )
         group = {**{name: current[name] for name in missing}, **saved}
         opt._check_group(group)
         check_base_hypers(group, opt._hyper_names)

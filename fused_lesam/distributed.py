@@ -26,12 +26,18 @@ def shard_group(buckets: list) -> Optional[Any]:
     return buckets[0].mesh.get_group() if buckets and isinstance(buckets[0], ShardBucket) else None
 
 
-def reduce_buckets(ops_of: dict[torch.device, Any], buckets: list, main_device: torch.device,
-                   group: Optional[Any], partial: Callable[[Any, list], Tensor]) -> Tensor:
+def reduce_buckets(
+    ops_of: dict[torch.device, Any],
+    buckets: list,
+    main_device: torch.device,
+    group: Optional[Any],
+    partial: Callable[[Any, list], Tensor],
+) -> Tensor:
     """``partial(ops, buckets)`` for each device's buckets, summed on the main device, and over the
     ranks of ``group`` when there is one."""
-    partials = [partial(ops, [b for b in buckets if b.device == device]).to(main_device)
-                for device, ops in ops_of.items()]
+    partials = [
+        partial(ops, [b for b in buckets if b.device == device]).to(main_device) for device, ops in ops_of.items()
+    ]
     total = partials[0] if len(partials) == 1 else torch.stack([p.to(partials[0].dtype) for p in partials]).sum(0)
     if group is not None:
         dist.all_reduce(total, group=group)

@@ -31,8 +31,15 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 from . import backends, checkpoint, distributed, skip
 from .base_update import FusedBaseUpdate, fused_kind
 from .buckets import ParamBucket, ShardBucket, build_buckets
-from .checks import (check_base_hypers, check_max_grad_norm, check_value, make_base, plain_numbers,
-                     replaced_params_error, watch_params)
+from .checks import (
+    check_base_hypers,
+    check_max_grad_norm,
+    check_value,
+    make_base,
+    plain_numbers,
+    replaced_params_error,
+    watch_params,
+)
 from .maths import clip_coefficient
 
 __all__ = ["SharpnessAware"]
@@ -85,13 +92,23 @@ class SharpnessAware(torch.optim.Optimizer):
     # base step (an update `scale` times too large).
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, base: Optional[Callable[..., torch.optim.Optimizer]], hyper: dict[str, Any], backend: str,
-                 capturable: bool = False, base_update: str = "auto", **base_kwargs):
+    def __init__(
+        self,
+        params,
+        base: Optional[Callable[..., torch.optim.Optimizer]],
+        hyper: dict[str, Any],
+        backend: str,
+        capturable: bool = False,
+        base_update: str = "auto",
+        **base_kwargs,
+    ):
         base_optimizer = base_kwargs.pop("base_optimizer", None)  # davda54/sam's name for base
         if not isinstance(backend, str):
             raise ValueError(f"backend must be a string, got {backend!r}")
         check_value("capturable", capturable, isinstance(capturable, bool), "a bool")
-        check_value("base_update", base_update, base_update in ("auto", "fused", "generic"), "'auto', 'fused' or 'generic'")
+        check_value(
+            "base_update", base_update, base_update in ("auto", "fused", "generic"), "'auto', 'fused' or 'generic'"
+        )
         plain_numbers(hyper, self._hyper_names)
         self._check_group(hyper)
         super().__init__(params, hyper)
@@ -210,8 +227,11 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def _global_sq_norm(self, adaptive_aware: bool) -> Tensor:
         """Squared norm of the gradients (of |w| g in adaptive groups) over every bucket: 0-d, main device."""
-        return self._reduce_buckets(lambda ops, mine: ops.sq_norm(
-            [b.grad for b in mine], [b.param if adaptive_aware and self._adaptive(b) else None for b in mine]))
+        return self._reduce_buckets(
+            lambda ops, mine: ops.sq_norm(
+                [b.grad for b in mine], [b.param if adaptive_aware and self._adaptive(b) else None for b in mine]
+            )
+        )
 
     def _on_devices(self, t: Tensor) -> dict[torch.device, Tensor]:
         """A main-device scalar made available on every device that holds buckets."""
@@ -257,9 +277,16 @@ class SharpnessAware(torch.optim.Optimizer):
             sigma_t = sigma.to(bucket.device) if isinstance(sigma, Tensor) else None
             center = bucket.ensure_center() if coefs is not None else None
             rho_of_group[bucket.group_index] = self._ops[bucket.device].perturb_(
-                param=bucket.param, grad=bucket.grad, backup=bucket.ensure_backup(), sq=sq_on[bucket.device],
-                sigma=0.0 if sigma_t is not None else sigma, rho_max=rho_max, varrho=varrho,
-                adaptive=self._adaptive(bucket), center=center, sigma_t=sigma_t,
+                param=bucket.param,
+                grad=bucket.grad,
+                backup=bucket.ensure_backup(),
+                sq=sq_on[bucket.device],
+                sigma=0.0 if sigma_t is not None else sigma,
+                rho_max=rho_max,
+                varrho=varrho,
+                adaptive=self._adaptive(bucket),
+                center=center,
+                sigma_t=sigma_t,
             )
         self._progress.perturbed = True
         self._progress.ascents = 1
@@ -283,8 +310,14 @@ class SharpnessAware(torch.optim.Optimizer):
         for bucket, coefs in zip(self._buckets, self._progress.combine):
             center = bucket.center if combine and coefs is not None else None
             ghat_coef, center_coef = coefs if center is not None else (1.0, 0.0)
-            self._ops[bucket.device].restore_(param=bucket.param, backup=bucket.backup, grad=bucket.grad, center=center,
-                                              ghat_coef=ghat_coef, center_coef=center_coef)
+            self._ops[bucket.device].restore_(
+                param=bucket.param,
+                backup=bucket.backup,
+                grad=bucket.grad,
+                center=center,
+                ghat_coef=ghat_coef,
+                center_coef=center_coef,
+            )
         self._progress.perturbed = False
         self._progress.ascents = 0
 
@@ -301,8 +334,12 @@ class SharpnessAware(torch.optim.Optimizer):
         self._progress.local_pending = True
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None,
-                    max_grad_norm: Optional[float] = None) -> None:
+    def second_step(
+        self,
+        zero_grad: bool = False,
+        grad_scaler: Optional["torch.amp.GradScaler"] = None,
+        max_grad_norm: Optional[float] = None,
+    ) -> None:
         """Restore w exactly, combine gradients for LE-SAM+, and let the base optimizer step with g_hat.
 
         ``max_grad_norm``: clip the final gradient g_hat to this global norm first, as
@@ -321,7 +358,9 @@ class SharpnessAware(torch.optim.Optimizer):
         when either overflowed. Call ``grad_scaler.update()`` after this, not ``grad_scaler.step``.
         """
         if not self._progress.perturbed:
-            raise RuntimeError("second_step() called before first_step(): nothing to restore; the parameters were not changed")
+            raise RuntimeError(
+                "second_step() called before first_step(): nothing to restore; the parameters were not changed"
+            )
         check_max_grad_norm(max_grad_norm)  # before anything changes: a second_step(...) may follow
         self._take_final_grads(grad_scaler)
         if self._progress.local:
@@ -371,7 +410,9 @@ class SharpnessAware(torch.optim.Optimizer):
         if self.capturable:
             self._device_count += 1
         self._opt_called = True  # what torch's LR schedulers check to know the optimizer has stepped
-        self.base._opt_called = True  # also when a scheduler was built on opt.base (its step is not called, see skip.py)
+        self.base._opt_called = (
+            True  # also when a scheduler was built on opt.base (its step is not called, see skip.py)
+        )
         if zero_grad:
             for bucket in self._buckets:  # grads were bound in second_step
                 bucket.zero_grad()
@@ -386,11 +427,15 @@ class SharpnessAware(torch.optim.Optimizer):
             return  # (a capture needs CUDA initialised; asking is_available() would initialise it)
         if torch.cuda.is_current_stream_capturing():
             if not self.capturable:
-                raise RuntimeError(f"{type(self).__name__} is being captured in a CUDA graph but was built with "
-                                   f"capturable=False: its step count and sigma_t would be frozen; pass capturable=True")
+                raise RuntimeError(
+                    f"{type(self).__name__} is being captured in a CUDA graph but was built with "
+                    f"capturable=False: its step count and sigma_t would be frozen; pass capturable=True"
+                )
             if not skip.base_state_ready(self.base, self._buckets):
-                raise RuntimeError("capture a step only after at least one eager step: the base optimizer's state "
-                                   "(momentum buffers, ...) must exist before capture")
+                raise RuntimeError(
+                    "capture a step only after at least one eager step: the base optimizer's state "
+                    "(momentum buffers, ...) must exist before capture"
+                )
 
     def _fire_step_hooks(self, post: bool) -> None:
         """torch's step hooks (``register_step_pre_hook``/``register_step_post_hook``, this optimizer's
@@ -399,14 +444,18 @@ class SharpnessAware(torch.optim.Optimizer):
         A pre-hook's replacement arguments have nothing to replace here and are ignored."""
         if self._progress.in_step:
             return
-        hooks = (chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()) if post
-                 else chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()))
+        hooks = (
+            chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values())
+            if post
+            else chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values())
+        )
         for hook in hooks:
             hook(self, (), {})
 
     @contextlib.contextmanager
-    def perturbed(self, grad_scaler: Optional["torch.amp.GradScaler"] = None,
-                  max_grad_norm: Optional[float] = None) -> Iterator["SharpnessAware"]:
+    def perturbed(
+        self, grad_scaler: Optional["torch.amp.GradScaler"] = None, max_grad_norm: Optional[float] = None
+    ) -> Iterator["SharpnessAware"]:
         """``with opt.perturbed(): <second forward + backward>``: the whole sharpness-aware step.
 
         Entering perturbs (first_step, grads zeroed); leaving normally finishes the step
@@ -423,8 +472,12 @@ class SharpnessAware(torch.optim.Optimizer):
             raise
         self.second_step(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
 
-    def step(self, closure: Optional[Callable[[], Any]] = None,
-             grad_scaler: Optional["torch.amp.GradScaler"] = None, max_grad_norm: Optional[float] = None) -> Any:
+    def step(
+        self,
+        closure: Optional[Callable[[], Any]] = None,
+        grad_scaler: Optional["torch.amp.GradScaler"] = None,
+        max_grad_norm: Optional[float] = None,
+    ) -> Any:
         """One step. ``closure`` does a forward and backward and may return the loss.
 
         The first backward (at w) is normally done by the caller, and ``closure`` redoes it at
@@ -448,11 +501,16 @@ class SharpnessAware(torch.optim.Optimizer):
             self._progress.in_step = False
         return loss if first_loss is NO_LOSS else first_loss
 
-    def _check_step_call(self, closure: Optional[Callable[[], Any]],
-                         grad_scaler: Optional["torch.amp.GradScaler"]) -> Callable[[], Any]:
+    def _check_step_call(
+        self, closure: Optional[Callable[[], Any]], grad_scaler: Optional["torch.amp.GradScaler"]
+    ) -> Callable[[], Any]:
         if closure is None:
-            with_scaler = (" With a GradScaler: scaler.step(opt, closure), or opt.step(closure, grad_scaler=scaler); "
-                           "then scaler.update()." if grad_scaler is not None else "")
+            with_scaler = (
+                " With a GradScaler: scaler.step(opt, closure), or opt.step(closure, grad_scaler=scaler); "
+                "then scaler.update()."
+                if grad_scaler is not None
+                else ""
+            )
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs a closure that re-evaluates the loss and calls backward(); "
                 f"or call first_step(), do the second forward/backward, then second_step().{with_scaler}"
@@ -460,8 +518,10 @@ class SharpnessAware(torch.optim.Optimizer):
         if grad_scaler is None and self.__dict__.get("grad_scale") is not None:
             # GradScaler's newer protocol sets opt.grad_scale instead of passing itself: the closure's
             # pass could not be unscaled.
-            raise RuntimeError(f"{type(self).__name__} was stepped by a GradScaler that did not pass itself as "
-                               f"grad_scaler=: call opt.step(closure, grad_scaler=scaler), then scaler.update()")
+            raise RuntimeError(
+                f"{type(self).__name__} was stepped by a GradScaler that did not pass itself as "
+                f"grad_scaler=: call opt.step(closure, grad_scaler=scaler), then scaler.update()"
+            )
         if not torch.compiler.is_compiling():
             self._check_not_replaced()
         return closure
@@ -475,8 +535,12 @@ class SharpnessAware(torch.optim.Optimizer):
         with torch.enable_grad():
             loss = closure()
         if not self._grads_written():
-            raise RuntimeError(self._no_backward_message("no gradient exists at w: no backward() ran since the last "
-                                                         "step or zero_grad(), and the closure did not call one either"))
+            raise RuntimeError(
+                self._no_backward_message(
+                    "no gradient exists at w: no backward() ran since the last "
+                    "step or zero_grad(), and the closure did not call one either"
+                )
+            )
         return loss
 
     def _call_closure(self, closure: Callable[[], Any]) -> Any:
@@ -489,8 +553,10 @@ class SharpnessAware(torch.optim.Optimizer):
         return loss
 
     def _no_backward_message(self, what: str) -> str:
-        return (f"{type(self).__name__}.step(closure): {what}, so the step would use no gradient. The closure must "
-                f"compute the loss and call loss.backward() (and may return the loss); the parameters are unchanged")
+        return (
+            f"{type(self).__name__}.step(closure): {what}, so the step would use no gradient. The closure must "
+            f"compute the loss and call loss.backward() (and may return the loss); the parameters are unchanged"
+        )
 
     def _mark_grads(self) -> None:
         for bucket in self._buckets:
@@ -502,9 +568,11 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def _check_not_replaced(self) -> None:
         if self._superseded_by:
-            raise RuntimeError(f"this {type(self).__name__} was superseded: a {self._superseded_by} built later on the same "
-                               f"parameters took them into its own flat buckets. Step the newer optimizer only (build "
-                               f"one optimizer per set of parameters)")
+            raise RuntimeError(
+                f"this {type(self).__name__} was superseded: a {self._superseded_by} built later on the same "
+                f"parameters took them into its own flat buckets. Step the newer optimizer only (build "
+                f"one optimizer per set of parameters)"
+            )
         if self._replaced_params:
             message = replaced_params_error(self._replaced_params)
             if message:

@@ -101,7 +101,9 @@ def sigma_at(
 
 
 # ---------------------------------------------------------------------- XSAM
-def slerp_coefficients(dots: Tensor, alpha: float | Tensor, length: float | Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def slerp_coefficients(
+    dots: Tensor, alpha: float | Tensor, length: float | Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     """(c0, c1) with c0 * D + c1 * g = length * d(alpha), from ``xsam_dots``'s dots.
 
     v0 = D / (||D|| + eps), v1 = g / (||g|| + eps), theta = arccos(clamp(v0 . v1, -1, 1)) and

@@ -62,16 +62,28 @@ class FusedLESAM(SharpnessAware):
         base_update: str = "auto",
         **base_kwargs,
     ):
-        refuse_foreign_kwargs("FusedLESAM", base, base_kwargs, {
-            "rho": "LE-SAM has no fixed radius: it back-solves rho_t = min(sigma_t / ||g||, rho_max) from the loss "
-                   "budget sigma each step; give sigma= (the budget, default 0.35) and rho_max= (the cap), or use "
-                   "FusedSAM(rho=...) for SAM's fixed radius (davda54/sam's rho)"})
+        refuse_foreign_kwargs(
+            "FusedLESAM",
+            base,
+            base_kwargs,
+            {
+                "rho": "LE-SAM has no fixed radius: it back-solves rho_t = min(sigma_t / ||g||, rho_max) from the loss "
+                "budget sigma each step; give sigma= (the budget, default 0.35) and rho_max= (the cap), or use "
+                "FusedSAM(rho=...) for SAM's fixed radius (davda54/sam's rho)"
+            },
+        )
         check_schedule(total_steps, anneal_steps, suffix="_steps")
         self.total_steps = total_steps
         self.anneal_steps = anneal_steps
         self._sigma_tables: dict[float, Tensor] = {}
-        hyper = dict(sigma=sigma, rho_max=math.inf if rho_max is None else rho_max, varrho=varrho,
-                     alpha=alpha, alpha_form=alpha_form, adaptive=adaptive)
+        hyper = dict(
+            sigma=sigma,
+            rho_max=math.inf if rho_max is None else rho_max,
+            varrho=varrho,
+            alpha=alpha,
+            alpha_form=alpha_form,
+            adaptive=adaptive,
+        )
         super().__init__(params, base, hyper, backend, capturable, base_update, **base_kwargs)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -80,7 +92,9 @@ class FusedLESAM(SharpnessAware):
         check_value("rho_max", rho_max, is_real(rho_max) and rho_max > 0, "a number > 0 (or None / inf for no cap)")
         check_value("varrho", varrho, is_real(varrho) and math.isfinite(varrho) and varrho > 0, "a finite number > 0")
         check_value("alpha", alpha, is_real(alpha) and math.isfinite(alpha) and alpha >= 0, "a finite number >= 0")
-        check_value("alpha_form", group["alpha_form"], group["alpha_form"] in ("paper", "released"), "'paper' or 'released'")
+        check_value(
+            "alpha_form", group["alpha_form"], group["alpha_form"] in ("paper", "released"), "'paper' or 'released'"
+        )
         check_value("adaptive", group["adaptive"], isinstance(group["adaptive"], bool), "a bool")
 
     def _radius_args(self, group: dict[str, Any]) -> tuple[float | Tensor, float, float]:
@@ -98,7 +112,9 @@ class FusedLESAM(SharpnessAware):
         table = self._sigma_tables.get(sigma0)
         start = self.total_steps - self.anneal_steps
         if table is None:
-            values = [sigma0] + [sigma_at(t, sigma0, self.total_steps, self.anneal_steps) for t in range(start, self.total_steps)]
+            values = [sigma0] + [
+                sigma_at(t, sigma0, self.total_steps, self.anneal_steps) for t in range(start, self.total_steps)
+            ]
             table = torch.tensor(values, dtype=torch.float64, device=self._main_device)
             self._sigma_tables[sigma0] = table
         index = (self._device_count - start + 1).clamp(0, self.anneal_steps)
@@ -120,13 +136,30 @@ class FusedSAM(SharpnessAware):
 
     _hyper_names = ("rho", "adaptive")
 
-    def __init__(self, params, base: Optional[Callable[..., torch.optim.Optimizer]] = None, *, rho: float = 0.05,
-                 adaptive: bool = False, backend: str = "auto", capturable: bool = False, base_update: str = "auto",
-                 **base_kwargs):
-        refuse_foreign_kwargs("FusedSAM", base, base_kwargs, {
-            name: f"{name} is LE-SAM's (FusedLESAM); SAM's radius is the fixed rho="
-            for name in ("sigma", "rho_max", "varrho")})
-        super().__init__(params, base, dict(rho=rho, adaptive=adaptive), backend, capturable, base_update, **base_kwargs)
+    def __init__(
+        self,
+        params,
+        base: Optional[Callable[..., torch.optim.Optimizer]] = None,
+        *,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        backend: str = "auto",
+        capturable: bool = False,
+        base_update: str = "auto",
+        **base_kwargs,
+    ):
+        refuse_foreign_kwargs(
+            "FusedSAM",
+            base,
+            base_kwargs,
+            {
+                name: f"{name} is LE-SAM's (FusedLESAM); SAM's radius is the fixed rho="
+                for name in ("sigma", "rho_max", "varrho")
+            },
+        )
+        super().__init__(
+            params, base, dict(rho=rho, adaptive=adaptive), backend, capturable, base_update, **base_kwargs
+        )
 
     def _check_group(self, group: dict[str, Any]) -> None:
         rho = group["rho"]

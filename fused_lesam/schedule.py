@@ -32,7 +32,9 @@ class SigmaAnnealing:
     Use it instead of the optimizer's per-step ``anneal_steps``, never both.
     """
 
-    def __init__(self, optimizer, total: int, anneal: int, *, sigma_min: float = 0.0, warmup: int = 0, last_epoch: int = -1):
+    def __init__(
+        self, optimizer, total: int, anneal: int, *, sigma_min: float = 0.0, warmup: int = 0, last_epoch: int = -1
+    ):
         check_schedule(total, anneal, warmup)
         if not math.isfinite(sigma_min) or sigma_min < 0:
             raise ValueError(f"sigma_min must be finite and >= 0, got {sigma_min!r}")
@@ -40,7 +42,9 @@ class SigmaAnnealing:
         if not groups or any("sigma" not in g for g in groups):
             raise TypeError("SigmaAnnealing needs an optimizer whose param groups hold 'sigma' (FusedLESAM)")
         if getattr(optimizer, "anneal_steps", 0):
-            raise ValueError("the optimizer already anneals sigma per step (anneal_steps > 0); use one schedule, not both")
+            raise ValueError(
+                "the optimizer already anneals sigma per step (anneal_steps > 0); use one schedule, not both"
+            )
         self.optimizer = optimizer
         self.total, self.anneal, self.sigma_min, self.warmup = total, anneal, sigma_min, warmup
         for group in groups:
@@ -53,7 +57,9 @@ class SigmaAnnealing:
         for group in self.optimizer.param_groups:
             # A group added since (opt.add_param_group) joins the schedule from its own sigma.
             group.setdefault("initial_sigma", group["sigma"])
-            group["sigma"] = sigma_at(self.last_epoch, group["initial_sigma"], self.total, self.anneal, self.sigma_min, self.warmup)
+            group["sigma"] = sigma_at(
+                self.last_epoch, group["initial_sigma"], self.total, self.anneal, self.sigma_min, self.warmup
+            )
 
     def get_last_sigma(self) -> list[float]:
         return [group["sigma"] for group in self.optimizer.param_groups]

@@ -32,22 +32,22 @@ __all__ = ["FusedXSAM"]
 class FusedXSAM(SharpnessAware):
     """XSAM on the fused engine.
 
-    Args:
-        params, base, **base_kwargs: as for `FusedLESAM`.
-        rho: total ascent length, split over ``steps`` ascent steps (per param group).
-        steps: ascent steps k (each needs a forward and backward: ``closure`` runs k times).
-        alpha: the slerp's position, 0 = along the ascent, 1 = SAM (per param group); with
-            ``dynamic`` the starting value of the one alpha the search chooses for the model.
-        dynamic: choose alpha by the search (`step(closure, search_alpha=loss_fn)`).
-        rho_max: the probe radius of the search (per param group).
-        alpha_max, alpha_delta: the search grid {0, delta, 2 delta, ..., alpha_max}.
-||w_k - w_0|| and ||g_hat|| before dividing by them. The ascent steps use
-            the engine's perturbation (the same guard, 1e-12, as FusedSAM), the default here.
-        base_update: "generic" only: the base optimizer steps after ``xsam_restore_``.
+        Args:
+            params, base, **base_kwargs: as for `FusedLESAM`.
+            rho: total ascent length, split over ``steps`` ascent steps (per param group).
+            steps: ascent steps k (each needs a forward and backward: ``closure`` runs k times).
+            alpha: the slerp's position, 0 = along the ascent, 1 = SAM (per param group); with
+                ``dynamic`` the starting value of the one alpha the search chooses for the model.
+            dynamic: choose alpha by the search (`step(closure, search_alpha=loss_fn)`).
+            rho_max: the probe radius of the search (per param group).
+            alpha_max, alpha_delta: the search grid {0, delta, 2 delta, ..., alpha_max}.
+    ||w_k - w_0|| and ||g_hat|| before dividing by them. The ascent steps use
+                the engine's perturbation (the same guard, 1e-12, as FusedSAM), the default here.
+            base_update: "generic" only: the base optimizer steps after ``xsam_restore_``.
 
-    Telemetry (device tensors, no sync until read): ``last_alpha``, ``last_theta`` (angle
-    between the ascent and g_hat), ``last_ghat_norm``, ``last_ascent_norm`` (||w_k - w_0||),
-    with the engine's ``last_grad_norm``, ``last_rho`` (rho / steps) and ``skipped_steps``.
+        Telemetry (device tensors, no sync until read): ``last_alpha``, ``last_theta`` (angle
+        between the ascent and g_hat), ``last_ghat_norm``, ``last_ascent_norm`` (||w_k - w_0||),
+        with the engine's ``last_grad_norm``, ``last_rho`` (rho / steps) and ``skipped_steps``.
     """
 
     _hyper_names = ("rho", "rho_max", "alpha")
@@ -70,26 +70,47 @@ class FusedXSAM(SharpnessAware):
         base_update: str = "generic",
         **base_kwargs,
     ):
-        refuse_foreign_kwargs("FusedXSAM", base, base_kwargs, {
-            "sigma": "XSAM ascends by the fixed length rho; LE-SAM's loss budget sigma is FusedLESAM's"})
-        check_value("steps", steps, isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "an int >= 1")
+        refuse_foreign_kwargs(
+            "FusedXSAM",
+            base,
+            base_kwargs,
+            {"sigma": "XSAM ascends by the fixed length rho; LE-SAM's loss budget sigma is FusedLESAM's"},
+        )
+        check_value(
+            "steps", steps, isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "an int >= 1"
+        )
         check_value("dynamic", dynamic, isinstance(dynamic, bool), "a bool")
-        check_value("alpha_delta", alpha_delta, is_real(alpha_delta) and math.isfinite(alpha_delta) and alpha_delta > 0,
-               "a finite number > 0")
-        check_value("alpha_max", alpha_max, is_real(alpha_max) and math.isfinite(alpha_max) and alpha_max >= 0,
-               "a finite number >= 0")
+        check_value(
+            "alpha_delta",
+            alpha_delta,
+            is_real(alpha_delta) and math.isfinite(alpha_delta) and alpha_delta > 0,
+            "a finite number > 0",
+        )
+        check_value(
+            "alpha_max",
+            alpha_max,
+            is_real(alpha_max) and math.isfinite(alpha_max) and alpha_max >= 0,
+            "a finite number >= 0",
+        )
         check_value("eps", eps, is_real(eps) and math.isfinite(eps) and eps > 0, "a finite number > 0")
         points = alpha_max / alpha_delta
-        check_value("alpha_max", alpha_max, abs(points - round(points)) < 1e-6,
-               f"a whole multiple of alpha_delta={alpha_delta!r}")
+        check_value(
+            "alpha_max",
+            alpha_max,
+            abs(points - round(points)) < 1e-6,
+            f"a whole multiple of alpha_delta={alpha_delta!r}",
+        )
         self.steps, self.dynamic, self.eps = steps, dynamic, eps
         self.alpha_grid = [i * alpha_delta for i in range(round(points) + 1)]
         self._initial_alpha = alpha
         if base_update != "generic":
-            raise ValueError(f"FusedXSAM takes base_update='generic' only (its update gradient is built by xsam_restore_, "
-                             f"and the base optimizer steps after it), got {base_update!r}")
-        super().__init__(params, base, dict(rho=rho, rho_max=rho_max, alpha=alpha), backend, capturable, base_update,
-                         **base_kwargs)
+            raise ValueError(
+                f"FusedXSAM takes base_update='generic' only (its update gradient is built by xsam_restore_, "
+                f"and the base optimizer steps after it), got {base_update!r}"
+            )
+        super().__init__(
+            params, base, dict(rho=rho, rho_max=rho_max, alpha=alpha), backend, capturable, base_update, **base_kwargs
+        )
 
     def _build(self) -> None:
         super()._build()
@@ -106,7 +127,9 @@ class FusedXSAM(SharpnessAware):
     def _check_group(self, group: dict[str, Any]) -> None:
         rho, rho_max, alpha = group["rho"], group["rho_max"], group["alpha"]
         check_value("rho", rho, is_real(rho) and math.isfinite(rho) and rho >= 0, "a finite number >= 0")
-        check_value("rho_max", rho_max, is_real(rho_max) and math.isfinite(rho_max) and rho_max >= 0, "a finite number >= 0")
+        check_value(
+            "rho_max", rho_max, is_real(rho_max) and math.isfinite(rho_max) and rho_max >= 0, "a finite number >= 0"
+        )
         check_value("alpha", alpha, is_real(alpha) and math.isfinite(alpha), "a finite number")
 
     def _radius_args(self, group: dict[str, Any]) -> tuple[float, float, float]:
@@ -127,16 +150,25 @@ class FusedXSAM(SharpnessAware):
         if not self._progress.perturbed:
             raise RuntimeError("ascent_step() called before first_step(): the first ascent step writes the backup of w")
         if self._progress.ascents >= self.steps:
-            raise RuntimeError(f"ascent_step() after {self._progress.ascents} of steps={self.steps} ascent steps: "
-                               f"call second_step()")
+            raise RuntimeError(
+                f"ascent_step() after {self._progress.ascents} of steps={self.steps} ascent steps: call second_step()"
+            )
         for bucket in self._buckets:
             bucket.bind_grads()
         sq = self._global_sq_norm(adaptive_aware=False)
         sq_on = self._on_devices(sq)
         for bucket in self._buckets:
             _, step_length, _ = self._radius_args(self.param_groups[bucket.group_index])
-            self._ops[bucket.device].perturb_(param=bucket.param, grad=bucket.grad, backup=None, sq=sq_on[bucket.device],
-                                              sigma=math.inf, rho_max=step_length, varrho=1.0, adaptive=False)
+            self._ops[bucket.device].perturb_(
+                param=bucket.param,
+                grad=bucket.grad,
+                backup=None,
+                sq=sq_on[bucket.device],
+                sigma=math.inf,
+                rho_max=step_length,
+                varrho=1.0,
+                adaptive=False,
+            )
         # A non-finite gradient on the way skips the step at the end, as one in the first pass does.
         self._progress.first_sq = self._progress.first_sq + sq
         self._progress.ascents += 1
@@ -148,8 +180,9 @@ class FusedXSAM(SharpnessAware):
 
     def _dots(self) -> Tensor:
         """[||w_k - w_0||^2, ||g_hat||^2, (w_k - w_0) . g_hat] over every bucket, on the main device."""
-        return self._reduce_buckets(lambda ops, mine: ops.xsam_dots(
-            [b.param for b in mine], [b.backup for b in mine], [b.grad for b in mine]))
+        return self._reduce_buckets(
+            lambda ops, mine: ops.xsam_dots([b.param for b in mine], [b.backup for b in mine], [b.grad for b in mine])
+        )
 
     def _check_search(self, search_alpha: Optional[Callable[[], Any]]) -> None:
         if search_alpha is not None and not self.dynamic:
@@ -165,12 +198,17 @@ class FusedXSAM(SharpnessAware):
         deltas = [bucket.ensure_delta() for bucket in self._buckets]  # D = w_k - w_0, saved by the first probe
         losses = []
         for i, alpha in enumerate(self.alpha_grid):
-            by_group = [slerp_coefficients(dots, alpha, group["rho_max"], self.eps)[0]
-                        for group in self.param_groups]
+            by_group = [slerp_coefficients(dots, alpha, group["rho_max"], self.eps)[0] for group in self.param_groups]
             for bucket, delta in zip(self._buckets, deltas):
                 coefs = by_group[bucket.group_index].to(bucket.device)
-                self._ops[bucket.device].xsam_probe_(param=bucket.param, backup=bucket.backup, grad=bucket.grad,
-                                                     delta=delta, coefs=coefs, save_delta=i == 0)
+                self._ops[bucket.device].xsam_probe_(
+                    param=bucket.param,
+                    backup=bucket.backup,
+                    grad=bucket.grad,
+                    delta=delta,
+                    coefs=coefs,
+                    save_delta=i == 0,
+                )
             loss = search_alpha()
             losses.append(torch.as_tensor(loss, device=self._main_device).detach().float().reshape(()))
         losses = torch.stack(losses)
@@ -181,18 +219,29 @@ class FusedXSAM(SharpnessAware):
         self.alpha.copy_(torch.where(torch.isfinite(losses).any(), best, self.alpha))
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None,
-                    search_alpha: Optional[Callable[[], Any]] = None, max_grad_norm: Optional[float] = None) -> None:
+    def second_step(
+        self,
+        zero_grad: bool = False,
+        grad_scaler: Optional["torch.amp.GradScaler"] = None,
+        search_alpha: Optional[Callable[[], Any]] = None,
+        max_grad_norm: Optional[float] = None,
+    ) -> None:
         """After the last backward (g_hat at w_k): with ``search_alpha`` (dynamic mode) choose alpha;
         then restore w_0 exactly, write ||g_hat|| d(alpha) into the gradient, and base-step."""
         if max_grad_norm is not None:
-            raise TypeError("FusedXSAM has no max_grad_norm: clip by hand (README, Gradient clipping); its update "
-                            "gradient ||g_hat|| d(alpha) is built after the last backward")
+            raise TypeError(
+                "FusedXSAM has no max_grad_norm: clip by hand (README, Gradient clipping); its update "
+                "gradient ||g_hat|| d(alpha) is built after the last backward"
+            )
         if not self._progress.perturbed:
-            raise RuntimeError("second_step() called before first_step(): nothing to restore; the parameters were not changed")
+            raise RuntimeError(
+                "second_step() called before first_step(): nothing to restore; the parameters were not changed"
+            )
         if self._progress.ascents != self.steps:
-            raise RuntimeError(f"second_step() after {self._progress.ascents} of steps={self.steps} ascent steps: "
-                               f"call ascent_step() after each backward until all are done")
+            raise RuntimeError(
+                f"second_step() after {self._progress.ascents} of steps={self.steps} ascent steps: "
+                f"call ascent_step() after each backward until all are done"
+            )
         self._check_search(search_alpha)
         self._take_final_grads(grad_scaler)
         dots = self._dots()
@@ -214,8 +263,13 @@ class FusedXSAM(SharpnessAware):
                 self.last_alpha[index].fill_(alpha)
         for bucket in self._buckets:
             delta = bucket.delta if searched else None  # the probes overwrote w_k
-            self._ops[bucket.device].xsam_restore_(param=bucket.param, backup=bucket.backup, grad=bucket.grad,
-                                                   delta=delta, coefs=by_group[bucket.group_index].to(bucket.device))
+            self._ops[bucket.device].xsam_restore_(
+                param=bucket.param,
+                backup=bucket.backup,
+                grad=bucket.grad,
+                delta=delta,
+                coefs=by_group[bucket.group_index].to(bucket.device),
+            )
         self._progress.perturbed = False
         self._progress.ascents = 0
         self.last_theta.copy_(theta)
@@ -225,9 +279,11 @@ class FusedXSAM(SharpnessAware):
         self._finish_step(found_inf, zero_grad)
 
     def local_first_pass(self, model: torch.nn.Module):
-        raise RuntimeError("FusedXSAM has no local (per-rank) perturbation mode: its update is built from the "
-                           "ascent direction w_k - w_0, which would differ between ranks and make their weights "
-                           "drift apart; let DDP all-reduce every backward (the default)")
+        raise RuntimeError(
+            "FusedXSAM has no local (per-rank) perturbation mode: its update is built from the "
+            "ascent direction w_k - w_0, which would differ between ranks and make their weights "
+            "drift apart; let DDP all-reduce every backward (the default)"
+        )
 
     @contextlib.contextmanager
     def perturbed(self, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Iterator["FusedXSAM"]:
@@ -236,9 +292,12 @@ class FusedXSAM(SharpnessAware):
         with super().perturbed(grad_scaler) as opt:
             yield opt
 
-    def step(self, closure: Optional[Callable[[], Any]] = None,
-             grad_scaler: Optional["torch.amp.GradScaler"] = None,
-             search_alpha: Optional[Callable[[], Any]] = None) -> Any:
+    def step(
+        self,
+        closure: Optional[Callable[[], Any]] = None,
+        grad_scaler: Optional["torch.amp.GradScaler"] = None,
+        search_alpha: Optional[Callable[[], Any]] = None,
+    ) -> Any:
         """One XSAM step. The first backward (at w_0) is done by the caller; ``closure`` redoes the
         forward and backward and runs once per ascent step (at w_1, ..., w_k); its last loss is
         returned. ``search_alpha`` (dynamic mode): a function returning the loss at the current

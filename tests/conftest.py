@@ -15,11 +15,15 @@ if not torch.cuda.is_available():
     # Triton is first imported, which nothing does before this file (torch imports it lazily).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
 # ---------------------------------------------------------------------- which fused_lesam is tested
 def pytest_addoption(parser):
-    parser.addoption("--installed", action="store_true",
-                     help="test the fused_lesam installed in this interpreter, not the source tree's (which "
-                          "`python -m pytest` would otherwise import first); fails when there is none")
+    parser.addoption(
+        "--installed",
+        action="store_true",
+        help="test the fused_lesam installed in this interpreter, not the source tree's (which "
+        "`python -m pytest` would otherwise import first); fails when there is none",
+    )
 
 
 def _in_tree(path, root):
@@ -34,29 +38,38 @@ def pytest_configure(config):
         sys.path[:] = [p for p in sys.path if not _in_tree(p, root)]
         os.environ["PYTHONSAFEPATH"] = "1"
         os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and not _in_tree(p, root))
+            p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and not _in_tree(p, root)
+        )
     try:
         import fused_lesam
     except ModuleNotFoundError as err:
         if err.name != "fused_lesam":
             raise
-        pytest.exit(f"--installed: fused_lesam is not installed in {sys.executable}'s environment; install it "
-                    "first: pip install --no-build-isolation .", returncode=pytest.ExitCode.USAGE_ERROR)
+        pytest.exit(
+            f"--installed: fused_lesam is not installed in {sys.executable}'s environment; install it "
+            "first: pip install --no-build-isolation .",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
 
     where = os.path.realpath(os.path.dirname(fused_lesam.__file__))
     in_tree = os.path.dirname(where) == root
     if config.getoption("installed") and in_tree:  # e.g. an editable install: it is the source tree
-        pytest.exit(f"--installed: the fused_lesam installed in {sys.executable}'s environment is the source tree "
-                    f"{where}; install a copy: pip install --no-build-isolation .",
-                    returncode=pytest.ExitCode.USAGE_ERROR)
+        pytest.exit(
+            f"--installed: the fused_lesam installed in {sys.executable}'s environment is the source tree "
+            f"{where}; install a copy: pip install --no-build-isolation .",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
     shadowed = None
     if in_tree:  # an installed copy the source tree hides: say so, --installed tests that one
         spec = importlib.machinery.PathFinder.find_spec("fused_lesam", [p for p in sys.path if not _in_tree(p, root)])
         shadowed = spec and spec.origin
     config.fused_lesam_header = [
         f"fused_lesam: {where} ({'the source tree' if in_tree else 'installed'})"
-        + (f"; an installed copy at {os.path.dirname(shadowed)} is not tested (--installed tests it)"
-           if shadowed else ""),
+        + (
+            f"; an installed copy at {os.path.dirname(shadowed)} is not tested (--installed tests it)"
+            if shadowed
+            else ""
+        ),
         f"fused_lesam {fused_lesam.build_info.summary()}",
     ]
 

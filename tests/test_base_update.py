@@ -68,12 +68,22 @@ def pair(config, backend, alpha=0.0, with_idle=False, groups=False, **extra):
     def params(m):
         if not groups:
             return m.parameters()
-        return [{"params": m.conv.parameters()}, {"params": [p for n, p in m.named_parameters() if not n.startswith("conv.")],
-                                                   "lr": kwargs["lr"] / 2}]
+        return [
+            {"params": m.conv.parameters()},
+            {"params": [p for n, p in m.named_parameters() if not n.startswith("conv.")], "lr": kwargs["lr"] / 2},
+        ]
 
     fused = FusedLESAM(params(models[0]), base=base, backend=backend, alpha=alpha, **kwargs, **extra)
-    generic = FusedLESAM(params(models[1]), base=base, backend=backend, alpha=alpha, base_update="generic",
-                         foreach=False, **kwargs, **extra)
+    generic = FusedLESAM(
+        params(models[1]),
+        base=base,
+        backend=backend,
+        alpha=alpha,
+        base_update="generic",
+        foreach=False,
+        **kwargs,
+        **extra,
+    )
     assert fused.base_update == "fused" and generic.base_update == "generic"
     return models, (fused, generic)
 

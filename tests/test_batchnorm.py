@@ -8,7 +8,9 @@ from fused_lesam import frozen_bn_stats
 
 def model():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.BatchNorm1d(4 * 3 * 3))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.BatchNorm1d(4 * 3 * 3)
+    )
 
 
 def test_running_stats_untouched_and_output_unchanged():

@@ -50,11 +50,14 @@ def pyramidnet_count(depth=110, alpha=270, classes=100):
     return total + bn(cin) + cin * classes + classes
 
 
-@pytest.mark.parametrize("name, closed_form, published_millions", [
-    ("resnet18", resnet18_count(), 11.2),
-    ("wrn28_10", wrn_count(), 36.5),
-    ("pyramidnet110", pyramidnet_count(), 28.3),  # alpha = 270, as the PyramidNet paper reports it
-])
+@pytest.mark.parametrize(
+    "name, closed_form, published_millions",
+    [
+        ("resnet18", resnet18_count(), 11.2),
+        ("wrn28_10", wrn_count(), 36.5),
+        ("pyramidnet110", pyramidnet_count(), 28.3),  # alpha = 270, as the PyramidNet paper reports it
+    ],
+)
 def test_parameter_count(name, closed_form, published_millions):
     count = sum(math.prod(shape) for shape in param_shapes(name))
     assert count == closed_form

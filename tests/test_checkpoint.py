@@ -8,7 +8,9 @@ import torch
 from fused_lesam import FusedLESAM, SigmaAnnealing
 from helpers.models import make_batches, sam_step, SmallConvNet, through_bytes
 
-OPT_KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-3, sigma=0.35, rho_max=0.4, alpha=0.3, total_steps=12, anneal_steps=6)
+OPT_KW = dict(
+    lr=0.05, momentum=0.9, weight_decay=5e-3, sigma=0.35, rho_max=0.4, alpha=0.3, total_steps=12, anneal_steps=6
+)
 
 
 def train(model, opt, batches, sched=None):
@@ -58,7 +60,8 @@ def test_sigma_scheduler_state_survives_a_checkpoint():
     model = SmallConvNet()
     opt = FusedLESAM(model.parameters(), lr=0.05, sigma=0.5)
     sched = SigmaAnnealing(opt, total=4, anneal=3)
-    sched.step(); sched.step()
+    sched.step()
+    sched.step()
     state = opt.state_dict()
     other = FusedLESAM(SmallConvNet().parameters(), lr=0.05, sigma=0.5)
     other.load_state_dict(state)

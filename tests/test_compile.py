@@ -43,10 +43,20 @@ def test_second_step_breaks_only_inside_torchs_optimizer(backend, capturable, ba
     graph; with torch's own base step every break torch.compile reports is in torch/optim."""
     torch.manual_seed(0)
     model = SmallConvNet()
-    opt = FusedLESAM(model.parameters(), lr=0.05, momentum=0.9, fused=True, sigma=0.2, alpha=0.5,
-                     total_steps=8, anneal_steps=4, capturable=capturable, backend=backend,
-                     base_update=base_update)
-    (x, y), = make_batches(1)
+    opt = FusedLESAM(
+        model.parameters(),
+        lr=0.05,
+        momentum=0.9,
+        fused=True,
+        sigma=0.2,
+        alpha=0.5,
+        total_steps=8,
+        anneal_steps=4,
+        capturable=capturable,
+        backend=backend,
+        base_update=base_update,
+    )
+    ((x, y),) = make_batches(1)
     sam_step(model, opt, x, y)  # the base optimizer's state exists: its skip is decided on the device
     loss_fn(model, x, y).backward()
     opt.first_step(zero_grad=True)
@@ -118,13 +128,16 @@ def test_a_base_that_cannot_skip_on_the_device_breaks_the_graph_at_the_skip_deci
     torch.manual_seed(0)
     model = SmallConvNet()
     opt = FusedLESAM(model.parameters(), lr=0.05, momentum=0.9, base_update="generic", backend="torch")
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     sam_step(model, opt, x, y)
     loss_fn(model, x, y).backward()
     opt.first_step(zero_grad=True)
     loss_fn(model, x, y).backward()
     explained = torch._dynamo.explain(opt.second_step)()
     assert not opt._progress.perturbed
-    ours = [reason for reason in explained.break_reasons
-            if reason.user_stack[-1].filename.endswith(os.path.join("fused_lesam", "skip.py"))]
+    ours = [
+        reason
+        for reason in explained.break_reasons
+        if reason.user_stack[-1].filename.endswith(os.path.join("fused_lesam", "skip.py"))
+    ]
     assert ours and all(reason.user_stack[-1].name == "base_step" for reason in ours), explained.break_reasons

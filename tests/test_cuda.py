@@ -17,7 +17,9 @@ from helpers.models import loss_fn, make_batches, sam_step, SmallConvNet
 
 pytestmark = pytest.mark.cuda
 
-CUDA_BACKENDS = ["auto"] + [n for n, why in available_backends().items() if not why and n in ("torch", "cuda", "triton")]
+CUDA_BACKENDS = ["auto"] + [
+    n for n, why in available_backends().items() if not why and n in ("torch", "cuda", "triton")
+]
 CPU_BACKENDS = [n for n, why in available_backends().items() if not why and n in ("torch", "cpp")]
 CASES = {
     "lesam": (FusedLESAM, dict(sigma=0.35, rho_max=0.4, alpha=0.5, total_steps=8, anneal_steps=4)),
@@ -112,8 +114,18 @@ def test_triton_equals_cuda_extension(dtype, adaptive):
         assert_close(a, b, msg=f"{name}: cuda and triton differ")
 
 
-CAPTURABLE = dict(lr=0.05, momentum=0.9, weight_decay=5e-3, fused=True, sigma=0.3, rho_max=0.4, alpha=0.5,
-                  total_steps=10, anneal_steps=6, capturable=True)
+CAPTURABLE = dict(
+    lr=0.05,
+    momentum=0.9,
+    weight_decay=5e-3,
+    fused=True,
+    sigma=0.3,
+    rho_max=0.4,
+    alpha=0.5,
+    total_steps=10,
+    anneal_steps=6,
+    capturable=True,
+)
 
 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
@@ -200,8 +212,9 @@ def test_xsam_step_with_search_never_syncs(backend):
     """XSAM with three ascent steps and the dynamic alpha search, under torch's sync-debug mode."""
     torch.manual_seed(0)
     model = SmallConvNet().cuda()
-    opt = FusedXSAM(model.parameters(), lr=0.05, momentum=0.9, fused=True, rho=0.15, steps=3, dynamic=True,
-                    backend=backend)
+    opt = FusedXSAM(
+        model.parameters(), lr=0.05, momentum=0.9, fused=True, rho=0.15, steps=3, dynamic=True, backend=backend
+    )
     x, y = to_cuda(make_batches(1))[0]
 
     def step():

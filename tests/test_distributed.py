@@ -37,8 +37,13 @@ def train(model, opt, data, rank=0, world=1, local=False, snapshot=lambda p: p.d
 @contextlib.contextmanager
 def process_group(rank, out):
     # Rendezvous through a file in the test's own folder: no TCP port to pick, so none to race for.
-    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out}/rendezvous",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         yield
     except BaseException:
@@ -77,16 +82,16 @@ def test_ddp_synchronized_equals_whole_batch(tmp_path, bucket_view):
         torch.testing.assert_close(rank["rho"], opt.last_rho, rtol=1e-5, atol=1e-7)
 
 
-
-
 def train_xsam(model, opt, data, rank=0, world=1):
     """FusedXSAM with the alpha search at the first step; the chosen alpha and w after every step."""
     history = []
     for i, (x, y) in enumerate(data):
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
         F.cross_entropy(model(xs), ys).backward()
-        opt.step(lambda: F.cross_entropy(model(xs), ys).backward(),
-                 search_alpha=(lambda: F.cross_entropy(model(xs), ys)) if i == 0 else None)
+        opt.step(
+            lambda: F.cross_entropy(model(xs), ys).backward(),
+            search_alpha=(lambda: F.cross_entropy(model(xs), ys)) if i == 0 else None,
+        )
         opt.zero_grad()
         history.append((opt.alpha.clone(), [p.detach().clone() for p in model.parameters()]))
     return history

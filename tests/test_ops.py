@@ -19,7 +19,27 @@ import torch
 from fused_lesam import maths
 from fused_lesam.backends import resolve, spec
 from helpers.asserts import assert_bits_equal, assert_close, assert_sum_close
-from helpers.op_cases import assert_same_bits_with_any_thread_count, clone_at, DTYPES, exact_sum, integer_bucket, largest_size, LESAM, OFFSETS, RADII, random_bucket, REDUCTION_TARGETS, REGIMES, sq_parts, sq_terms, summation_depth, targets, targets_and_sizes, TRACEABLE
+from helpers.op_cases import (
+    assert_same_bits_with_any_thread_count,
+    clone_at,
+    DTYPES,
+    exact_sum,
+    integer_bucket,
+    largest_size,
+    LESAM,
+    OFFSETS,
+    RADII,
+    random_bucket,
+    REDUCTION_TARGETS,
+    REGIMES,
+    sq_parts,
+    sq_terms,
+    summation_depth,
+    targets,
+    targets_and_sizes,
+    TRACEABLE,
+)
+
 
 def run_perturb(ops, w, g, sq, radius, adaptive, with_center, offset, sigma_t=None):
     """Run ops.perturb_ on fresh copies (at ``offset``); returns (param, backup, center, rho)."""
@@ -64,7 +84,7 @@ def test_the_sum_bound_notices_a_missing_term(backend, device, size, dtype):
     ops = resolve(backend, torch.device(device))
     grad = random_bucket(size, dtype, device, seed=1)
     terms = sq_terms(grad, None)
-    without_largest = torch.cat([terms[:terms.argmax()], terms[terms.argmax() + 1:]])
+    without_largest = torch.cat([terms[: terms.argmax()], terms[terms.argmax() + 1 :]])
     got = ops.sq_norm([grad], [None])
     assert_sum_close(got, [(terms, torch.float32)], summation_depth(backend, [size]))
     with pytest.raises(AssertionError, match="over the bound"):
@@ -74,11 +94,17 @@ def test_the_sum_bound_notices_a_missing_term(backend, device, size, dtype):
 @pytest.mark.parametrize("backend,device", targets(REDUCTION_TARGETS))
 def test_sq_norm_sums_several_buckets(backend, device):
     ops = resolve(backend, torch.device(device))
-    specs = [(torch.float32, 17, 3, False), (torch.bfloat16, 4095, 0, True), (torch.float16, 16, 1, False),
-             (torch.float32, 0, 0, True), (torch.float32, 70001, 5, True)]
+    specs = [
+        (torch.float32, 17, 3, False),
+        (torch.bfloat16, 4095, 0, True),
+        (torch.float16, 16, 1, False),
+        (torch.float32, 0, 0, True),
+        (torch.float32, 70001, 5, True),
+    ]
     grads = [random_bucket(n, dt, device, seed=i, offset=off) for i, (dt, n, off, _) in enumerate(specs)]
-    weights = [random_bucket(n, dt, device, seed=10 + i) if adaptive else None
-               for i, (dt, n, _, adaptive) in enumerate(specs)]
+    weights = [
+        random_bucket(n, dt, device, seed=10 + i) if adaptive else None for i, (dt, n, _, adaptive) in enumerate(specs)
+    ]
     got = ops.sq_norm(grads, weights)
     assert got.dtype == torch.float32
     assert_sum_close(got, sq_parts(grads, weights), summation_depth(backend, [n for _, n, _, _ in specs]))
@@ -94,7 +120,10 @@ def test_sq_norm_sums_several_buckets(backend, device):
 @pytest.mark.parametrize("regime", ["nan", "inf", "huge", "tiny", "zero"])
 def test_sq_norm_of_extreme_gradients(backend, device, regime):
     ops = resolve(backend, torch.device(device))
-    grads = [random_bucket(5000, torch.float32, device, seed=3, regime=regime), random_bucket(40, torch.bfloat16, device, seed=4)]
+    grads = [
+        random_bucket(5000, torch.float32, device, seed=3, regime=regime),
+        random_bucket(40, torch.bfloat16, device, seed=4),
+    ]
     got = ops.sq_norm(grads, [None, None])
     if regime in ("nan", "inf"):
         assert torch.isnan(got) if regime == "nan" else torch.isinf(got)
@@ -106,8 +135,10 @@ def test_sq_norm_of_extreme_gradients(backend, device, regime):
 def test_sq_norm_is_deterministic(backend, device):
     """Fixed reduction chunks: the same bits on every run, whatever the number of CPU threads."""
     ops = resolve(backend, torch.device(device))
-    grads = [random_bucket(largest_size(backend, device), torch.float32, device, seed=5),
-             random_bucket(999, torch.float16, device, seed=6)]
+    grads = [
+        random_bucket(largest_size(backend, device), torch.float32, device, seed=5),
+        random_bucket(999, torch.float16, device, seed=6),
+    ]
     assert_same_bits_with_any_thread_count(lambda: ops.sq_norm(grads, [None, grads[1]]))
 
 
@@ -207,8 +238,14 @@ def test_restore(backend, device, dtype, size, offset, coefs):
     for impl in (ops, spec):
         param = clone_at(backup + 1, offset)  # the perturbed weights the op must overwrite
         grad = clone_at(ghat, offset)
-        impl.restore_(param, clone_at(backup, offset), grad, None if center is None else clone_at(center, offset),
-                      ghat_coef, center_coef)
+        impl.restore_(
+            param,
+            clone_at(backup, offset),
+            grad,
+            None if center is None else clone_at(center, offset),
+            ghat_coef,
+            center_coef,
+        )
         results.append((param, grad))
     (param, grad), (_, ref_grad) = results
     assert_bits_equal(param, backup, "the restore must be bit-exact")
@@ -224,24 +261,46 @@ def _bucket(n=8, dtype=torch.float32):
 
 
 ERRORS = {
-    "grad dtype": (lambda ops: ops.perturb_(_bucket(), _bucket(dtype=torch.float16), _bucket(), torch.tensor(1.0), *LESAM, False, None),
-                   "grad has dtype"),
-    "backup size": (lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(9), torch.tensor(1.0), *LESAM, False, None),
-                    "backup has 9 elements"),
-    "center size": (lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(), torch.tensor(1.0), *LESAM, False, _bucket(7)),
-                    "center has 7 elements"),
-    "strided param": (lambda ops: ops.perturb_(_bucket(16)[::2], _bucket(), _bucket(), torch.tensor(1.0), *LESAM, False, None),
-                      "param must be contiguous"),
-    "integer bucket": (lambda ops: ops.restore_(_bucket(dtype=torch.int32), _bucket(dtype=torch.int32),
-                                                _bucket(dtype=torch.int32), None, 1.0, 0.0),
-                       "buckets must be float32, float64, float16 or bfloat16"),
-    "sq shape": (lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(), torch.ones(1), *LESAM, False, None),
-                 "sq must be the 0-d"),
-    "sigma_t dtype": (lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(), torch.tensor(1.0), *LESAM, False, None,
-                                               torch.tensor(0.1)), "sigma_t must be a 0-d float64 tensor"),
+    "grad dtype": (
+        lambda ops: ops.perturb_(
+            _bucket(), _bucket(dtype=torch.float16), _bucket(), torch.tensor(1.0), *LESAM, False, None
+        ),
+        "grad has dtype",
+    ),
+    "backup size": (
+        lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(9), torch.tensor(1.0), *LESAM, False, None),
+        "backup has 9 elements",
+    ),
+    "center size": (
+        lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(), torch.tensor(1.0), *LESAM, False, _bucket(7)),
+        "center has 7 elements",
+    ),
+    "strided param": (
+        lambda ops: ops.perturb_(_bucket(16)[::2], _bucket(), _bucket(), torch.tensor(1.0), *LESAM, False, None),
+        "param must be contiguous",
+    ),
+    "integer bucket": (
+        lambda ops: ops.restore_(
+            _bucket(dtype=torch.int32), _bucket(dtype=torch.int32), _bucket(dtype=torch.int32), None, 1.0, 0.0
+        ),
+        "buckets must be float32, float64, float16 or bfloat16",
+    ),
+    "sq shape": (
+        lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(), torch.ones(1), *LESAM, False, None),
+        "sq must be the 0-d",
+    ),
+    "sigma_t dtype": (
+        lambda ops: ops.perturb_(
+            _bucket(), _bucket(), _bucket(), torch.tensor(1.0), *LESAM, False, None, torch.tensor(0.1)
+        ),
+        "sigma_t must be a 0-d float64 tensor",
+    ),
     "weights count": (lambda ops: ops.sq_norm([_bucket(), _bucket()], [None]), "got 2 grad buckets but 1 weights"),
     "weight dtype": (lambda ops: ops.sq_norm([_bucket()], [_bucket(dtype=torch.bfloat16)]), "weights\\[0\\] has dtype"),
-    "restore grad size": (lambda ops: ops.restore_(_bucket(), _bucket(), _bucket(3), None, 1.0, 0.0), "grad has 3 elements"),
+    "restore grad size": (
+        lambda ops: ops.restore_(_bucket(), _bucket(), _bucket(3), None, 1.0, 0.0),
+        "grad has 3 elements",
+    ),
 }
 
 
@@ -266,8 +325,21 @@ def opcheck_samples(ops, device):
         (ops.perturb_, (w32.clone(), g32, torch.empty_like(w32), sq, 0.35, 0.4, 1e-12, False, None)),
         (ops.perturb_, (w32.clone(), g32, torch.empty_like(w32), sq, math.inf, 0.05, 1.0, True, torch.empty_like(w32))),
         (ops.perturb_, (g16.clone(), g16, torch.empty_like(g16), sq, 0.35, 0.4, 1e-12, False, None)),
-        (ops.perturb_, (w32.clone(), g32, torch.empty_like(w32), sq, 0.0, 0.4, 1e-12, False, None,
-                        torch.tensor(0.2, dtype=torch.float64, device=device))),
+        (
+            ops.perturb_,
+            (
+                w32.clone(),
+                g32,
+                torch.empty_like(w32),
+                sq,
+                0.0,
+                0.4,
+                1e-12,
+                False,
+                None,
+                torch.tensor(0.2, dtype=torch.float64, device=device),
+            ),
+        ),
         (ops.restore_, (w32.clone(), w32 + 1, g32.clone(), None, 1.0, 0.0)),
         (ops.restore_, (w32.clone(), w32 + 1, g32.clone(), w32, 1.5, 0.5)),
     ]

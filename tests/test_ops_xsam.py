@@ -11,7 +11,22 @@ import torch
 from fused_lesam import maths
 from fused_lesam.backends import resolve, spec
 from helpers.asserts import assert_bits_equal, assert_close, assert_sum_close
-from helpers.op_cases import assert_same_bits_with_any_thread_count, clone_at, DTYPES, exact_sum, integer_bucket, largest_size, LESAM, OFFSETS, random_bucket, REDUCTION_TARGETS, summation_depth, targets, targets_and_sizes, TRACEABLE
+from helpers.op_cases import (
+    assert_same_bits_with_any_thread_count,
+    clone_at,
+    DTYPES,
+    exact_sum,
+    integer_bucket,
+    largest_size,
+    LESAM,
+    OFFSETS,
+    random_bucket,
+    REDUCTION_TARGETS,
+    summation_depth,
+    targets,
+    targets_and_sizes,
+    TRACEABLE,
+)
 
 
 def coefs_for(device, dtype=torch.float32):
@@ -63,10 +78,17 @@ def test_xsam_dots_counts_every_element(backend, device, dtype):
 @pytest.mark.parametrize("backend,device", targets(REDUCTION_TARGETS))
 def test_xsam_dots_sums_several_buckets(backend, device):
     ops = resolve(backend, torch.device(device))
-    specs = [(torch.float32, 17, 3), (torch.bfloat16, 4095, 0), (torch.float16, 16, 1), (torch.float32, 0, 0),
-             (torch.float32, 70001, 5)]
-    buckets = [[random_bucket(n, dt, device, seed=10 * i + k, offset=off) for k in range(3)]
-               for i, (dt, n, off) in enumerate(specs)]
+    specs = [
+        (torch.float32, 17, 3),
+        (torch.bfloat16, 4095, 0),
+        (torch.float16, 16, 1),
+        (torch.float32, 0, 0),
+        (torch.float32, 70001, 5),
+    ]
+    buckets = [
+        [random_bucket(n, dt, device, seed=10 * i + k, offset=off) for k in range(3)]
+        for i, (dt, n, off) in enumerate(specs)
+    ]
     params, backups, grads = (list(t) for t in zip(*buckets))
     got = ops.xsam_dots(params, backups, grads)
     assert got.dtype == torch.float32
@@ -96,8 +118,9 @@ def test_xsam_restore(backend, device, dtype, size, offset, with_delta):
     results = []
     for impl in (ops, spec):
         param, grad = clone_at(w_k, offset), clone_at(ghat, offset)
-        impl.xsam_restore_(param, clone_at(w_0, offset), grad, clone_at(delta, offset) if with_delta else None,
-                           coefs_for(device))
+        impl.xsam_restore_(
+            param, clone_at(w_0, offset), grad, clone_at(delta, offset) if with_delta else None, coefs_for(device)
+        )
         results.append((param, grad))
     (param, grad), (_, ref_grad) = results
     assert_bits_equal(param, w_0, "the restore of w_0 must be bit-exact")
@@ -148,15 +171,28 @@ def _bucket(n=8, dtype=torch.float32):
 
 ERRORS = {
     "dots counts": (lambda ops: ops.xsam_dots([_bucket()], [_bucket()], []), "they must match one to one"),
-    "dots backup size": (lambda ops: ops.xsam_dots([_bucket()], [_bucket(5)], [_bucket()]), "backups\\[0\\] has 5 elements"),
-    "restore coefs shape": (lambda ops: ops.xsam_restore_(_bucket(), _bucket(), _bucket(), None, torch.zeros(3)),
-                            "coefs must be a \\(2,\\) float32/float64 tensor"),
-    "restore delta dtype": (lambda ops: ops.xsam_restore_(_bucket(), _bucket(), _bucket(), _bucket(dtype=torch.float16),
-                                                          torch.zeros(2)), "delta has dtype"),
-    "probe coefs dtype": (lambda ops: ops.xsam_probe_(_bucket(), _bucket(), _bucket(), _bucket(),
-                                                      torch.zeros(2, dtype=torch.int64), True), "coefs must be"),
-    "probe grad size": (lambda ops: ops.xsam_probe_(_bucket(), _bucket(), _bucket(2), _bucket(), torch.zeros(2), True),
-                        "grad has 2 elements"),
+    "dots backup size": (
+        lambda ops: ops.xsam_dots([_bucket()], [_bucket(5)], [_bucket()]),
+        "backups\\[0\\] has 5 elements",
+    ),
+    "restore coefs shape": (
+        lambda ops: ops.xsam_restore_(_bucket(), _bucket(), _bucket(), None, torch.zeros(3)),
+        "coefs must be a \\(2,\\) float32/float64 tensor",
+    ),
+    "restore delta dtype": (
+        lambda ops: ops.xsam_restore_(_bucket(), _bucket(), _bucket(), _bucket(dtype=torch.float16), torch.zeros(2)),
+        "delta has dtype",
+    ),
+    "probe coefs dtype": (
+        lambda ops: ops.xsam_probe_(
+            _bucket(), _bucket(), _bucket(), _bucket(), torch.zeros(2, dtype=torch.int64), True
+        ),
+        "coefs must be",
+    ),
+    "probe grad size": (
+        lambda ops: ops.xsam_probe_(_bucket(), _bucket(), _bucket(2), _bucket(), torch.zeros(2), True),
+        "grad has 2 elements",
+    ),
 }
 
 

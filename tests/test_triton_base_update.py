@@ -55,10 +55,23 @@ def run_sgd(ops, x, offset, options, with_center, found_inf=0.0):
     param = clone_at(x["w0"] + 1, offset)  # the perturbed weights the op must overwrite
     backup, grad, center = (clone_at(x[k], offset) for k in ("w0", "grad", "center"))
     buf = clone_at(x["buf"], offset) if momentum != 0 else None
-    ops.sgd_step_(param=param, backup=backup, grad=grad, momentum_buffer=buf, center=center if with_center else None,
-                  found_inf=scalar(found_inf, param.device), lr=lr, momentum=momentum, dampening=dampening,
-                  weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, init_buffer=init_buffer,
-                  ghat_coef=COMBINE[0], center_coef=COMBINE[1])
+    ops.sgd_step_(
+        param=param,
+        backup=backup,
+        grad=grad,
+        momentum_buffer=buf,
+        center=center if with_center else None,
+        found_inf=scalar(found_inf, param.device),
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+        init_buffer=init_buffer,
+        ghat_coef=COMBINE[0],
+        center_coef=COMBINE[1],
+    )
     check_inputs_unchanged(x, backup, grad, center)
     return param, buf
 
@@ -69,11 +82,27 @@ def run_adam(ops, x, offset, options, with_center, t, found_inf=0.0):
     param = clone_at(x["w0"] + 1, offset)
     backup, grad, center, m, v = (clone_at(x[k], offset) for k in ("w0", "grad", "center", "m", "v"))
     vmax = clone_at(x["vmax"], offset) if amsgrad else None
-    ops.adam_step_(param=param, backup=backup, grad=grad, exp_avg=m, exp_avg_sq=v, max_exp_avg_sq=vmax,
-                   center=center if with_center else None, step=scalar(t, param.device),
-                   found_inf=scalar(found_inf, param.device), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                   weight_decay=weight_decay, decoupled_weight_decay=decoupled, amsgrad=amsgrad, maximize=maximize,
-                   ghat_coef=COMBINE[0], center_coef=COMBINE[1])
+    ops.adam_step_(
+        param=param,
+        backup=backup,
+        grad=grad,
+        exp_avg=m,
+        exp_avg_sq=v,
+        max_exp_avg_sq=vmax,
+        center=center if with_center else None,
+        step=scalar(t, param.device),
+        found_inf=scalar(found_inf, param.device),
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        ghat_coef=COMBINE[0],
+        center_coef=COMBINE[1],
+    )
     check_inputs_unchanged(x, backup, grad, center)
     return param, m, v, vmax
 
@@ -157,14 +186,48 @@ def test_several_steps_from_the_first(backend, device, dtype):
         params = {}
         for impl in (ops, spec):
             sgd_param, adam_param = x["w0"] + 1, x["w0"] + 1
-            impl.sgd_step_(sgd_param, x["w0"], x["grad"], sgd_state[impl], None, scalar(0.0, device), 0.1, 0.9, 0.0,
-                           1e-2, True, False, t == 1, 1.0, 0.0)
+            impl.sgd_step_(
+                sgd_param,
+                x["w0"],
+                x["grad"],
+                sgd_state[impl],
+                None,
+                scalar(0.0, device),
+                0.1,
+                0.9,
+                0.0,
+                1e-2,
+                True,
+                False,
+                t == 1,
+                1.0,
+                0.0,
+            )
             m, v, vmax = adam_state[impl]
-            impl.adam_step_(adam_param, x["w0"], x["grad"], m, v, vmax, x["center"], scalar(t, device),
-                            scalar(0.0, device), 1e-3, 0.9, 0.999, 1e-8, 1e-2, True, True, False, *COMBINE)
+            impl.adam_step_(
+                adam_param,
+                x["w0"],
+                x["grad"],
+                m,
+                v,
+                vmax,
+                x["center"],
+                scalar(t, device),
+                scalar(0.0, device),
+                1e-3,
+                0.9,
+                0.999,
+                1e-8,
+                1e-2,
+                True,
+                True,
+                False,
+                *COMBINE,
+            )
             params[impl] = (sgd_param, adam_param)
-        assert_all_close([*params[ops], sgd_state[ops], *adam_state[ops]],
-                         [*params[spec], sgd_state[spec], *adam_state[spec]])
+        assert_all_close(
+            [*params[ops], sgd_state[ops], *adam_state[ops]], [*params[spec], sgd_state[spec], *adam_state[spec]]
+        )
 
 
 @pytest.mark.parametrize("backend,device", TRITON)
@@ -201,14 +264,48 @@ def test_float64_buckets_take_the_spec_ops(backend, device):
 # ---------------------------------------------------------------------- errors and registration
 def _sgd_call(param_size=8, buf="given", found_inf=torch.tensor(0.0), momentum=0.9):
     b = torch.zeros(8)
-    return lambda ops: ops.sgd_step_(torch.zeros(param_size), b, b, None if buf is None else torch.zeros(8), None,
-                                     found_inf, 0.1, momentum, 0.0, 0.0, False, False, False, 1.0, 0.0)
+    return lambda ops: ops.sgd_step_(
+        torch.zeros(param_size),
+        b,
+        b,
+        None if buf is None else torch.zeros(8),
+        None,
+        found_inf,
+        0.1,
+        momentum,
+        0.0,
+        0.0,
+        False,
+        False,
+        False,
+        1.0,
+        0.0,
+    )
 
 
 def _adam_call(vmax=None, step=torch.tensor(1.0)):
     b = torch.zeros(8)
-    return lambda ops: ops.adam_step_(torch.zeros(8), b, b, torch.zeros(8), torch.zeros(8), vmax, None, step,
-                                      torch.tensor(0.0), 1e-3, 0.9, 0.999, 1e-8, 0.0, False, True, False, 1.0, 0.0)
+    return lambda ops: ops.adam_step_(
+        torch.zeros(8),
+        b,
+        b,
+        torch.zeros(8),
+        torch.zeros(8),
+        vmax,
+        None,
+        step,
+        torch.tensor(0.0),
+        1e-3,
+        0.9,
+        0.999,
+        1e-8,
+        0.0,
+        False,
+        True,
+        False,
+        1.0,
+        0.0,
+    )
 
 
 STEP_ERRORS = {
@@ -242,15 +339,78 @@ def test_opcheck_step_ops(backend, device):
     if device == "cuda":
         checks += ("test_faketensor", "test_aot_dispatch_dynamic")
     samples = [
-        (ops.sgd_step_, (x["w0"] + 1, x["w0"], x["grad"], x["buf"].clone(), x["center"], zero, 0.1, 0.9, 0.0, 1e-2,
-                         True, False, False, 1.5, 0.5)),
-        (ops.sgd_step_, (x["w0"] + 1, x["w0"], x["grad"], None, None, zero, 0.1, 0.0, 0.0, 0.0, False, True, False,
-                         1.0, 0.0)),
-        (ops.adam_step_, (x["w0"] + 1, x["w0"], x["grad"], x["m"].clone(), x["v"].clone(), x["vmax"].clone(),
-                          x["center"], t, zero, 1e-3, 0.9, 0.999, 1e-8, 1e-2, True, True, False, 1.5, 0.5)),
-        (ops.adam_step_, (x["w0"] + 1, x["w0"], x["grad"], x["m"].clone(), x["v"].clone(), None, None, t, zero, 1e-3,
-                          0.9, 0.999, 1e-8, 0.0, False, False, True, 1.0, 0.0)),
+        (
+            ops.sgd_step_,
+            (
+                x["w0"] + 1,
+                x["w0"],
+                x["grad"],
+                x["buf"].clone(),
+                x["center"],
+                zero,
+                0.1,
+                0.9,
+                0.0,
+                1e-2,
+                True,
+                False,
+                False,
+                1.5,
+                0.5,
+            ),
+        ),
+        (
+            ops.sgd_step_,
+            (x["w0"] + 1, x["w0"], x["grad"], None, None, zero, 0.1, 0.0, 0.0, 0.0, False, True, False, 1.0, 0.0),
+        ),
+        (
+            ops.adam_step_,
+            (
+                x["w0"] + 1,
+                x["w0"],
+                x["grad"],
+                x["m"].clone(),
+                x["v"].clone(),
+                x["vmax"].clone(),
+                x["center"],
+                t,
+                zero,
+                1e-3,
+                0.9,
+                0.999,
+                1e-8,
+                1e-2,
+                True,
+                True,
+                False,
+                1.5,
+                0.5,
+            ),
+        ),
+        (
+            ops.adam_step_,
+            (
+                x["w0"] + 1,
+                x["w0"],
+                x["grad"],
+                x["m"].clone(),
+                x["v"].clone(),
+                None,
+                None,
+                t,
+                zero,
+                1e-3,
+                0.9,
+                0.999,
+                1e-8,
+                0.0,
+                False,
+                False,
+                True,
+                1.0,
+                0.0,
+            ),
+        ),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args, test_utils=checks)
-

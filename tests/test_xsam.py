@@ -92,8 +92,12 @@ def test_dynamic_alpha_chooses_what_the_loop_chooses(backend, steps):
     loop_model = copy.deepcopy(model)
     kwargs = dict(rho=0.15, steps=steps, alpha=1.0, rho_max=0.3, alpha_max=2.0, alpha_delta=0.25)
     opt = FusedXSAM(model.parameters(), backend=backend, dynamic=True, **kwargs, **BASE)
-    loop = ReferenceXSAM(model_params := list(loop_model.parameters()), torch.optim.SGD,
-                         **{k: kwargs[k] for k in ("rho", "steps", "alpha")}, **BASE)
+    loop = ReferenceXSAM(
+        model_params := list(loop_model.parameters()),
+        torch.optim.SGD,
+        **{k: kwargs[k] for k in ("rho", "steps", "alpha")},
+        **BASE,
+    )
     grid = [i * 0.25 for i in range(9)]
     chosen = []
     for i, (x, y) in enumerate(make_batches(4)):
@@ -127,7 +131,7 @@ def test_telemetry_is_the_step_s_geometry():
     torch.manual_seed(0)
     model = SmallConvNet()
     opt = FusedXSAM(model.parameters(), rho=0.2, steps=1, alpha=0.5, backend="torch", **BASE)
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     w0 = [p.detach().clone() for p in model.parameters()]
     loss_fn(model, x, y).backward()
     opt.first_step(zero_grad=True)
@@ -221,7 +225,7 @@ def test_an_exception_mid_step_restores_w_exactly(where):
     torch.manual_seed(0)
     model = SmallConvNet()
     opt = FusedXSAM(model.parameters(), rho=0.15, steps=3, dynamic=True, backend="torch", **BASE)
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     before = [p.detach().clone() for p in model.parameters()]
     calls = 0
 
@@ -295,7 +299,7 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="search_alpha is for dynamic=True"):
         model = SmallConvNet()
         opt = FusedXSAM(model.parameters(), lr=0.1)
-        (x, y), = make_batches(1)
+        ((x, y),) = make_batches(1)
         loss_fn(model, x, y).backward()
         opt.step(lambda: loss_fn(model, x, y).backward(), search_alpha=lambda: 0.0)
     assert not opt._progress.perturbed

@@ -55,7 +55,7 @@ def _load(name: str) -> tuple[Optional[Any], str]:
 
 
 def extension_error() -> str:
-    """"" when the compiled extension (C++/CUDA kernels) loads, else why it does not."""
+    """ "" when the compiled extension (C++/CUDA kernels) loads, else why it does not."""
     problem = build_info.extension_problem()
     if problem:
         return f"{EXTENSION} is not usable: {problem}"

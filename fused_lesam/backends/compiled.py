@@ -69,15 +69,48 @@ def _xsam_probe_fake(param, backup, grad, delta, coefs, save_delta) -> None:
 
 
 @torch.library.register_fake("fused_lesam::sgd_step_")
-def _sgd_step_fake(param, backup, grad, momentum_buffer, center, found_inf, lr, momentum, dampening, weight_decay,
-                   nesterov, maximize, init_buffer, ghat_coef, center_coef) -> None:
+def _sgd_step_fake(
+    param,
+    backup,
+    grad,
+    momentum_buffer,
+    center,
+    found_inf,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    init_buffer,
+    ghat_coef,
+    center_coef,
+) -> None:
     return None
 
 
 @torch.library.register_fake("fused_lesam::adam_step_")
-def _adam_step_fake(param, backup, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, center, step, found_inf, lr, beta1,
-                    beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, ghat_coef,
-                    center_coef) -> None:
+def _adam_step_fake(
+    param,
+    backup,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    center,
+    step,
+    found_inf,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled_weight_decay,
+    amsgrad,
+    maximize,
+    ghat_coef,
+    center_coef,
+) -> None:
     return None
 
 

@@ -145,8 +145,9 @@ def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coef
 # a skipped step restores w0 bit-exactly and writes no state.
 
 
-def _final_grad(grad: Tensor, center: Optional[Tensor], ghat_coef: float, center_coef: float,
-                maximize: bool, dtype: torch.dtype) -> Tensor:
+def _final_grad(
+    grad: Tensor, center: Optional[Tensor], ghat_coef: float, center_coef: float, maximize: bool, dtype: torch.dtype
+) -> Tensor:
     """The gradient the base optimizer steps with: the LE-SAM+ combine, then maximize's sign."""
     g = grad.to(dtype)
     if center is not None:
@@ -243,8 +244,8 @@ def adam_step_(
     """
     dtype = acc_dtype(param.dtype)
     t = step.to(torch.float64)
-    step_size = (lr / (1 - beta1 ** t)).to(dtype)
-    bias2_sqrt = (1 - beta2 ** t).sqrt().to(dtype)
+    step_size = (lr / (1 - beta1**t)).to(dtype)
+    bias2_sqrt = (1 - beta2**t).sqrt().to(dtype)
     w0 = backup.to(dtype)
     g = _final_grad(grad, center, ghat_coef, center_coef, maximize, dtype)
     if weight_decay != 0:

@@ -67,11 +67,18 @@ def assert_sum_close(got, parts, depth, msg=""):
     exact = math.fsum(itertools.chain.from_iterable(terms.tolist() for terms, _ in parts))  # correctly rounded
     bound = sum(sum_error_bound(terms, depth, accumulate_in) for terms, accumulate_in in parts)
     error = abs(got.item() - exact)
-    assert error <= bound, (f"{msg + ': ' if msg else ''}sum {got.item()!r} is {error:.3g} from the exact {exact!r}, "
-                            f"over the bound {bound:.3g} (depth {depth})")
+    assert error <= bound, (
+        f"{msg + ': ' if msg else ''}sum {got.item()!r} is {error:.3g} from the exact {exact!r}, "
+        f"over the bound {bound:.3g} (depth {depth})"
+    )
 
 
-_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_SAME_WIDTH_INT = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 def assert_bits_equal(actual, expected, msg=""):

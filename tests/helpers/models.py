@@ -28,7 +28,10 @@ class SmallConvNet(nn.Module):
 
 def make_batches(n, dtype=torch.float32, seed=0, batch=8):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 3, 6, 6, generator=gen).to(dtype), torch.randint(0, 5, (batch,), generator=gen)) for _ in range(n)]
+    return [
+        (torch.randn(batch, 3, 6, 6, generator=gen).to(dtype), torch.randint(0, 5, (batch,), generator=gen))
+        for _ in range(n)
+    ]
 
 
 def groups_of(model, split):

@@ -23,8 +23,17 @@ INTERPRETED_SIZES = [0, 1, 17, 1023, 1024, 1025, 2047, 2048, 2049, 5000]
 TARGETS = {
     "cpp": ("cpp", "cpu", COMPILED_SIZES, ()),
     # tests/conftest.py sets TRITON_INTERPRET=1 on machines without a GPU; GPU machines run "triton".
-    "triton-interpreter": ("triton", "cpu", INTERPRETED_SIZES, (pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1", reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1"),)),
+    "triton-interpreter": (
+        "triton",
+        "cpu",
+        INTERPRETED_SIZES,
+        (
+            pytest.mark.skipif(
+                os.environ.get("TRITON_INTERPRET") != "1",
+                reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1",
+            ),
+        ),
+    ),
     "cuda": ("cuda", "cuda", COMPILED_SIZES, (pytest.mark.cuda,)),
     "triton": ("triton", "cuda", COMPILED_SIZES, (pytest.mark.cuda,)),
 }
@@ -44,14 +53,15 @@ def targets(table=TARGETS):
 
 
 def targets_and_sizes(table=TARGETS):
-    return [pytest.param(backend, device, size, id=f"{name}-{size}", marks=marks)
-            for name, (backend, device, sizes, marks) in table.items() for size in sizes]
+    return [
+        pytest.param(backend, device, size, id=f"{name}-{size}", marks=marks)
+        for name, (backend, device, sizes, marks) in table.items()
+        for size in sizes
+    ]
 
 
 def largest_size(backend, device):
     return next(max(sizes) for b, d, sizes, _ in REDUCTION_TARGETS.values() if (b, d) == (backend, device))
-
-
 
 
 def summation_depth(backend, sizes):
