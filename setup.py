@@ -44,7 +44,8 @@ HEADERS = sorted(glob.glob("csrc/**/*.h", recursive=True))
 RECORD = "_build.json"  # beside fused_lesam._C; read by fused_lesam/build_info.py
 # How to get the kernels after fixing what stopped them; --no-cache-dir: pip would otherwise reuse
 # the wheel it built from an sdist before, the one without them.
-REBUILD = "pip install --no-build-isolation --no-deps --force-reinstall --no-cache-dir <the sdist, or . in a clone>"  # as in fused_lesam/build_info.py
+# (as in fused_lesam/build_info.py)
+REBUILD = "pip install --no-build-isolation --no-deps --force-reinstall --no-cache-dir <the sdist, or . in a clone>"
 
 
 def _flag(name):

@@ -4,15 +4,14 @@ into a fresh venv): run it from outside the source tree, with that venv's python
     python .ci/smoke.py --expect cpp,cuda,triton
 
 Fails unless: fused_lesam comes from this interpreter's site-packages (not a source tree) and
-imports without a warning (or with the one --import-warns names); its build record names the running torch; every expected part is there
-(cpp: the CPU kernels; cuda: the CUDA kernels compiled in, a GPU or not; triton: the Triton
-kernels, through Triton's interpreter without a GPU); and three LE-SAM training steps on each
-usable CPU backend lower the loss and agree with the torch backend's.
+imports without a warning (or with the one --import-warns names); its build record names the running
+torch; every expected part is there (cpp: the CPU kernels; cuda: the CUDA kernels compiled in, a GPU
+or not; triton: the Triton kernels, through Triton's interpreter without a GPU); and three LE-SAM
+training steps on each usable CPU backend lower the loss and agree with the torch backend's.
 """
 
 import argparse
 import os
-import sys
 import sysconfig
 import warnings
 

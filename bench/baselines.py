@@ -1,9 +1,10 @@
 """What users run today, for the benchmarks to compare against: SAM and LE-SAM as the widely
-copied per-tensor loop, and XSAM (one ascent step, fixed alpha) written the same way. Its operations, one tensor at a time, are kept as that code has them: a
-norm per tensor and a stacked global norm, a clone of each weight for the restore, the
-perturbation built as ``(w^2 or 1.0) * grad * scale`` (two temporaries) and added, and the restore
-by rebinding ``p.data`` to the clone. Written for timing; the maths itself is checked against
-tests/reference/lesam_loop.py and tests/reference/xsam_loop.py by the test suite."""
+copied per-tensor loop, and XSAM (one ascent step, fixed alpha) written the same way. Its
+operations, one tensor at a time, are kept as that code has them: a norm per tensor and a stacked
+global norm, a clone of each weight for the restore, the perturbation built as ``(w^2 or 1.0) * grad
+* scale`` (two temporaries) and added, and the restore by rebinding ``p.data`` to the clone. Written
+for timing; the maths itself is checked against tests/reference/lesam_loop.py and
+tests/reference/xsam_loop.py by the test suite."""
 
 from __future__ import annotations
 

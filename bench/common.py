@@ -11,7 +11,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -93,7 +92,7 @@ class Progress:
             sys.stderr.write(f"{self.label}: {self.done}/{self.total} after {now - self.start:.1f}s\n")
 
 
-def load_cifar100(root: Optional[str]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], str]:
+def load_cifar100(root: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
     """CIFAR-100's training set from the standard python pickles under ``root`` (the folder
     ``cifar-100-python`` or its parent), as uint8 NCHW images and labels; never downloads.
     Returns (None, None, why) when there is no such folder."""
@@ -113,7 +112,7 @@ class Batches:
     """Training batches of CIFAR-100 (standard augmentation: 4-pixel padded random crop and
     horizontal flip, done on the device) or, without the files, synthetic tensors of the same shape."""
 
-    def __init__(self, root: Optional[str], batch: int, device: torch.device, channels_last: bool, seed: int = 0):
+    def __init__(self, root: str | None, batch: int, device: torch.device, channels_last: bool, seed: int = 0):
         images, labels, self.source = load_cifar100(root)
         self.synthetic = images is None
         if self.synthetic:

@@ -4,13 +4,13 @@ arithmetic and the tables are bench/report.py's."""
 from __future__ import annotations
 
 import pytest
+import report
 import torch
+from common import machine, sync, write_json
 from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 
 import fused_lesam
-import report
-from common import machine, sync, write_json
 
 # (set, base) -> the group's report (bench/report.py group_report), in the order they ran
 _reports: dict[tuple[str, str], dict] = {}

@@ -25,11 +25,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
 from baselines import PerTensorSAM, PerTensorXSAM
 from common import Batches, Progress, machine, results_dir, sync, write_json
 from models import MODELS, PAPER_NAMES
@@ -305,7 +304,8 @@ def main(argv=None) -> list[dict]:
     for r in results:
         if "alpha_search_s" in r:
             print(
-                f"{PAPER_NAMES[r['model']]}, {r['row']}: one dynamic alpha search ({r['alpha_search_points']} forward passes) "
+                f"{PAPER_NAMES[r['model']]}, {r['row']}: one dynamic alpha search "
+                f"({r['alpha_search_points']} forward passes) "
                 f"adds {r['alpha_search_s']:.2f} s (one measurement); the paper searches once per epoch"
             )
     write_json(

@@ -35,9 +35,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 REPORT_JSON, REPORT_MD = "gpu_check.json", "gpu_check.md"
@@ -79,7 +79,7 @@ class Step:
 
     name: str
     argv: list[str]
-    env: dict[str, Optional[str]] = field(default_factory=dict)  # overrides; None removes the variable
+    env: dict[str, str | None] = field(default_factory=dict)  # overrides; None removes the variable
     log: str = MAIN_LOG
 
 
@@ -91,14 +91,14 @@ class Part:
     steps: list[Step]
     parallel: bool = False  # run the steps at once (else one after the other, within the one budget)
     needs_gpu: bool = True
-    precheck: Optional[Callable[[], Optional[str]]] = None  # returns why the part is skipped, or None
-    summarize: Optional[Callable[[dict, Path], None]] = None  # adds details to the result, may fail it
+    precheck: Callable[[], str | None] | None = None  # returns why the part is skipped, or None
+    summarize: Callable[[dict, Path], None] | None = None  # adds details to the result, may fail it
 
 
 # ----------------------------------------------------------------------------- the plan
 
 
-def find_tool(name: str) -> Optional[str]:
+def find_tool(name: str) -> str | None:
     """A CUDA tool on PATH, else in $CUDA_HOME/bin or /usr/local/cuda/bin."""
     found = shutil.which(name)
     if found:
@@ -109,7 +109,7 @@ def find_tool(name: str) -> Optional[str]:
     return None
 
 
-def cuda_home() -> Optional[str]:
+def cuda_home() -> str | None:
     """The CUDA toolkit root, as ./dev finds it: $CUDA_HOME, else where nvcc and libcudart.so are
     (a wrapper nvcc on PATH misleads torch's own guess)."""
     if os.environ.get("CUDA_HOME"):
@@ -121,10 +121,10 @@ def cuda_home() -> Optional[str]:
     return None
 
 
-def build_step(python: str, arch: Optional[str], jobs: int) -> Step:
+def build_step(python: str, arch: str | None, jobs: int) -> Step:
     """setup.py build_ext --inplace, as ./dev builds with an existing interpreter: the CUDA kernels
     required, for the visible GPU (TORCH_CUDA_ARCH_LIST unset) unless an arch is named."""
-    env: dict[str, Optional[str]] = {
+    env: dict[str, str | None] = {
         "FUSED_LESAM_REQUIRE_CUDA": "1",
         "FUSED_LESAM_NO_CUDA": None,
         "FUSED_LESAM_NO_EXTENSION": None,
@@ -282,7 +282,7 @@ def tail(text: str, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def exit_reason(code: Optional[int]) -> str:
+def exit_reason(code: int | None) -> str:
     if code is None:
         return "did not start"
     if code < 0:
@@ -420,7 +420,7 @@ def fail(result: dict, why: str) -> None:
 # ----------------------------------------------------------------------------- what each part found
 
 
-def marked_json(text: str, marker: str) -> Optional[dict]:
+def marked_json(text: str, marker: str) -> dict | None:
     for line in text.splitlines():
         if line.startswith(marker + " "):
             return json.loads(line[len(marker) + 1 :])
@@ -679,6 +679,7 @@ def probe_build() -> int:
         info["problems"].append(why)
     else:
         import fused_lesam._C as extension
+
         from fused_lesam.backends import compiled
 
         info["extension"] = extension.__file__
@@ -714,7 +715,8 @@ def append_logs(out: Path, result: dict) -> None:
     by_log: dict[str, list[str]] = {}
     for step in result["steps"]:
         by_log.setdefault(step["log"], []).append(
-            f"===== {result['name']}/{step['name']}: {exit_reason(step['returncode']) if not step['timed_out'] else 'timed out'}"
+            f"===== {result['name']}/{step['name']}: "
+            f"{exit_reason(step['returncode']) if not step['timed_out'] else 'timed out'}"
             f" after {step['seconds']} s\n$ {step['command']}\n{read_text(step['output_file'])}\n"
         )
     for log, chunks in by_log.items():
@@ -748,7 +750,7 @@ def write_report(out: Path, meta: dict, plan: list[Part], results: dict[str, dic
     (out / REPORT_MD).write_text(markdown(meta, parts))
 
 
-def public(result: Optional[dict]) -> Optional[dict]:
+def public(result: dict | None) -> dict | None:
     """A part's result as reported: without the paths of the temporary folder."""
     if result is None:
         return None
@@ -784,7 +786,8 @@ def section(p: dict) -> list[str]:
     if name == "build" and d:
         archs = d.get("archs", {})
         lines += [
-            f"Extension {d.get('extension', '(none)')}; GPU code: sm {archs.get('sass', '?')}, PTX {archs.get('ptx', '?')}; "
+            f"Extension {d.get('extension', '(none)')}; "
+            f"GPU code: sm {archs.get('sass', '?')}, PTX {archs.get('ptx', '?')}; "
             f"backends: " + ", ".join(f"{k} {v}" for k, v in d.get("backends", {}).items())
         ]
     elif name == "tests" and d.get("counts"):
@@ -875,7 +878,8 @@ def execute(plan: list[Part], out: Path, work: Path, meta: dict, say: Callable[[
         else:
             say(
                 f"{label}: {part.title} (budget {part.budget_s:.0f} s, {len(part.steps)} "
-                f"{'parallel ' if part.parallel and len(part.steps) > 1 else ''}step{'s' if len(part.steps) > 1 else ''})"
+                f"{'parallel ' if part.parallel and len(part.steps) > 1 else ''}"
+                f"step{'s' if len(part.steps) > 1 else ''})"
             )
             try:
                 result = run_part(part, work, say)
@@ -983,9 +987,9 @@ def main(argv=None) -> int:
         )
         results = execute(plan, out, work, meta, say=lambda line: print(line, flush=True))
     ok = all(r["status"] in ("pass", "skipped") for r in results.values())
+    failed = ", ".join(n for n, r in results.items() if r["status"] not in ("pass", "skipped"))
     print(
-        f"gpu-check: {'all parts passed' if ok else 'FAILED: ' + ', '.join(n for n, r in results.items() if r['status'] not in ('pass', 'skipped'))}"
-        f"; report {out / REPORT_MD}",
+        f"gpu-check: {'all parts passed' if ok else 'FAILED: ' + failed}; report {out / REPORT_MD}",
         flush=True,
     )
     return 0 if ok else 1

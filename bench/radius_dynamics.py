@@ -16,9 +16,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from common import Progress, machine, results_dir, write_json
+from torch import nn
 
 from fused_lesam import FusedLESAM, FusedSAM, frozen_bn_stats
 

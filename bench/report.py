@@ -13,7 +13,6 @@ machine's bandwidth, and (ideal bytes / copy bandwidth) / measured time is the f
 from __future__ import annotations
 
 import statistics
-from typing import Optional
 
 COPY_BYTES = 8
 IDEAL_BYTES = {"sgd": 4 + 16 + 20, "adamw": 4 + 16 + 28}
@@ -120,11 +119,11 @@ def launches_independent_of_tensors(reports: list[dict]) -> dict[str, bool]:
     return {key: len(values) == 1 for key, values in seen.items()}
 
 
-def verdict(ok: Optional[bool]) -> str:
+def verdict(ok: bool | None) -> str:
     return "" if ok is None else " pass" if ok else " SHORT"
 
 
-def _ms(row: Optional[dict]) -> str:
+def _ms(row: dict | None) -> str:
     if row is None:
         return "-"
     return f"{row['median_s'] * 1e3:.2f} [{row['min_s'] * 1e3:.2f}..{row['max_s'] * 1e3:.2f}]"

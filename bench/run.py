@@ -20,11 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 import epoch_time
+import pytest
 import radius_dynamics
+import torch
 
 HERE = Path(__file__).resolve().parent
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from fused_lesam import maths
-from fused_lesam.backends import resolve, spec
+from fused_lesam.backends import resolve
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SIZES = [0, 1, 15, 17, 4095, 16384 + 3]  # 16384: the CUDA norm's chunk (csrc/lesam_math.h kReduceChunk)
@@ -219,7 +219,8 @@ def main(argv=None) -> int:
     cases_per_op = max(calls.values(), default=0)
     print(
         f"sanitize_ops: backend {args.backend} on {device}, {cases_per_op} bucket cases per op "
-        f"(dtypes {', '.join(str(d).removeprefix('torch.') for d in DTYPES)}; sizes {SIZES}; offsets {OFFSETS}; one NaN case per dtype)"
+        f"(dtypes {', '.join(str(d).removeprefix('torch.') for d in DTYPES)}; sizes {SIZES}; offsets {OFFSETS}; "
+        f"one NaN case per dtype)"
     )
     print("SANITIZE_OPS_COVERED " + ",".join(sorted(calls)))
     if absent:

@@ -27,11 +27,10 @@ from __future__ import annotations
 import gc
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
-
 from baselines import PerTensorSAM
 from common import sync
 from models import param_shapes

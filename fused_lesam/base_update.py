@@ -20,7 +20,7 @@ since its gradient region is zero).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ _KINDS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "
 _STATE_NAMES = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
 
 
-def fused_kind(base: torch.optim.Optimizer, buckets: list) -> tuple[Optional[str], str]:
+def fused_kind(base: torch.optim.Optimizer, buckets: list) -> tuple[str | None, str]:
     """("sgd" or "adam", "") when this base's step can be fused over these buckets, else (None, why not)."""
     kind = _KINDS.get(type(base))
     if kind is None:
@@ -251,7 +251,7 @@ class FusedBaseUpdate:
         start: int,
         stop: int,
         init: bool,
-        coefs: Optional[tuple[float, float]],
+        coefs: tuple[float, float] | None,
         skip: Tensor,
     ) -> None:
         bucket = flat.bucket

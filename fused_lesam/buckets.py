@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import sys
 from operator import attrgetter, is_
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -39,7 +38,7 @@ except (ImportError, OSError):  # built without the extension: the same checks, 
                 return i
         return -1
 
-    def grads_changed(params: list[Tensor], expected: list[Optional[Tensor]]) -> bool:
+    def grads_changed(params: list[Tensor], expected: list[Tensor | None]) -> bool:
         return not all(map(is_, map(attrgetter("grad"), params), expected))
 
 
@@ -75,9 +74,9 @@ class _Bucket:
 
     def __init__(self, group_index: int):
         self.group_index = group_index
-        self.backup: Optional[Tensor] = None
-        self.center: Optional[Tensor] = None
-        self.delta: Optional[Tensor] = None
+        self.backup: Tensor | None = None
+        self.center: Tensor | None = None
+        self.delta: Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -117,7 +116,7 @@ class ParamBucket(_Bucket):
         self.grad_views = []
         # What each .grad must be for the bucket to be in step with the parameters: its view once
         # bound, None before (and after the user dropped it).
-        self._expected_grads: list[Optional[Tensor]] = [None] * len(params)
+        self._expected_grads: list[Tensor | None] = [None] * len(params)
         self._n_bound = 0
         self._grad_mark = 0  # the grad buffer's version at `mark_grads`
         with torch.no_grad():
@@ -269,7 +268,7 @@ class ShardBucket(_Bucket):
         return grad is not marked or _local_version(grad) != version
 
 
-def _local_version(grad: Optional[Tensor]) -> Optional[int]:
+def _local_version(grad: Tensor | None) -> int | None:
     return None if grad is None else grad.to_local()._version
 
 

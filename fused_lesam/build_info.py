@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import torch
 
@@ -25,7 +24,7 @@ NO_RECORD = (
 )
 
 
-def record() -> Optional[dict]:
+def record() -> dict | None:
     """The build record, or None when there is none (see NO_RECORD)."""
     try:
         with open(RECORD) as f:

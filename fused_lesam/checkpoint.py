@@ -8,7 +8,7 @@ with values the optimizer refuses, is refused before anything changes.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from .checks import check_base_hypers
 
@@ -44,7 +44,7 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
     opt.skipped_steps.copy_(ours["skipped_steps"])
 
 
-def loadable(opt, state_dict: dict[str, Any]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+def loadable(opt, state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(the state dict for the base, our counters or None for a plain torch optimizer's), after
     every check that can fail: loading must not stop half way and leave the optimizer broken."""
     state_dict = dict(state_dict)

@@ -11,7 +11,7 @@ import inspect
 import math
 import numbers
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,14 +62,14 @@ def plain_numbers(group: dict[str, Any], names: tuple[str, ...]) -> None:
             group[name] = float(value)
 
 
-def check_max_grad_norm(value: Optional[float]) -> None:
+def check_max_grad_norm(value: float | None) -> None:
     if value is not None and not torch.compiler.is_compiling():
         check_value(
             "max_grad_norm", value, is_real(value) and math.isfinite(value) and value > 0, "a finite number > 0"
         )
 
 
-def check_schedule(total: Optional[int], anneal: int, warmup: int = 0, *, suffix: str = "") -> None:
+def check_schedule(total: int | None, anneal: int, warmup: int = 0, *, suffix: str = "") -> None:
     """ValueError naming the argument when a schedule's lengths do not fit together. The arguments
     are named total, anneal and warmup, the first two with ``suffix`` (FusedLESAM's are *_steps)."""
     total_name, anneal_name = f"total{suffix}", f"anneal{suffix}"
@@ -168,7 +168,7 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
-def check_base_hypers(group: dict[str, Any], ours: tuple[str, ...], on_device: Optional[list[Tensor]] = None) -> None:
+def check_base_hypers(group: dict[str, Any], ours: tuple[str, ...], on_device: list[Tensor] | None = None) -> None:
     """ValueError naming a non-finite number among the base optimizer's values of a param group
     (``lr=nan`` or ``inf`` would turn every parameter into NaN in one step; torch's optimizers take
     them). Our own hyperparameters (``ours``) have their own checks. A tensor value on the CPU is
@@ -230,7 +230,7 @@ def _on_parameter_registered(module: torch.nn.Module, name: str, param: Any) -> 
         optimizer._replaced_params.append((weakref.ref(module), name, old))
 
 
-def replaced_params_error(replaced: list) -> Optional[str]:
+def replaced_params_error(replaced: list) -> str | None:
     """The error for parameters replaced in their modules (see `watch_params`), or None when every
     one was put back since (``replaced`` is pruned of those)."""
     still = [(m, name, old) for m, name, old in replaced if m() is not None and m()._parameters.get(name) is not old]

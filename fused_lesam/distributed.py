@@ -9,7 +9,8 @@ here: its backward all-reduces the gradients, so every rank holds the same ones 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,7 @@ from .buckets import ShardBucket
 __all__ = ["shard_group", "reduce_buckets", "unsynced_backward", "average_centers", "sum_over_ranks"]
 
 
-def shard_group(buckets: list) -> Optional[Any]:
+def shard_group(buckets: list) -> Any | None:
     """The process group the norm is summed over: that of the mesh of sharded (FSDP2) buckets, which
     hold a part of the model each; None for ordinary buckets."""
     return buckets[0].mesh.get_group() if buckets and isinstance(buckets[0], ShardBucket) else None
@@ -30,7 +31,7 @@ def reduce_buckets(
     ops_of: dict[torch.device, Any],
     buckets: list,
     main_device: torch.device,
-    group: Optional[Any],
+    group: Any | None,
     partial: Callable[[Any, list], Tensor],
 ) -> Tensor:
     """``partial(ops, buckets)`` for each device's buckets, summed on the main device, and over the
@@ -64,7 +65,7 @@ def average_centers(buckets: list, combine: list) -> None:
             bucket.center.div_(world)
 
 
-def sum_over_ranks(values: Tensor, group: Optional[Any]) -> None:
+def sum_over_ranks(values: Tensor, group: Any | None) -> None:
     """Sum ``values`` over the ranks in place when torch.distributed runs with more than one."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(values, group=group)

@@ -21,8 +21,9 @@ restore (base_update.py), the reductions over devices and ranks (distributed.py)
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from itertools import chain
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,9 +56,9 @@ class _Progress:
         self.count = 0  # completed steps: t of the schedule (capturable: the device copy is authoritative)
         self.perturbed = False
         self.ascents = 0  # perturbation (ascent) steps taken in the current step: 1 for SAM and LE-SAM
-        self.first_sq: Optional[Tensor] = None  # the first pass's squared norm, for the skip decision
+        self.first_sq: Tensor | None = None  # the first pass's squared norm, for the skip decision
         self.device_hypers: list[Tensor] = []  # base hyperparameters held as accelerator tensors, for the skip
-        self.combine: list[Optional[tuple[float, float]]] = []  # LE-SAM+ coefficients per bucket
+        self.combine: list[tuple[float, float] | None] = []  # LE-SAM+ coefficients per bucket
         self.local_pending = False  # set by local_first_pass, taken by the next first_step
         self.local = False
         self.in_step = False  # inside step(closure), whose hooks torch's wrapper fires
@@ -95,7 +96,7 @@ class SharpnessAware(torch.optim.Optimizer):
     def __init__(
         self,
         params,
-        base: Optional[Callable[..., torch.optim.Optimizer]],
+        base: Callable[..., torch.optim.Optimizer] | None,
         hyper: dict[str, Any],
         backend: str,
         capturable: bool = False,
@@ -131,7 +132,8 @@ class SharpnessAware(torch.optim.Optimizer):
         if capturable and self.base_update != "fused" and not skip.can_skip_on_device(self.base):
             raise ValueError(
                 f"capturable=True needs a base update that can skip a non-finite step on the device: the fused one "
-                f"(base torch.optim.SGD/Adam/AdamW) or a base with fused=True; {type(self.base).__name__}({base_kwargs}) would "
+                f"(base torch.optim.SGD/Adam/AdamW) or a base with fused=True; "
+                f"{type(self.base).__name__}({base_kwargs}) would "
                 f"need a host sync to skip"
             )
 
@@ -140,7 +142,7 @@ class SharpnessAware(torch.optim.Optimizer):
         self._buckets: list[ParamBucket | ShardBucket] = build_buckets(self.param_groups)
         if not hasattr(self, "_replaced_params"):
             self._replaced_params: list = []  # (module, name, old parameter), appended by checks.watch_params' hook
-            self._superseded_by: Optional[str] = None  # set by checks.watch_params: a newer optimizer took the params
+            self._superseded_by: str | None = None  # set by checks.watch_params: a newer optimizer took the params
         watch_params(self, [p for group in self.param_groups for p in group["params"]])
         self._mark_grads()
         self._shard_group = distributed.shard_group(self._buckets)
@@ -167,7 +169,7 @@ class SharpnessAware(torch.optim.Optimizer):
             raise ValueError(f"base_update='fused' is not possible: {why}; use base_update='auto' or 'generic'")
         if self._base_update_request == "generic" or kind is None:
             self.base_update = "generic"
-            self._fused_update: Optional[FusedBaseUpdate] = None
+            self._fused_update: FusedBaseUpdate | None = None
             self.base_update_reason = why or "base_update='generic' was asked for"
             return
         self.base_update = "fused"
@@ -211,7 +213,7 @@ class SharpnessAware(torch.optim.Optimizer):
         sigma_t may be a 0-d float64 tensor on the main device (capturable schedules)."""
         raise NotImplementedError
 
-    def _center_coefs(self, group: dict[str, Any]) -> Optional[tuple[float, float]]:
+    def _center_coefs(self, group: dict[str, Any]) -> tuple[float, float] | None:
         """(ghat_coef, center_coef) when the group combines with the first gradient, else None."""
         return None
 
@@ -238,7 +240,7 @@ class SharpnessAware(torch.optim.Optimizer):
         return {d: t if d == self._main_device else t.to(d) for d in self._ops}
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+    def first_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
         """Perturb the parameters to w + eps using the gradient at w (the caller's first backward).
 
         With ``grad_scaler`` (fp16 training with ``torch.amp.GradScaler``), the first backward's
@@ -337,8 +339,8 @@ class SharpnessAware(torch.optim.Optimizer):
     def second_step(
         self,
         zero_grad: bool = False,
-        grad_scaler: Optional["torch.amp.GradScaler"] = None,
-        max_grad_norm: Optional[float] = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         """Restore w exactly, combine gradients for LE-SAM+, and let the base optimizer step with g_hat.
 
@@ -391,7 +393,7 @@ class SharpnessAware(torch.optim.Optimizer):
         for bucket in self._buckets:
             bucket.grad.mul_(coef_on[bucket.device].to(bucket.grad.dtype))
 
-    def _take_final_grads(self, grad_scaler: Optional["torch.amp.GradScaler"]) -> None:
+    def _take_final_grads(self, grad_scaler: torch.amp.GradScaler | None) -> None:
         """The last backward's gradients, unscaled (through the base optimizer, see second_step) and
         bound into the flat grad buffers."""
         skip.unscale(grad_scaler, self.base)  # the second pass's inf check, recorded under the base
@@ -454,8 +456,8 @@ class SharpnessAware(torch.optim.Optimizer):
 
     @contextlib.contextmanager
     def perturbed(
-        self, grad_scaler: Optional["torch.amp.GradScaler"] = None, max_grad_norm: Optional[float] = None
-    ) -> Iterator["SharpnessAware"]:
+        self, grad_scaler: torch.amp.GradScaler | None = None, max_grad_norm: float | None = None
+    ) -> Iterator[SharpnessAware]:
         """``with opt.perturbed(): <second forward + backward>``: the whole sharpness-aware step.
 
         Entering perturbs (first_step, grads zeroed); leaving normally finishes the step
@@ -474,9 +476,9 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def step(
         self,
-        closure: Optional[Callable[[], Any]] = None,
-        grad_scaler: Optional["torch.amp.GradScaler"] = None,
-        max_grad_norm: Optional[float] = None,
+        closure: Callable[[], Any] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        max_grad_norm: float | None = None,
     ) -> Any:
         """One step. ``closure`` does a forward and backward and may return the loss.
 
@@ -502,7 +504,7 @@ class SharpnessAware(torch.optim.Optimizer):
         return loss if first_loss is NO_LOSS else first_loss
 
     def _check_step_call(
-        self, closure: Optional[Callable[[], Any]], grad_scaler: Optional["torch.amp.GradScaler"]
+        self, closure: Callable[[], Any] | None, grad_scaler: torch.amp.GradScaler | None
     ) -> Callable[[], Any]:
         if closure is None:
             with_scaler = (

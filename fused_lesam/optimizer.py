@@ -5,7 +5,8 @@ hyperparameters, their checks, and how it finds the radius each step.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,15 +48,15 @@ class FusedLESAM(SharpnessAware):
     def __init__(
         self,
         params,
-        base: Optional[Callable[..., torch.optim.Optimizer]] = None,
+        base: Callable[..., torch.optim.Optimizer] | None = None,
         *,
         sigma: float = 0.35,
-        rho_max: Optional[float] = 0.4,
+        rho_max: float | None = 0.4,
         varrho: float = 1e-12,
         alpha: float = 0.0,
         alpha_form: str = "paper",
         adaptive: bool = False,
-        total_steps: Optional[int] = None,
+        total_steps: int | None = None,
         anneal_steps: int = 0,
         backend: str = "auto",
         capturable: bool = False,
@@ -120,7 +121,7 @@ class FusedLESAM(SharpnessAware):
         index = (self._device_count - start + 1).clamp(0, self.anneal_steps)
         return table.gather(0, index.view(1)).view(())  # a gather, not table[index]: no data-dependent shape to trace
 
-    def _center_coefs(self, group: dict[str, Any]) -> Optional[tuple[float, float]]:
+    def _center_coefs(self, group: dict[str, Any]) -> tuple[float, float] | None:
         alpha = group["alpha"]
         if alpha == 0:
             return None
@@ -139,7 +140,7 @@ class FusedSAM(SharpnessAware):
     def __init__(
         self,
         params,
-        base: Optional[Callable[..., torch.optim.Optimizer]] = None,
+        base: Callable[..., torch.optim.Optimizer] | None = None,
         *,
         rho: float = 0.05,
         adaptive: bool = False,

@@ -11,15 +11,13 @@ sees both inf checks.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 __all__ = ["unscale", "skip_flag", "can_skip_on_device", "prepare_device_skip", "base_state_ready", "base_step"]
 
 
-def unscale(grad_scaler: Optional[torch.amp.GradScaler], optimizer: torch.optim.Optimizer) -> None:
+def unscale(grad_scaler: torch.amp.GradScaler | None, optimizer: torch.optim.Optimizer) -> None:
     """``grad_scaler.unscale_(optimizer)``, unless the user called it in this iteration already
     (to clip the gradient, say): a second unscale_ would be an error."""
     if grad_scaler is None:

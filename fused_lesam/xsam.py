@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,7 +56,7 @@ class FusedXSAM(SharpnessAware):
     def __init__(
         self,
         params,
-        base: Optional[Callable[..., torch.optim.Optimizer]] = None,
+        base: Callable[..., torch.optim.Optimizer] | None = None,
         *,
         rho: float = 0.15,
         steps: int = 1,
@@ -136,7 +137,7 @@ class FusedXSAM(SharpnessAware):
         return math.inf, group["rho"] / self.steps, 1.0  # a fixed step: SAM's perturbation, length rho / k
 
     # ------------------------------------------------------------------ the step
-    def first_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+    def first_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
         """The first ascent step, from the gradient at w_0 (the caller's first backward); it writes
         the exact backup of w_0. ``grad_scaler`` only with steps=1 (GradScaler unscales once per pass
         of an optimizer, and the later ascent steps have none)."""
@@ -184,7 +185,7 @@ class FusedXSAM(SharpnessAware):
             lambda ops, mine: ops.xsam_dots([b.param for b in mine], [b.backup for b in mine], [b.grad for b in mine])
         )
 
-    def _check_search(self, search_alpha: Optional[Callable[[], Any]]) -> None:
+    def _check_search(self, search_alpha: Callable[[], Any] | None) -> None:
         if search_alpha is not None and not self.dynamic:
             raise ValueError("search_alpha is for dynamic=True: with a fixed alpha there is nothing to search")
 
@@ -222,9 +223,9 @@ class FusedXSAM(SharpnessAware):
     def second_step(
         self,
         zero_grad: bool = False,
-        grad_scaler: Optional["torch.amp.GradScaler"] = None,
-        search_alpha: Optional[Callable[[], Any]] = None,
-        max_grad_norm: Optional[float] = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        search_alpha: Callable[[], Any] | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         """After the last backward (g_hat at w_k): with ``search_alpha`` (dynamic mode) choose alpha;
         then restore w_0 exactly, write ||g_hat|| d(alpha) into the gradient, and base-step."""
@@ -286,7 +287,7 @@ class FusedXSAM(SharpnessAware):
         )
 
     @contextlib.contextmanager
-    def perturbed(self, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Iterator["FusedXSAM"]:
+    def perturbed(self, grad_scaler: torch.amp.GradScaler | None = None) -> Iterator[FusedXSAM]:
         if self.steps != 1:
             raise RuntimeError(f"perturbed() covers one ascent step; with steps={self.steps} use step(closure)")
         with super().perturbed(grad_scaler) as opt:
@@ -294,9 +295,9 @@ class FusedXSAM(SharpnessAware):
 
     def step(
         self,
-        closure: Optional[Callable[[], Any]] = None,
-        grad_scaler: Optional["torch.amp.GradScaler"] = None,
-        search_alpha: Optional[Callable[[], Any]] = None,
+        closure: Callable[[], Any] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        search_alpha: Callable[[], Any] | None = None,
     ) -> Any:
         """One XSAM step. The first backward (at w_0) is done by the caller; ``closure`` redoes the
         forward and backward and runs once per ascent step (at w_1, ..., w_k); its last loss is

@@ -14,11 +14,11 @@ import math
 
 import pytest
 import torch
+from helpers.asserts import assert_bits_equal, assert_close
+from helpers.models import loss_fn, make_batches, sam_step, through_bytes
 from torch import nn
 
 from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM, available_backends
-from helpers.asserts import assert_bits_equal, assert_close
-from helpers.models import loss_fn, make_batches, sam_step, through_bytes
 
 BACKENDS = [b for b in ("torch", "cpp") if not available_backends()[b]]
 
@@ -281,7 +281,7 @@ def test_add_param_group_keeps_the_state():
         for model, opt in zip(models, opts):
             sam_step(model, opt, x, y)
     kept = {p: {k: v.clone() for k, v in opts[0].state[p].items()} for p in models[0].head.parameters()}
-    for model, opt in zip(models, opts):
+    for opt in opts:
         opt.add_param_group({"params": list(nn.Linear(3, 3, dtype=torch.float64).parameters()), "lr": 0.1})
     for p, state in kept.items():
         for key, value in state.items():

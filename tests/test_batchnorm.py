@@ -31,7 +31,7 @@ def test_flags_restored_when_the_block_raises():
     net = model().train()
     with pytest.raises(ZeroDivisionError):
         with frozen_bn_stats(net):
-            1 / 0
+            _ = 1 / 0
     assert net[1].track_running_stats and net[3].track_running_stats
 
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from models import MODELS, param_shapes
 
 
@@ -32,7 +31,7 @@ def resnet18_count(classes=100):
 def wrn_count(depth=28, widen=10, classes=100):
     total, cin = conv(3, 16), 16
     for width in (16 * widen, 32 * widen, 64 * widen):
-        for block in range((depth - 4) // 6):
+        for _ in range((depth - 4) // 6):
             total += bn(cin) + conv(cin, width) + bn(width) + conv(width, width)
             if cin != width:
                 total += conv(cin, width, 1)

@@ -11,23 +11,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-
 import baselines
 import epoch_time
 import models
+import numpy as np
+import pytest
 import radius_dynamics
 import report
 import test_step_overhead
+import torch
 from common import CIFAR_MEAN, CIFAR_STD, Batches
+from helpers.asserts import assert_close
+from helpers.models import SmallConvNet, make_batches, sam_step
 from models import param_shapes
 
 import fused_lesam
 from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM
-from helpers.asserts import assert_close
-from helpers.models import make_batches, sam_step, SmallConvNet
 
 
 @pytest.fixture(autouse=True)

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from helpers.models import SmallConvNet, loss_fn, make_batches, sam_step
 
 from fused_lesam import FusedLESAM
 from fused_lesam.buckets import ALIGN
-from helpers.models import loss_fn, make_batches, sam_step, SmallConvNet
 
 
 def test_layout_aligned_zero_padded_and_values_preserved():

@@ -11,9 +11,9 @@ import copy
 
 import pytest
 import torch
+from helpers.models import SmallConvNet, groups_of, loss_fn, make_batches, sam_step, through_bytes
 
 from fused_lesam import FusedLESAM, FusedSAM, available_backends
-from helpers.models import groups_of, loss_fn, make_batches, sam_step, SmallConvNet, through_bytes
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
 STEPS = 10

@@ -4,9 +4,9 @@ import copy
 import warnings
 
 import torch
+from helpers.models import SmallConvNet, make_batches, sam_step, through_bytes
 
 from fused_lesam import FusedLESAM, SigmaAnnealing
-from helpers.models import make_batches, sam_step, SmallConvNet, through_bytes
 
 OPT_KW = dict(
     lr=0.05, momentum=0.9, weight_decay=5e-3, sigma=0.35, rho_max=0.4, alpha=0.3, total_steps=12, anneal_steps=6

@@ -4,15 +4,14 @@ second_step compiles too, and its only graph breaks are the ones torch's own opt
 their step (torch also declines to trace its fused optimizers' kernels). The compiled steps equal
 the eager ones. capturable=True (tests/test_capturable.py) keeps one graph through an annealing."""
 
-import os
-
 import copy
+import os
 
 import pytest
 import torch
+from helpers.models import SmallConvNet, loss_fn, make_batches, sam_step
 
 from fused_lesam import FusedLESAM, FusedXSAM
-from helpers.models import loss_fn, make_batches, sam_step, SmallConvNet
 
 BACKENDS = ["torch", "cpp"]  # Triton's interpreter cannot run under fake tensors: its compile test is a GPU test
 

@@ -10,10 +10,10 @@ import copy
 
 import pytest
 import torch
+from helpers.asserts import assert_close
+from helpers.models import SmallConvNet, loss_fn, make_batches, sam_step
 
 from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM, available_backends
-from helpers.asserts import assert_close
-from helpers.models import loss_fn, make_batches, sam_step, SmallConvNet
 
 pytestmark = pytest.mark.cuda
 

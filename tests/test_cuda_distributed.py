@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from helpers.asserts import assert_close
+from helpers.ddp_cases import HYPER, XSAM_HYPER, batches, mlp
 from torch.nn.parallel import DistributedDataParallel
 
 from fused_lesam import FusedLESAM, FusedXSAM, available_backends
 from fused_lesam.backends import resolve
-from helpers.asserts import assert_close
-from helpers.ddp_cases import batches, HYPER, mlp, XSAM_HYPER
 
 pytestmark = pytest.mark.cuda
 

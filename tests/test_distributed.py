@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers.ddp_cases import HYPER, XSAM_HYPER, batches, mlp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fused_lesam import FusedLESAM, FusedXSAM
-from helpers.ddp_cases import batches, HYPER, mlp, XSAM_HYPER
 
 WORLD = 2
 

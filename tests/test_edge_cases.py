@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
+from helpers.models import SmallConvNet, loss_fn, make_batches, sam_step
 
 from fused_lesam import FusedLESAM, FusedSAM
-from helpers.models import loss_fn, make_batches, sam_step, SmallConvNet
 
 
 def snapshot(model):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers.models import SmallConvNet, loss_fn, make_batches, sam_step
 
 from fused_lesam import FusedLESAM, FusedSAM, backends
-from helpers.models import loss_fn, make_batches, sam_step, SmallConvNet
 
 
 def params():

@@ -11,11 +11,10 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-import torch
-
 import gpu_check
+import pytest
 import sanitize_ops
+import torch
 from gpu_check import Part, Step
 
 PYTHON = sys.executable
@@ -285,7 +284,7 @@ SANITIZER_ERRORS = """========= COMPUTE-SANITIZER
 =========     at void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int, float)+0x80
 SANITIZE_OPS_COVERED perturb_,restore_,sq_norm
 ========= ERROR SUMMARY: 2 errors
-"""
+"""  # noqa: E501 (a sanitizer report as printed)
 
 
 def test_sanitizer_reports_are_parsed():

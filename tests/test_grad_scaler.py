@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.models import SmallConvNet, make_batches
 
 from fused_lesam import FusedLESAM, FusedXSAM, available_backends, frozen_bn_stats
-from helpers.models import make_batches, SmallConvNet
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
 KINDS = {  # optimizer class and its hyperparameters (XSAM: one ascent step, the scaler's case)

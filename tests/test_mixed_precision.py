@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from helpers.asserts import assert_close
+from helpers.models import SmallConvNet, make_batches, sam_step
+from reference.lesam_loop import ReferenceSAM
 
 from fused_lesam import FusedLESAM, available_backends
-from reference.lesam_loop import ReferenceSAM
-from helpers.asserts import assert_close
-from helpers.models import make_batches, sam_step, SmallConvNet
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
 

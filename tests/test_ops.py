@@ -11,34 +11,33 @@ GPU backends run the same tests on CUDA tensors (marked ``cuda``, skipped withou
 """
 
 import math
-import os
 
 import pytest
 import torch
-
-from fused_lesam import maths
-from fused_lesam.backends import resolve, spec
 from helpers.asserts import assert_bits_equal, assert_close, assert_sum_close
 from helpers.op_cases import (
-    assert_same_bits_with_any_thread_count,
-    clone_at,
     DTYPES,
-    exact_sum,
-    integer_bucket,
-    largest_size,
     LESAM,
     OFFSETS,
     RADII,
-    random_bucket,
     REDUCTION_TARGETS,
     REGIMES,
+    TRACEABLE,
+    assert_same_bits_with_any_thread_count,
+    clone_at,
+    exact_sum,
+    integer_bucket,
+    largest_size,
+    random_bucket,
     sq_parts,
     sq_terms,
     summation_depth,
     targets,
     targets_and_sizes,
-    TRACEABLE,
 )
+
+from fused_lesam import maths
+from fused_lesam.backends import resolve, spec
 
 
 def run_perturb(ops, w, g, sq, radius, adaptive, with_center, offset, sigma_t=None):

@@ -7,10 +7,10 @@ opcheck and errors that name the argument. A backend without these ops fails wit
 
 import pytest
 import torch
+from helpers.asserts import TOLERANCES, assert_bits_equal
+from helpers.op_cases import DTYPES, OFFSETS, TARGETS, TRACEABLE, clone_at, random_bucket, targets
 
-from fused_lesam.backends import spec, resolve
-from helpers.asserts import assert_bits_equal, TOLERANCES
-from helpers.op_cases import clone_at, DTYPES, OFFSETS, random_bucket, TARGETS, targets, TRACEABLE
+from fused_lesam.backends import resolve, spec
 
 # test_ops' sizes per target, with buckets over a million elements cut to 2^18 + 3: still several
 # CPU tasks (kGrain = 32768) and many GPU blocks, and a quarter of the run time (the spec and the

@@ -7,26 +7,26 @@ import math
 
 import pytest
 import torch
-
-from fused_lesam import maths
-from fused_lesam.backends import resolve, spec
 from helpers.asserts import assert_bits_equal, assert_close, assert_sum_close
 from helpers.op_cases import (
+    DTYPES,
+    LESAM,
+    OFFSETS,
+    REDUCTION_TARGETS,
+    TRACEABLE,
     assert_same_bits_with_any_thread_count,
     clone_at,
-    DTYPES,
     exact_sum,
     integer_bucket,
     largest_size,
-    LESAM,
-    OFFSETS,
     random_bucket,
-    REDUCTION_TARGETS,
     summation_depth,
     targets,
     targets_and_sizes,
-    TRACEABLE,
 )
+
+from fused_lesam import maths
+from fused_lesam.backends import resolve, spec
 
 
 def coefs_for(device, dtype=torch.float32):

@@ -3,16 +3,19 @@ and for the per-tensor reference loop alike (which checks the reference too)."""
 
 import pytest
 import torch
+from reference.lesam_loop import ReferenceSAM
 
 from fused_lesam import FusedLESAM, FusedSAM
-from reference.lesam_loop import ReferenceSAM
 
 
 def one_step(make_opt, w0, a, lr=0.1):
     w = torch.nn.Parameter(torch.tensor(w0))
     a = torch.tensor(a)
     opt = make_opt([w], lr)
-    loss = lambda: 0.5 * (a * w * w).sum()
+
+    def loss():
+        return 0.5 * (a * w * w).sum()
+
     loss().backward()
     opt.first_step(zero_grad=True)
     perturbed = w.detach().clone()

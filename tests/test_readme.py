@@ -8,7 +8,6 @@ a GPU (capture is CUDA's) and runs in the `cuda`-marked test, with the warm-up i
 After each block the test checks that the optimizer stepped and the parameters moved, finitely.
 """
 
-import copy
 import re
 import textwrap
 from pathlib import Path
@@ -16,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.models import make_batches, SmallConvNet
-
+from helpers.models import SmallConvNet, make_batches
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -110,6 +108,7 @@ def test_readme_ddp_block_runs():
     backward; tests/test_distributed.py checks the maths with two processes)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+
     from fused_lesam import FusedLESAM
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

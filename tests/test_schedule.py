@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from helpers.models import SmallConvNet, make_batches, sam_step
 
 from fused_lesam import FusedLESAM, SigmaAnnealing, sigma_at
-from helpers.models import make_batches, sam_step, SmallConvNet
 
 # total = 10, anneal = 5: held at sigma0 for t = 0..5, cosine over t = 5..9, 0 from t = 9 on.
 C = 0.5 * (1 + math.cos(math.pi / 4))  # 0.8535...

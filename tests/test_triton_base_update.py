@@ -9,10 +9,10 @@ the same sizes around the blocks as tests/test_ops.py; on a GPU machine they run
 
 import pytest
 import torch
-
-from fused_lesam.backends import spec, resolve
 from helpers.asserts import assert_bits_equal, assert_close
-from helpers.op_cases import clone_at, OFFSETS, random_bucket, targets, targets_and_sizes
+from helpers.op_cases import OFFSETS, clone_at, random_bucket, targets, targets_and_sizes
+
+from fused_lesam.backends import resolve, spec
 
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]  # fp64 buckets take the spec ops
 TRITON = [t for t in targets() if t.values[0] == "triton"]
@@ -262,7 +262,8 @@ def test_float64_buckets_take_the_spec_ops(backend, device):
 
 
 # ---------------------------------------------------------------------- errors and registration
-def _sgd_call(param_size=8, buf="given", found_inf=torch.tensor(0.0), momentum=0.9):
+def _sgd_call(param_size=8, buf="given", found_inf=None, momentum=0.9):
+    found_inf = torch.tensor(0.0) if found_inf is None else found_inf
     b = torch.zeros(8)
     return lambda ops: ops.sgd_step_(
         torch.zeros(param_size),
@@ -283,7 +284,8 @@ def _sgd_call(param_size=8, buf="given", found_inf=torch.tensor(0.0), momentum=0
     )
 
 
-def _adam_call(vmax=None, step=torch.tensor(1.0)):
+def _adam_call(vmax=None, step=None):
+    step = torch.tensor(1.0) if step is None else step
     b = torch.zeros(8)
     return lambda ops: ops.adam_step_(
         torch.zeros(8),

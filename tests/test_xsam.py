@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-
-from fused_lesam import FusedSAM, FusedXSAM, available_backends, frozen_bn_stats
-from fused_lesam import maths
-from reference.xsam_loop import ReferenceXSAM
 from helpers.asserts import assert_close
-from helpers.models import groups_of, loss_fn, make_batches, sam_step, SmallConvNet, through_bytes
+from helpers.models import SmallConvNet, groups_of, loss_fn, make_batches, sam_step, through_bytes
+from reference.xsam_loop import ReferenceXSAM
+
+from fused_lesam import FusedSAM, FusedXSAM, available_backends, frozen_bn_stats, maths
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
 STEPS = 8
@@ -39,7 +38,7 @@ def xsam_step(model, opt, x, y, search=False):
 
 def loop_step(model, loop, x, y, search=None):
     loss_fn(model, x, y).backward()
-    for i in range(loop.steps):
+    for _ in range(loop.steps):
         loop.ascend()
         with frozen_bn_stats(model):
             loss_fn(model, x, y).backward()

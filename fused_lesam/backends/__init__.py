@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -20,7 +20,7 @@ from .. import build_info
 
 # name -> (module that implements the ops, device types it runs on; None: any device). The compiled
 # module serves two backends: it makes each with `backend(name)`.
-_MODULES: dict[str, tuple[str, Optional[frozenset[str]]]] = {
+_MODULES: dict[str, tuple[str, frozenset[str] | None]] = {
     "torch": ("fused_lesam.backends.spec", None),
     "cpp": ("fused_lesam.backends.compiled", frozenset({"cpu"})),
     "cuda": ("fused_lesam.backends.compiled", frozenset({"cuda"})),
@@ -34,7 +34,7 @@ EXTENSION = "fused_lesam._C"
 _COMPILED = "fused_lesam.backends.compiled"
 
 
-def _load(name: str) -> tuple[Optional[Any], str]:
+def _load(name: str) -> tuple[Any | None, str]:
     """(backend, "") when the backend can be used, else (None, why not)."""
     module_name, _ = _MODULES[name]
     try:
@@ -70,7 +70,7 @@ def extension_error() -> str:
     return ""
 
 
-def _device_types(name: str) -> Optional[frozenset[str]]:
+def _device_types(name: str) -> frozenset[str] | None:
     devices = _MODULES[name][1]
     if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
         return devices | {"cpu"}  # Triton's interpreter runs the kernels on CPU tensors (the tests do)
@@ -83,7 +83,8 @@ def available_backends() -> dict[str, str]:
 
 
 def resolve(name: str, device: torch.device) -> Any:
-    """The backend (its ops as attributes) for ``name`` ("auto" or one of `NAMES`) on ``device``; a clear error if unusable."""
+    """The backend (its ops as attributes) for ``name`` ("auto" or one of `NAMES`) on ``device``; a
+    clear error if unusable."""
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             module, _ = _load(candidate)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ def require_kernels(dispatch_key: str) -> None:
 
 
 @torch.library.register_fake("fused_lesam::sq_norm")
-def _sq_norm_fake(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) -> Tensor:
+def _sq_norm_fake(grads: Sequence[Tensor], weights: Sequence[Tensor | None]) -> Tensor:
     return grads[0].new_empty((), dtype=sum_dtype(grads))
 
 

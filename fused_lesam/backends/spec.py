@@ -15,7 +15,7 @@ radius, XSAM's slerp coefficients) are computed by ``fused_lesam.maths``, for ev
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from ..maths import acc_dtype, radius_and_scale, sum_dtype
 NAME = "torch"
 
 
-def sq_norm(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) -> Tensor:
+def sq_norm(grads: Sequence[Tensor], weights: Sequence[Tensor | None]) -> Tensor:
     """Sum over buckets of sum((|w| * g)^2), or of sum(g^2) where the weight is None.
 
     ``weights[i]`` is the parameter bucket of an adaptive (ASAM) group, else None. Returns a 0-d
@@ -44,14 +44,14 @@ def sq_norm(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) -> Ten
 def perturb_(
     param: Tensor,
     grad: Tensor,
-    backup: Optional[Tensor],
+    backup: Tensor | None,
     sq: Tensor,
     sigma: float,
     rho_max: float,
     varrho: float,
     adaptive: bool,
-    center: Optional[Tensor] = None,
-    sigma_t: Optional[Tensor] = None,
+    center: Tensor | None = None,
+    sigma_t: Tensor | None = None,
 ) -> Tensor:
     """backup <- w (if given); w <- w + eps with eps = s*g (s*w*w*g if adaptive); center <- g if given.
 
@@ -82,7 +82,7 @@ def restore_(
     param: Tensor,
     backup: Tensor,
     grad: Tensor,
-    center: Optional[Tensor],
+    center: Tensor | None,
     ghat_coef: float,
     center_coef: float,
 ) -> None:
@@ -114,7 +114,7 @@ def xsam_dots(params: Sequence[Tensor], backups: Sequence[Tensor], grads: Sequen
     return torch.stack(sums).sum(0)
 
 
-def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Optional[Tensor], coefs: Tensor) -> None:
+def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor | None, coefs: Tensor) -> None:
     """g <- c0 * D + c1 * g with D = delta if given, else param - backup; then w <- backup (bit-exact).
 
     ``coefs`` is the (2,) tensor of `slerp_coefficients` (length ||g||: XSAM's update gradient)."""
@@ -146,7 +146,7 @@ def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coef
 
 
 def _final_grad(
-    grad: Tensor, center: Optional[Tensor], ghat_coef: float, center_coef: float, maximize: bool, dtype: torch.dtype
+    grad: Tensor, center: Tensor | None, ghat_coef: float, center_coef: float, maximize: bool, dtype: torch.dtype
 ) -> Tensor:
     """The gradient the base optimizer steps with: the LE-SAM+ combine, then maximize's sign."""
     g = grad.to(dtype)
@@ -171,8 +171,8 @@ def sgd_step_(
     param: Tensor,
     backup: Tensor,
     grad: Tensor,
-    momentum_buffer: Optional[Tensor],
-    center: Optional[Tensor],
+    momentum_buffer: Tensor | None,
+    center: Tensor | None,
     found_inf: Tensor,
     lr: float,
     momentum: float,
@@ -214,8 +214,8 @@ def adam_step_(
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    max_exp_avg_sq: Optional[Tensor],
-    center: Optional[Tensor],
+    max_exp_avg_sq: Tensor | None,
+    center: Tensor | None,
     step: Tensor,
     found_inf: Tensor,
     lr: float,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from typing import Optional
 
 import torch
 import triton
@@ -167,7 +166,7 @@ def _restore_kernel(
         tl.store(g_ptr + offsets, _narrow(combined, ghat.dtype), mask=mask)
 
 
-def _check(op: str, name: str, t: Tensor, like: Optional[Tensor] = None, like_name: str = "") -> None:
+def _check(op: str, name: str, t: Tensor, like: Tensor | None = None, like_name: str = "") -> None:
     """The checks of the C++ ops (csrc/bucket_args.h), with the same messages."""
     where = f"fused_lesam_triton::{op}: {name}"
     if t.dtype not in BUCKET_DTYPES:
@@ -184,7 +183,7 @@ def _check(op: str, name: str, t: Tensor, like: Optional[Tensor] = None, like_na
         raise RuntimeError(f"{where} is on {t.device} but {like_name} is on {like.device}")
 
 
-def _check_buckets(op: str, param: Tensor, flat: bool = False, **others: Optional[Tensor]) -> None:
+def _check_buckets(op: str, param: Tensor, flat: bool = False, **others: Tensor | None) -> None:
     """The prologue of every element-wise op: ``param`` and its other buckets (None: not given),
     each like ``param``; with ``flat``, 1-D as well (the base-update ops slice them)."""
     for name, t in {"param": param, **others}.items():
@@ -221,7 +220,7 @@ def _launch_elementwise(kernel, bucket: Tensor, *args, min_programs: int = 0, **
 
 
 @triton_op("fused_lesam_triton::sq_norm", mutates_args=())
-def sq_norm(grads: list[Tensor], weights: list[Optional[Tensor]]) -> Tensor:
+def sq_norm(grads: list[Tensor], weights: list[Tensor | None]) -> Tensor:
     if len(grads) != len(weights):
         raise RuntimeError(f"fused_lesam_triton::sq_norm: got {len(grads)} grad buckets but {len(weights)} weights")
     for i, (grad, weight) in enumerate(zip(grads, weights)):
@@ -256,14 +255,14 @@ def sq_norm(grads: list[Tensor], weights: list[Optional[Tensor]]) -> Tensor:
 def perturb_(
     param: Tensor,
     grad: Tensor,
-    backup: Optional[Tensor],
+    backup: Tensor | None,
     sq: Tensor,
     sigma: float,
     rho_max: float,
     varrho: float,
     adaptive: bool,
-    center: Optional[Tensor] = None,
-    sigma_t: Optional[Tensor] = None,
+    center: Tensor | None = None,
+    sigma_t: Tensor | None = None,
 ) -> Tensor:
     _check_buckets("perturb_", param, grad=grad, backup=backup, center=center)
     if sq.dim() != 0 or sq.dtype not in (torch.float32, torch.float64) or sq.device != param.device:
@@ -334,7 +333,7 @@ if torch.__version__ < (2, 14):
 
 @triton_op("fused_lesam_triton::restore_", mutates_args=("param", "grad"))
 def restore_(
-    param: Tensor, backup: Tensor, grad: Tensor, center: Optional[Tensor], ghat_coef: float, center_coef: float
+    param: Tensor, backup: Tensor, grad: Tensor, center: Tensor | None, ghat_coef: float, center_coef: float
 ) -> None:
     _check_buckets("restore_", param, backup=backup, grad=grad, center=center)
     if param.dtype == torch.float64:
@@ -470,7 +469,7 @@ def xsam_dots(params: list[Tensor], backups: list[Tensor], grads: list[Tensor]) 
 
 
 @triton_op("fused_lesam_triton::xsam_restore_", mutates_args=("param", "grad"))
-def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Optional[Tensor], coefs: Tensor) -> None:
+def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor | None, coefs: Tensor) -> None:
     _check_buckets("xsam_restore_", param, backup=backup, grad=grad, delta=delta)
     _check_coefs("xsam_restore_", coefs, param)
     if param.dtype == torch.float64:
@@ -670,7 +669,7 @@ def _halves(x: float) -> tuple[float, float]:
     return hi, _fp32(x - hi)
 
 
-def _check_given(op: str, name: str, t: Optional[Tensor], wanted: bool, when: str) -> None:
+def _check_given(op: str, name: str, t: Tensor | None, wanted: bool, when: str) -> None:
     """An optional state bucket is given exactly when its option is on (``when`` says which)."""
     if (t is not None) != wanted:
         raise RuntimeError(
@@ -695,8 +694,8 @@ def sgd_step_(
     param: Tensor,
     backup: Tensor,
     grad: Tensor,
-    momentum_buffer: Optional[Tensor],
-    center: Optional[Tensor],
+    momentum_buffer: Tensor | None,
+    center: Tensor | None,
     found_inf: Tensor,
     lr: float,
     momentum: float,
@@ -764,8 +763,8 @@ def adam_step_(
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    max_exp_avg_sq: Optional[Tensor],
-    center: Optional[Tensor],
+    max_exp_avg_sq: Tensor | None,
+    center: Tensor | None,
     step: Tensor,
     found_inf: Tensor,
     lr: float,
