@@ -1,5 +1,5 @@
 """torch.compile of the optimizer step: first_step traces as one graph (fullgraph=True), through the
-torch ops of the reference backend or the custom ops of the extension, so it holds no host sync;
+torch ops of the spec backend or the custom ops of the extension, so it holds no host sync;
 second_step compiles too, and its only graph breaks are the ones torch's own optimizers put around
 their step (torch also declines to trace its fused optimizers' kernels). The compiled steps equal
 the eager ones. capturable=True (tests/test_capturable.py) keeps one graph through an annealing."""
