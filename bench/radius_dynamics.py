@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import report
 import torch
 import torch.nn.functional as F
 from common import Progress, machine, results_dir, write_json
@@ -69,33 +70,6 @@ def train(make_opt, args, progress: Progress) -> dict[str, list[float]]:
     return dict(zip(("loss", "grad_norm", "rho", "sigma"), columns))
 
 
-def plot(runs: dict[str, dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
-    for label, run in runs.items():
-        steps = range(len(run["loss"]))
-        increase = [r * g for r, g in zip(run["rho"], run["grad_norm"])]
-        axes[0].plot(steps, run["grad_norm"], label=label)
-        axes[1].plot(steps, run["rho"], label=label)
-        axes[2].plot(steps, increase, label=label)
-        if "LE-SAM" in label:
-            axes[3].plot(steps, run["sigma"], label=label, color="tab:orange")
-    titles = ["gradient norm ||g||", "radius rho_t", "first-order loss increase rho_t ||g||", "loss budget sigma_t"]
-    for ax, title in zip(axes, titles):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-    handles, labels = axes[1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9)
-    fig.suptitle("synthetic data, small conv net: LE-SAM fixes the loss increase, SAM the radius", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -129,7 +103,7 @@ def main(argv=None) -> dict:
             )
     print(f"\n{len(runs)} runs of {args.steps} steps in {seconds:.1f} s; data: synthetic (class prototypes plus noise)")
     write_json("radius_dynamics.json", dict(machine=machine(torch.device(args.device)), config=vars(args), runs=runs))
-    plot(runs, results_dir() / "radius_dynamics.png")
+    report.plot_radius_dynamics(runs, results_dir() / "radius_dynamics.png")
     print(f"wrote {results_dir() / 'radius_dynamics.json'} and {results_dir() / 'radius_dynamics.png'}")
     return runs
 

@@ -1,6 +1,10 @@
-"""The step microbenchmark's arithmetic (bench/test_step_overhead.py): from the per-round times of
-its rows to the byte-limit fraction, the speed-ups, the pass/short decisions against issue 14's
-targets, and the printed tables. No timing here, so the tests can feed it made-up figures.
+"""The benchmarks' reports: what is printed, written and drawn from their figures. No timing here,
+so the tests can feed it made-up figures. The JSON files are written by common.write_json.
+
+The step microbenchmark (bench/test_step_overhead.py): from the per-round times of its rows to the
+byte-limit fraction, the speed-ups, the pass/short decisions against issue 14's targets, and the
+printed tables. The time per epoch (bench/epoch_time.py): its table and chart. The radius
+dynamics (bench/radius_dynamics.py): its chart.
 
 Byte model (fp32, per parameter and step; README "byte model", docs/design.md §3): the ideal whole step
 reads g for the norm (4), reads w, g and writes w, w_bak to perturb (16), and in one pass reads
@@ -13,6 +17,8 @@ machine's bandwidth, and (ideal bytes / copy bandwidth) / measured time is the f
 from __future__ import annotations
 
 import statistics
+
+from models import PAPER_NAMES
 
 COPY_BYTES = 8
 IDEAL_BYTES = {"sgd": 4 + 16 + 20, "adamw": 4 + 16 + 28}
@@ -207,3 +213,69 @@ def summary_line(reports: list[dict]) -> str:
     decided = [ok for r in reports for ours in r["ours"] if ours["default"] for ok in ours["verdicts"].values()]
     decided += [ok for key, ok in launches_independent_of_tensors(reports).items() if key.split("/")[0] == default]
     return f"targets met by the default backend ({default}): {sum(decided)} pass, {len(decided) - sum(decided)} short"
+
+
+# ---------------------------------------------------------------------- time per epoch (epoch_time.py)
+def epoch_table(results: list[dict]) -> str:
+    lines = [
+        "| Architecture | Optimizer | Time / Epoch (s) | vs SAM loop | optimizer share | paper (RTX 5090) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        mark = " (extrapolated)" if r["extrapolated"] else ""
+        paper = r.get("paper_epoch_s")
+        lines.append(
+            f"| {PAPER_NAMES[r['model']]} | {r['row']} | {r['epoch_s']:.2f}{mark} | {r['vs_sam']:.3f}x "
+            f"| {r['optimizer_share']:.1%} | {'' if paper is None else f'{paper:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_epoch_times(results: list[dict], title: str, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in results))
+    fig, axes = plt.subplots(len(models), 1, figsize=(8, 0.45 * len(results) + 1.5 * len(models)), squeeze=False)
+    for ax, model in zip(axes[:, 0], models):
+        rows = [r for r in results if r["model"] == model]
+        colors = ["tab:gray" if r["row"] == "SGD" else "tab:orange" if "loop" in r["row"] else "tab:blue" for r in rows]
+        ax.barh([r["row"] for r in rows], [r["epoch_s"] for r in rows], color=colors)
+        ax.invert_yaxis()
+        extrapolated = any(r["extrapolated"] for r in rows)
+        ax.set_title(PAPER_NAMES[model])
+        ax.set_xlabel("seconds per epoch" + (" (extrapolated from steps)" if extrapolated else ""))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- radius dynamics (radius_dynamics.py)
+def plot_radius_dynamics(runs: dict[str, dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    for label, run in runs.items():
+        steps = range(len(run["loss"]))
+        increase = [r * g for r, g in zip(run["rho"], run["grad_norm"])]
+        axes[0].plot(steps, run["grad_norm"], label=label)
+        axes[1].plot(steps, run["rho"], label=label)
+        axes[2].plot(steps, increase, label=label)
+        if "LE-SAM" in label:
+            axes[3].plot(steps, run["sigma"], label=label, color="tab:orange")
+    titles = ["gradient norm ||g||", "radius rho_t", "first-order loss increase rho_t ||g||", "loss budget sigma_t"]
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9)
+    fig.suptitle("synthetic data, small conv net: LE-SAM fixes the loss increase, SAM the radius", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
