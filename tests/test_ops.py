@@ -254,63 +254,6 @@ def test_restore(backend, device, dtype, size, offset, coefs):
         assert_close(grad, ref_grad)
 
 
-# ---------------------------------------------------------------------- errors name the problem
-def _bucket(n=8, dtype=torch.float32):
-    return torch.zeros(n, dtype=dtype)
-
-
-ERRORS = {
-    "grad dtype": (
-        lambda ops: ops.perturb_(
-            _bucket(), _bucket(dtype=torch.float16), _bucket(), torch.tensor(1.0), *LESAM, False, None
-        ),
-        "grad has dtype",
-    ),
-    "backup size": (
-        lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(9), torch.tensor(1.0), *LESAM, False, None),
-        "backup has 9 elements",
-    ),
-    "center size": (
-        lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(), torch.tensor(1.0), *LESAM, False, _bucket(7)),
-        "center has 7 elements",
-    ),
-    "strided param": (
-        lambda ops: ops.perturb_(_bucket(16)[::2], _bucket(), _bucket(), torch.tensor(1.0), *LESAM, False, None),
-        "param must be contiguous",
-    ),
-    "integer bucket": (
-        lambda ops: ops.restore_(
-            _bucket(dtype=torch.int32), _bucket(dtype=torch.int32), _bucket(dtype=torch.int32), None, 1.0, 0.0
-        ),
-        "buckets must be float32, float64, float16 or bfloat16",
-    ),
-    "sq shape": (
-        lambda ops: ops.perturb_(_bucket(), _bucket(), _bucket(), torch.ones(1), *LESAM, False, None),
-        "sq must be the 0-d",
-    ),
-    "sigma_t dtype": (
-        lambda ops: ops.perturb_(
-            _bucket(), _bucket(), _bucket(), torch.tensor(1.0), *LESAM, False, None, torch.tensor(0.1)
-        ),
-        "sigma_t must be a 0-d float64 tensor",
-    ),
-    "weights count": (lambda ops: ops.sq_norm([_bucket(), _bucket()], [None]), "got 2 grad buckets but 1 weights"),
-    "weight dtype": (lambda ops: ops.sq_norm([_bucket()], [_bucket(dtype=torch.bfloat16)]), "weights\\[0\\] has dtype"),
-    "restore grad size": (
-        lambda ops: ops.restore_(_bucket(), _bucket(), _bucket(3), None, 1.0, 0.0),
-        "grad has 3 elements",
-    ),
-}
-
-
-@pytest.mark.parametrize("backend,device", [t for t in targets() if t.values[1] == "cpu"])
-@pytest.mark.parametrize("case", list(ERRORS))
-def test_bad_input_is_a_clear_error(backend, device, case):
-    call, message = ERRORS[case]
-    with pytest.raises(RuntimeError, match=message):
-        call(resolve(backend, torch.device(device)))
-
-
 # ---------------------------------------------------------------------- registration
 def opcheck_samples(ops, device):
     """(op, args) covering each op's paths: dtypes, adaptive, center or none, several buckets."""

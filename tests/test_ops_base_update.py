@@ -2,7 +2,7 @@
 the "torch" backend (spec.py, the specification); and the specification against torch.optim.SGD / Adam /
 AdamW. Same targets, sizes, dtypes and unaligned offsets as tests/test_ops.py, every option of the
 two optimizers with and without the LE-SAM+ center, the skipped step, non-finite gradients,
-opcheck and errors that name the argument. A backend without these ops fails with AttributeError.
+opcheck (bad input: tests/test_op_errors.py). A backend without these ops fails with AttributeError.
 """
 
 import pytest
@@ -493,104 +493,3 @@ def test_opcheck(backend, device):
         checks += ("test_faketensor", "test_aot_dispatch_dynamic")
     for op, kwargs in opcheck_samples(ops, device):
         torch.library.opcheck(op, (), kwargs, test_utils=checks)
-
-
-# ---------------------------------------------------------------------- errors name the problem
-def _bucket(n=8, dtype=torch.float32):
-    return torch.zeros(n, dtype=dtype)
-
-
-def _sgd(momentum=0.9, **tensors):
-    args = dict(
-        param=_bucket(),
-        backup=_bucket(),
-        grad=_bucket(),
-        momentum_buffer=_bucket() if momentum else None,
-        center=None,
-        found_inf=torch.zeros(()),
-    )
-    args.update(tensors)
-    return lambda ops: ops.sgd_step_(
-        **args,
-        lr=0.1,
-        momentum=momentum,
-        dampening=0.0,
-        weight_decay=0.0,
-        nesterov=False,
-        maximize=False,
-        init_buffer=False,
-        ghat_coef=1.0,
-        center_coef=0.0,
-    )
-
-
-def _adam(amsgrad=True, **tensors):
-    args = dict(
-        param=_bucket(),
-        backup=_bucket(),
-        grad=_bucket(),
-        exp_avg=_bucket(),
-        exp_avg_sq=_bucket(),
-        max_exp_avg_sq=_bucket() if amsgrad else None,
-        center=None,
-        step=torch.ones(()),
-        found_inf=torch.zeros(()),
-    )
-    args.update(tensors)
-    return lambda ops: ops.adam_step_(
-        **args,
-        lr=1e-3,
-        beta1=0.9,
-        beta2=0.999,
-        eps=1e-8,
-        weight_decay=0.0,
-        decoupled_weight_decay=False,
-        amsgrad=amsgrad,
-        maximize=False,
-        ghat_coef=1.0,
-        center_coef=0.0,
-    )
-
-
-ERRORS = {
-    "sgd backup size": (_sgd(backup=_bucket(9)), "sgd_step_: backup has 9 elements but param has 8"),
-    "sgd grad dtype": (_sgd(grad=_bucket(dtype=torch.float16)), "sgd_step_: grad has dtype Half"),
-    "sgd buffer dtype": (_sgd(momentum_buffer=_bucket(dtype=torch.float64)), "sgd_step_: momentum_buffer has dtype"),
-    "sgd buffer missing": (_sgd(momentum_buffer=None), "momentum_buffer must be given exactly when momentum != 0"),
-    "sgd buffer unwanted": (
-        _sgd(momentum=0.0, momentum_buffer=_bucket()),
-        "momentum_buffer must be given exactly when momentum != 0 \\(it is not\\)",
-    ),
-    "sgd center size": (_sgd(center=_bucket(7)), "sgd_step_: center has 7 elements"),
-    "sgd strided param": (_sgd(param=_bucket(16)[::2]), "sgd_step_: param must be contiguous"),
-    "sgd 2-d param": (_sgd(param=_bucket().view(2, 4)), "sgd_step_: param must be a flat \\(1-D\\) bucket"),
-    "sgd found_inf shape": (_sgd(found_inf=torch.zeros(1)), "sgd_step_: found_inf must be a 0-d float32 tensor"),
-    "sgd found_inf dtype": (
-        _sgd(found_inf=torch.zeros((), dtype=torch.float64)),
-        "sgd_step_: found_inf must be a 0-d float32 tensor, got a Double",
-    ),
-    "adam integer bucket": (
-        _adam(param=_bucket(dtype=torch.int32)),
-        "adam_step_: param has dtype Int; buckets must be float32",
-    ),
-    "adam exp_avg size": (_adam(exp_avg=_bucket(5)), "adam_step_: exp_avg has 5 elements"),
-    "adam exp_avg_sq dtype": (_adam(exp_avg_sq=_bucket(dtype=torch.bfloat16)), "adam_step_: exp_avg_sq has dtype"),
-    "adam max missing": (_adam(max_exp_avg_sq=None), "max_exp_avg_sq must be given exactly when amsgrad"),
-    "adam max unwanted": (
-        _adam(amsgrad=False, max_exp_avg_sq=_bucket()),
-        "max_exp_avg_sq must be given exactly when amsgrad \\(it is not\\)",
-    ),
-    "adam step dtype": (_adam(step=torch.ones((), dtype=torch.int64)), "adam_step_: step must be a 0-d float32 tensor"),
-    "adam step shape": (_adam(step=torch.ones(1)), "adam_step_: step must be a 0-d float32 tensor"),
-    "adam found_inf shape": (_adam(found_inf=torch.zeros(2)), "adam_step_: found_inf must be a 0-d float32 tensor"),
-}
-
-
-# The messages are the compiled extension's (csrc/bucket_args.h); test_ops' shared checks cover
-# the Triton backend's mirror of the common ones.
-@pytest.mark.parametrize("backend,device", [t for t in targets() if t.values[:2] == ("cpp", "cpu")])
-@pytest.mark.parametrize("case", list(ERRORS))
-def test_bad_input_is_a_clear_error(backend, device, case):
-    call, message = ERRORS[case]
-    with pytest.raises(RuntimeError, match=message):
-        call(resolve(backend, torch.device(device)))

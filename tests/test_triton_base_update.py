@@ -261,74 +261,7 @@ def test_float64_buckets_take_the_spec_ops(backend, device):
         assert_bits_equal(a, b)
 
 
-# ---------------------------------------------------------------------- errors and registration
-def _sgd_call(param_size=8, buf="given", found_inf=None, momentum=0.9):
-    found_inf = torch.tensor(0.0) if found_inf is None else found_inf
-    b = torch.zeros(8)
-    return lambda ops: ops.sgd_step_(
-        torch.zeros(param_size),
-        b,
-        b,
-        None if buf is None else torch.zeros(8),
-        None,
-        found_inf,
-        0.1,
-        momentum,
-        0.0,
-        0.0,
-        False,
-        False,
-        False,
-        1.0,
-        0.0,
-    )
-
-
-def _adam_call(vmax=None, step=None):
-    step = torch.tensor(1.0) if step is None else step
-    b = torch.zeros(8)
-    return lambda ops: ops.adam_step_(
-        torch.zeros(8),
-        b,
-        b,
-        torch.zeros(8),
-        torch.zeros(8),
-        vmax,
-        None,
-        step,
-        torch.tensor(0.0),
-        1e-3,
-        0.9,
-        0.999,
-        1e-8,
-        0.0,
-        False,
-        True,
-        False,
-        1.0,
-        0.0,
-    )
-
-
-STEP_ERRORS = {
-    "no momentum buffer": (_sgd_call(buf=None), "momentum_buffer must be given exactly when momentum != 0"),
-    "buffer without momentum": (_sgd_call(momentum=0.0), "momentum_buffer must be given exactly when momentum != 0"),
-    "param size": (_sgd_call(param_size=9), "backup has 8 elements but param has 9"),
-    "found_inf dtype": (_sgd_call(found_inf=torch.tensor(0.0, dtype=torch.float64)), "found_inf must be a 0-d float32"),
-    "found_inf shape": (_sgd_call(found_inf=torch.zeros(1)), "found_inf must be a 0-d float32"),
-    "no max_exp_avg_sq": (_adam_call(), "max_exp_avg_sq must be given exactly when amsgrad"),
-    "step dtype": (_adam_call(vmax=torch.zeros(8), step=torch.tensor(1)), "step must be a 0-d float32"),
-}
-
-
-@pytest.mark.parametrize("backend,device", [t for t in TRITON if t.values[1] == "cpu"])
-@pytest.mark.parametrize("case", list(STEP_ERRORS))
-def test_bad_step_input_is_a_clear_error(backend, device, case):
-    call, message = STEP_ERRORS[case]
-    with pytest.raises(RuntimeError, match=message):
-        call(resolve(backend, torch.device(device)))
-
-
+# ---------------------------------------------------------------------- registration
 @pytest.mark.parametrize("backend,device", TRITON)
 def test_opcheck_step_ops(backend, device):
     """Schema (what each op writes is declared; grad, backup, center are not written) and autograd
