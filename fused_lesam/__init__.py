@@ -1,7 +1,9 @@
 """fused-lesam: Loss-Equated Sharpness-Aware Minimization (LE-SAM), SAM and XSAM on fused kernels.
 
-from fused_lesam import FusedLESAM
-opt = FusedLESAM(model.parameters(), base=torch.optim.SGD, lr=0.05, momentum=0.9, sigma=0.35, rho_max=0.4)
+Usage::
+
+    from fused_lesam import FusedLESAM
+    opt = FusedLESAM(model.parameters(), base=torch.optim.SGD, lr=0.05, momentum=0.9, sigma=0.35, rho_max=0.4)
 """
 
 import warnings

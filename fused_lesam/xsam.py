@@ -33,22 +33,22 @@ __all__ = ["FusedXSAM"]
 class FusedXSAM(SharpnessAware):
     """XSAM on the fused engine.
 
-        Args:
-            params, base, **base_kwargs: as for `FusedLESAM`.
-            rho: total ascent length, split over ``steps`` ascent steps (per param group).
-            steps: ascent steps k (each needs a forward and backward: ``closure`` runs k times).
-            alpha: the slerp's position, 0 = along the ascent, 1 = SAM (per param group); with
-                ``dynamic`` the starting value of the one alpha the search chooses for the model.
-            dynamic: choose alpha by the search (`step(closure, search_alpha=loss_fn)`).
-            rho_max: the probe radius of the search (per param group).
-            alpha_max, alpha_delta: the search grid {0, delta, 2 delta, ..., alpha_max}.
-    ||w_k - w_0|| and ||g_hat|| before dividing by them. The ascent steps use
-                the engine's perturbation (the same guard, 1e-12, as FusedSAM), the default here.
-            base_update: "generic" only: the base optimizer steps after ``xsam_restore_``.
+    Args:
+        params, base, **base_kwargs: as for `FusedLESAM`.
+        rho: total ascent length, split over ``steps`` ascent steps (per param group).
+        steps: ascent steps k (each needs a forward and backward: ``closure`` runs k times).
+        alpha: the slerp's position, 0 = along the ascent, 1 = SAM (per param group); with
+            ``dynamic`` the starting value of the one alpha the search chooses for the model.
+        dynamic: choose alpha by the search (`step(closure, search_alpha=loss_fn)`).
+        rho_max: the probe radius of the search (per param group).
+        alpha_max, alpha_delta: the search grid {0, delta, 2 delta, ..., alpha_max}.
+        eps: added to ||w_k - w_0|| and ||g_hat|| before dividing by them. The ascent steps use
+            the engine's perturbation (the same guard, 1e-12, as FusedSAM), the default here.
+        base_update: "generic" only: the base optimizer steps after ``xsam_restore_``.
 
-        Telemetry (device tensors, no sync until read): ``last_alpha``, ``last_theta`` (angle
-        between the ascent and g_hat), ``last_ghat_norm``, ``last_ascent_norm`` (||w_k - w_0||),
-        with the engine's ``last_grad_norm``, ``last_rho`` (rho / steps) and ``skipped_steps``.
+    Telemetry (device tensors, no sync until read): ``last_alpha``, ``last_theta`` (angle
+    between the ascent and g_hat), ``last_ghat_norm``, ``last_ascent_norm`` (||w_k - w_0||),
+    with the engine's ``last_grad_norm``, ``last_rho`` (rho / steps) and ``skipped_steps``.
     """
 
     _hyper_names = ("rho", "rho_max", "alpha")
