@@ -44,7 +44,8 @@ HEADERS = sorted(glob.glob("csrc/**/*.h", recursive=True))
 RECORD = "_build.json"  # beside fused_lesam._C; read by fused_lesam/build_info.py
 # How to get the kernels after fixing what stopped them; --no-cache-dir: pip would otherwise reuse
 # the wheel it built from an sdist before, the one without them.
-REBUILD = "pip install --no-build-isolation --no-deps --force-reinstall --no-cache-dir <the sdist, or . in a clone>"  # as in fused_lesam/build_info.py
+# (as in fused_lesam/build_info.py)
+REBUILD = "pip install --no-build-isolation --no-deps --force-reinstall --no-cache-dir <the sdist, or . in a clone>"
 
 
 def _flag(name):
@@ -62,7 +63,7 @@ def _cxx():
 
 
 def _compiler_problem():
-    """"" when the C++ compiler compiles a small C++17 file, else what went wrong. Checked before
+    """ "" when the C++ compiler compiles a small C++17 file, else what went wrong. Checked before
     torch's own checks, which end in a traceback when the compiler is missing or broken."""
     cxx = _cxx()
     if not cxx or shutil.which(cxx[0]) is None:
@@ -72,8 +73,12 @@ def _compiler_problem():
         with open(source, "w") as f:
             f.write("#include <vector>\nint main() { std::vector<int> v{1}; return int(v.size()) - 1; }\n")
         try:
-            run = subprocess.run(cxx + ["-std=c++17", "-c", source, "-o", os.path.join(tmp, "probe.o")],
-                                 capture_output=True, text=True, timeout=120)
+            run = subprocess.run(
+                cxx + ["-std=c++17", "-c", source, "-o", os.path.join(tmp, "probe.o")],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
         except (OSError, subprocess.TimeoutExpired) as err:
             return f"the C++ compiler {' '.join(cxx)!r} cannot be run ({err})"
     if run.returncode != 0:
@@ -84,8 +89,11 @@ def _compiler_problem():
 
 def _is_toolkit(path):
     """True when path is a CUDA toolkit root: bin/nvcc and the libcudart.so the extension links."""
-    return bool(path) and os.path.exists(os.path.join(path, "bin", "nvcc")) and any(
-        os.path.exists(os.path.join(path, d, "libcudart.so")) for d in ("lib64", "lib"))
+    return (
+        bool(path)
+        and os.path.exists(os.path.join(path, "bin", "nvcc"))
+        and any(os.path.exists(os.path.join(path, d, "libcudart.so")) for d in ("lib64", "lib"))
+    )
 
 
 def _find_cuda_home():
@@ -102,8 +110,9 @@ def _find_cuda_home():
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     candidates.append("/usr/local/cuda")
-    candidates += sorted(glob.glob("/usr/local/cuda-*"), key=lambda p: [int(n) for n in re.findall(r"\d+", p)],
-                         reverse=True)
+    candidates += sorted(
+        glob.glob("/usr/local/cuda-*"), key=lambda p: [int(n) for n in re.findall(r"\d+", p)], reverse=True
+    )
     for path in candidates:
         if _is_toolkit(path):
             return path, ""
@@ -111,8 +120,9 @@ def _find_cuda_home():
 
 
 def _nvcc_version(cuda_home):
-    out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
-                         timeout=60).stdout
+    out = subprocess.run(
+        [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+    ).stdout
     found = re.search(r"release (\d+)\.(\d+)", out)
     return (int(found.group(1)), int(found.group(2))) if found else None
 
@@ -153,8 +163,15 @@ class BuildKernels(build_ext):
     def run(self):
         # missing: part ("cpu", "cuda") -> why it is not built; failed: the parts whose build was
         # tried and failed (import warns about those; an absent toolkit is no surprise).
-        self.record = {"kernels": [], "torch": None, "torch_cuda": None, "cuda_toolkit": None,
-                       "missing": {}, "failed": [], "fix": REBUILD}
+        self.record = {
+            "kernels": [],
+            "torch": None,
+            "torch_cuda": None,
+            "cuda_toolkit": None,
+            "missing": {},
+            "failed": [],
+            "fix": REBUILD,
+        }
         require_ext = _flag("FUSED_LESAM_REQUIRE_EXTENSION") or _flag("FUSED_LESAM_REQUIRE_CUDA")
         try:
             import torch
@@ -164,7 +181,8 @@ class BuildKernels(build_ext):
                 f"fused-lesam: torch is not importable in the build environment ({err}). The kernels are "
                 "compiled against the torch they will run with: install torch first, then build with "
                 "pip's --no-build-isolation: `pip install --no-build-isolation <the sdist, or . in a clone>`. "
-                "Without the kernels: FUSED_LESAM_NO_EXTENSION=1 pip install ...") from None
+                "Without the kernels: FUSED_LESAM_NO_EXTENSION=1 pip install ..."
+            ) from None
         self.record.update(torch=torch.__version__, torch_cuda=torch.version.cuda)
 
         why_no_cxx = _compiler_problem()
@@ -192,8 +210,9 @@ class BuildKernels(build_ext):
                 why_no_cuda = f"building them failed ({_summary(err)}; `pip install -v` shows the compiler's output)"
                 self.record["failed"].append("cuda")
         if _flag("FUSED_LESAM_REQUIRE_CUDA"):
-            raise SystemExit(f"fused-lesam: FUSED_LESAM_REQUIRE_CUDA is set but the CUDA kernels cannot be built: "
-                             f"{why_no_cuda}")
+            raise SystemExit(
+                f"fused-lesam: FUSED_LESAM_REQUIRE_CUDA is set but the CUDA kernels cannot be built: {why_no_cuda}"
+            )
         _say(f"building the CPU kernels only: no CUDA kernels, {why_no_cuda}")
         self.record["missing"]["cuda"] = why_no_cuda
         try:
@@ -203,7 +222,8 @@ class BuildKernels(build_ext):
             if require_ext:
                 raise
             return self._without_extension(
-                f"building it failed ({_summary(err)}; `pip install -v` shows the compiler's output)", failed=True)
+                f"building it failed ({_summary(err)}; `pip install -v` shows the compiler's output)", failed=True
+            )
         self.record["kernels"] = ["cpu"]
         return self._write_record()
 
@@ -230,9 +250,11 @@ class BuildKernels(build_ext):
         nvcc = _nvcc_version(cuda_home)
         torch_major = int(torch.version.cuda.split(".")[0])
         if nvcc is not None and nvcc[0] != torch_major:
-            return None, (f"the CUDA toolkit at {cuda_home} is CUDA {nvcc[0]}.{nvcc[1]} and torch "
-                          f"{torch.__version__} was built with CUDA {torch.version.cuda}: their major versions "
-                          "must match (set CUDA_HOME to a matching toolkit)")
+            return None, (
+                f"the CUDA toolkit at {cuda_home} is CUDA {nvcc[0]}.{nvcc[1]} and torch "
+                f"{torch.__version__} was built with CUDA {torch.version.cuda}: their major versions "
+                "must match (set CUDA_HOME to a matching toolkit)"
+            )
         return cuda_home, ""
 
     def _common_args(self):
@@ -244,8 +266,9 @@ class BuildKernels(build_ext):
 
     def _cpu_extension(self, cpp_extension):
         cxx_flags, link = self._common_args()
-        return cpp_extension.CppExtension("fused_lesam._C", CPU_SOURCES, depends=HEADERS,
-                                          extra_compile_args={"cxx": cxx_flags}, extra_link_args=link)
+        return cpp_extension.CppExtension(
+            "fused_lesam._C", CPU_SOURCES, depends=HEADERS, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link
+        )
 
     def _cuda_extension(self, cpp_extension, cuda_home):
         import torch
@@ -253,14 +276,21 @@ class BuildKernels(build_ext):
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # Without a GPU to ask, torch would build for every arch nvcc knows: far too slow.
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
-        _say(f"building the CPU and CUDA kernels (torch {torch.__version__} with CUDA {torch.version.cuda}, "
-             f"toolkit {cuda_home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPUs')})")
+        _say(
+            f"building the CPU and CUDA kernels (torch {torch.__version__} with CUDA {torch.version.cuda}, "
+            f"toolkit {cuda_home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPUs')})"
+        )
         os.makedirs(self.build_temp, exist_ok=True)
         headers = _library_headers_dir(cuda_home, os.path.abspath(self.build_temp))
         cxx_flags, link = self._common_args()
         return cpp_extension.CUDAExtension(
-            "fused_lesam._C", CPU_SOURCES + CUDA_SOURCES, depends=HEADERS, include_dirs=[headers] if headers else [],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]}, extra_link_args=link)
+            "fused_lesam._C",
+            CPU_SOURCES + CUDA_SOURCES,
+            depends=HEADERS,
+            include_dirs=[headers] if headers else [],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=link,
+        )
 
     def _build(self, build_extension, extension, subdir=None):
         """Builds the extension with torch's BuildExtension command (ninja, torch's flags and
@@ -268,8 +298,17 @@ class BuildKernels(build_ext):
         # setuptools prepares the distribution's extensions when the command is finalized.
         self.distribution.ext_modules = [extension]
         builder = build_extension(self.distribution)
-        for option in ("build_lib", "build_temp", "inplace", "editable_mode", "force", "debug", "parallel",
-                       "compiler", "plat_name"):
+        for option in (
+            "build_lib",
+            "build_temp",
+            "inplace",
+            "editable_mode",
+            "force",
+            "debug",
+            "parallel",
+            "compiler",
+            "plat_name",
+        ):
             if hasattr(self, option):
                 setattr(builder, option, getattr(self, option))
         if subdir:
@@ -291,8 +330,10 @@ class BuildKernels(build_ext):
             with open(os.path.join(self._ext_dir(inplace), RECORD), "w") as f:
                 json.dump(self.record, f, indent=1)
         missing = "; ".join(f"no {part} kernels: {why}" for part, why in self.record["missing"].items())
-        _say(f"built kernels: {self.record['kernels'] or 'none'} against torch {self.record['torch']}"
-             + (f" ({missing})" if missing else ""))
+        _say(
+            f"built kernels: {self.record['kernels'] or 'none'} against torch {self.record['torch']}"
+            + (f" ({missing})" if missing else "")
+        )
 
     def get_outputs(self):
         outputs = super().get_outputs()

@@ -4,22 +4,25 @@ into a fresh venv): run it from outside the source tree, with that venv's python
     python .ci/smoke.py --expect cpp,cuda,triton
 
 Fails unless: fused_lesam comes from this interpreter's site-packages (not a source tree) and
-imports without a warning (or with the one --import-warns names); its build record names the running torch; every expected part is there
-(cpp: the CPU kernels; cuda: the CUDA kernels compiled in, a GPU or not; triton: the Triton
-kernels, through Triton's interpreter without a GPU); and three LE-SAM training steps on each
-usable CPU backend lower the loss and agree with the torch backend's.
+imports without a warning (or with the one --import-warns names); its build record names the running
+torch; every expected part is there (cpp: the CPU kernels; cuda: the CUDA kernels compiled in, a GPU
+or not; triton: the Triton kernels, through Triton's interpreter without a GPU); and three LE-SAM
+training steps on each usable CPU backend lower the loss and agree with the torch backend's.
 """
 
 import argparse
 import os
-import sys
 import sysconfig
 import warnings
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--expect", default="", help="comma-separated: cpp, cuda, triton")
-parser.add_argument("--import-warns", default="", metavar="TEXT",
-                    help="the import must warn, once, with TEXT (a build that left kernels out), instead of not at all")
+parser.add_argument(
+    "--import-warns",
+    default="",
+    metavar="TEXT",
+    help="the import must warn, once, with TEXT (a build that left kernels out), instead of not at all",
+)
 args = parser.parse_args()
 expect = {part for part in args.expect.split(",") if part}
 
@@ -76,8 +79,9 @@ def train(backend, steps=3):
 
 
 reference_losses, reference_weights = train("torch")
-assert all(map(torch.isfinite, torch.tensor(reference_losses))) and reference_losses[-1] < reference_losses[0], \
+assert all(map(torch.isfinite, torch.tensor(reference_losses))) and reference_losses[-1] < reference_losses[0], (
     reference_losses
+)
 for backend in sorted(expect & {"cpp", "triton"}):
     losses, weights = train(backend)
     torch.testing.assert_close(weights, reference_weights, rtol=1e-5, atol=1e-6, msg=f"{backend} vs torch")

@@ -11,7 +11,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -84,14 +83,16 @@ class Progress:
             self.drawn = now
             width = 24
             filled = width * self.done // max(self.total, 1)
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                             f"{now - self.start:5.1f}s" + ("\n" if finished else ""))
+            sys.stderr.write(
+                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"{now - self.start:5.1f}s" + ("\n" if finished else "")
+            )
             sys.stderr.flush()
         elif not self.tty and 4 * self.done // max(self.total, 1) > 4 * before // max(self.total, 1):
             sys.stderr.write(f"{self.label}: {self.done}/{self.total} after {now - self.start:.1f}s\n")
 
 
-def load_cifar100(root: Optional[str]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], str]:
+def load_cifar100(root: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
     """CIFAR-100's training set from the standard python pickles under ``root`` (the folder
     ``cifar-100-python`` or its parent), as uint8 NCHW images and labels; never downloads.
     Returns (None, None, why) when there is no such folder."""
@@ -111,7 +112,7 @@ class Batches:
     """Training batches of CIFAR-100 (standard augmentation: 4-pixel padded random crop and
     horizontal flip, done on the device) or, without the files, synthetic tensors of the same shape."""
 
-    def __init__(self, root: Optional[str], batch: int, device: torch.device, channels_last: bool, seed: int = 0):
+    def __init__(self, root: str | None, batch: int, device: torch.device, channels_last: bool, seed: int = 0):
         images, labels, self.source = load_cifar100(root)
         self.synthetic = images is None
         if self.synthetic:
@@ -130,7 +131,7 @@ class Batches:
     def epoch(self):
         order = torch.randperm(self.size, generator=self.gen)
         for start in range(0, self.size, self.batch):
-            yield self.make(order[start:start + self.batch])
+            yield self.make(order[start : start + self.batch])
 
     def make(self, index: torch.Tensor):
         if self.synthetic:
@@ -148,6 +149,6 @@ class Batches:
         n = len(x)
         padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
         dx, dy = torch.randint(0, 9, (2,), generator=self.gen).tolist()  # one offset per batch: cheap
-        x = padded[:, :, dy:dy + 32, dx:dx + 32]
+        x = padded[:, :, dy : dy + 32, dx : dx + 32]
         flip = torch.rand(n, generator=self.gen).to(x.device) < 0.5
         return torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)

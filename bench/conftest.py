@@ -4,13 +4,13 @@ arithmetic and the tables are bench/report.py's."""
 from __future__ import annotations
 
 import pytest
+import report
 import torch
+from common import machine, sync, write_json
 from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 
 import fused_lesam
-import report
-from common import machine, sync, write_json
 
 # (set, base) -> the group's report (bench/report.py group_report), in the order they ran
 _reports: dict[tuple[str, str], dict] = {}
@@ -20,8 +20,11 @@ def pytest_addoption(parser):
     parser.addoption("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.addoption("--sets", default="resnet18,vit_s16,many600", help="parameter sets, from bench/models.py")
     parser.addoption("--bases", default="sgd,adamw", help="base optimizers: sgd, adamw")
-    parser.addoption("--backends", default="all",
-                     help='kernel backends of the ours-<backend> rows: "all" usable ones, or a list ("auto": the default)')
+    parser.addoption(
+        "--backends",
+        default="all",
+        help='kernel backends of the ours-<backend> rows: "all" usable ones, or a list ("auto": the default)',
+    )
     parser.addoption("--rounds", type=int, default=7, help="interleaved rounds; the median is reported")
     parser.addoption("--steps", type=int, default=20, help="timed steps per round and row")
     parser.addoption("--warmup", type=int, default=2, help="untimed steps per row before the first round")
@@ -81,9 +84,14 @@ def counted(fn, device) -> dict:
 @pytest.fixture
 def record(device):
     def store(param_set, base, tensors, params, rows, seconds, extras):
-        figures = {name: {**report.spread(seconds[name]), **(counted(fn, device) if name != "copy" else {}),
-                          **extras.get(name, {})}
-                   for name, fn in rows.items()}
+        figures = {
+            name: {
+                **report.spread(seconds[name]),
+                **(counted(fn, device) if name != "copy" else {}),
+                **extras.get(name, {}),
+            }
+            for name, fn in rows.items()
+        }
         default = resolve_default(device)
         _reports[(param_set, base)] = report.group_report(param_set, base, tensors, params, figures, default)
 
@@ -103,14 +111,25 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     reports = list(_reports.values())
     write = terminalreporter.write_line
     write("")
-    write(f"Optimizer step on {device} ({machine(device)['cpu']}, {torch.get_num_threads()} threads), "
-          f"fused_lesam from {fused_lesam.__file__}")
+    write(
+        f"Optimizer step on {device} ({machine(device)['cpu']}, {torch.get_num_threads()} threads), "
+        f"fused_lesam from {fused_lesam.__file__}"
+    )
     for line in report.format_tables(reports, config.getoption("--rounds"), config.getoption("--steps")):
         write(line)
     write(report.summary_line(reports))
-    path = write_json("step_overhead.json", dict(
-        machine=machine(device), fused_lesam_path=fused_lesam.__file__, rounds=config.getoption("--rounds"), steps=config.getoption("--steps"),
-        warmup=config.getoption("--warmup"), ideal_bytes_per_param=report.IDEAL_BYTES,
-        copy_bytes_per_param=report.COPY_BYTES, groups=reports,
-        launches_independent_of_tensors=report.launches_independent_of_tensors(reports)))
+    path = write_json(
+        "step_overhead.json",
+        dict(
+            machine=machine(device),
+            fused_lesam_path=fused_lesam.__file__,
+            rounds=config.getoption("--rounds"),
+            steps=config.getoption("--steps"),
+            warmup=config.getoption("--warmup"),
+            ideal_bytes_per_param=report.IDEAL_BYTES,
+            copy_bytes_per_param=report.COPY_BYTES,
+            groups=reports,
+            launches_independent_of_tensors=report.launches_independent_of_tensors(reports),
+        ),
+    )
     write(f"wrote {path}")

@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import report
 import torch
 import torch.nn.functional as F
-
 from baselines import PerTensorSAM, PerTensorXSAM
 from common import Batches, Progress, machine, results_dir, sync, write_json
 from models import MODELS, PAPER_NAMES
@@ -38,9 +39,14 @@ import fused_lesam
 from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM, frozen_bn_stats
 
 # The paper's Table 6: seconds per epoch, RTX 5090, its own training loops.
-PAPER_TABLE6 = {("resnet18", "SAM"): 9.06, ("resnet18", "LE-SAM"): 9.32,
-                ("wrn28_10", "SAM"): 55.83, ("wrn28_10", "LE-SAM"): 56.26,
-                ("pyramidnet110", "SAM"): 88.82, ("pyramidnet110", "LE-SAM"): 89.72}
+PAPER_TABLE6 = {
+    ("resnet18", "SAM"): 9.06,
+    ("resnet18", "LE-SAM"): 9.32,
+    ("wrn28_10", "SAM"): 55.83,
+    ("wrn28_10", "LE-SAM"): 56.26,
+    ("pyramidnet110", "SAM"): 88.82,
+    ("pyramidnet110", "LE-SAM"): 89.72,
+}
 # Table 8 (CIFAR-100): SGD and LE-SAM settings per model; SAM uses rho = 0.1 on CIFAR-100.
 HYPER = {
     "resnet18": dict(batch=128, lr=0.05, weight_decay=1e-3, sigma=0.35, rho_max=0.4),
@@ -69,10 +75,12 @@ def optimizer_rows(model_name: str, device: torch.device, fused_sgd: bool) -> di
             continue
         rows[f"FusedSAM ({name})"] = lambda ps, b=name: FusedSAM(ps, torch.optim.SGD, rho=SAM_RHO, backend=b, **sgd)
         rows[f"FusedLESAM ({name})"] = lambda ps, b=name: FusedLESAM(
-            ps, torch.optim.SGD, sigma=h["sigma"], rho_max=h["rho_max"], backend=b, **sgd)
+            ps, torch.optim.SGD, sigma=h["sigma"], rho_max=h["rho_max"], backend=b, **sgd
+        )
         # dynamic=True only so that the search can be timed apart: without search_alpha, alpha stays.
         rows[f"FusedXSAM ({name})"] = lambda ps, b=name: FusedXSAM(
-            ps, torch.optim.SGD, dynamic=True, backend=b, **XSAM, **sgd)
+            ps, torch.optim.SGD, dynamic=True, backend=b, **XSAM, **sgd
+        )
     return rows
 
 
@@ -100,6 +108,7 @@ class Timer:
 def train_step(model, opt, x, y, one_pass: bool, amp: bool, timer: Timer, search: bool = False) -> None:
     """One training step as the papers' loops do it; the optimizer's own time goes to "optimizer".
     ``search``: FusedXSAM's dynamic alpha search in this step (forward passes, BatchNorm frozen)."""
+
     def loss():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             return F.cross_entropy(model(x), y)
@@ -158,62 +167,54 @@ def time_epochs(model, opt, one_pass, batches: Batches, args, progress: Progress
         epoch_times.append(timer.total["epoch"])
         opt_times.append(timer.total["optimizer"])
     kept = slice(1, None) if args.epochs > 1 else slice(None)
-    return dict(epoch_s=statistics.median(epoch_times[kept]), epochs_s=epoch_times, extrapolated=False,
-                optimizer_share=sum(opt_times[kept]) / sum(epoch_times[kept]))
+    return dict(
+        epoch_s=statistics.median(epoch_times[kept]),
+        epochs_s=epoch_times,
+        extrapolated=False,
+        optimizer_share=sum(opt_times[kept]) / sum(epoch_times[kept]),
+    )
 
 
-def time_steps(plan, args, progress: Progress) -> list[dict]:
+@dataclass
+class Row:
+    """One row of the table: an optimizer (``label``, built by ``make_opt``) training ``model`` on ``batches``."""
+
+    model: str
+    batches: Batches
+    label: str
+    make_opt: Callable
+
+    def build(self, channels_last: bool):
+        return build(self.model, self.make_opt, self.batches.device, channels_last)
+
+
+def time_steps(plan: list[Row], args, progress: Progress) -> list[dict]:
     """Steps of every row in turn (row 1 step 1, row 2 step 1, ...), so that a machine getting
     slower or faster during the run affects every row alike; the epoch is extrapolated."""
-    built = [build(name, make_opt, batches.device, args.channels_last) for name, batches, _, make_opt in plan]
+    built = [row.build(args.channels_last) for row in plan]
     step_times = [[] for _ in plan]
     opt_times = [[] for _ in plan]
     for i in range(args.warmup + args.steps):
-        for k, ((_, batches, row, _), (model, opt)) in enumerate(zip(plan, built)):
+        for k, (row, (model, opt)) in enumerate(zip(plan, built)):
+            batches = row.batches
             x, y = batches.make(torch.randint(0, batches.size, (batches.batch,), generator=batches.gen))
             timer = Timer(batches.device)
             with timer("step"):
-                train_step(model, opt, x, y, row == "SGD", args.amp, timer)
+                train_step(model, opt, x, y, row.label == "SGD", args.amp, timer)
             if i >= args.warmup:
                 step_times[k].append(timer.total["step"])
                 opt_times[k].append(timer.total["optimizer"])
             progress.advance()
-    return [dict(step_s=statistics.median(steps), steps_s=steps, extrapolated=True,
-                 epoch_s=statistics.median(steps) * batches.steps_per_epoch, optimizer_share=sum(opts) / sum(steps))
-            for steps, opts, (_, batches, _, _) in zip(step_times, opt_times, plan)]
-
-
-def markdown(results: list[dict]) -> str:
-    lines = ["| Architecture | Optimizer | Time / Epoch (s) | vs SAM loop | optimizer share | paper (RTX 5090) |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for r in results:
-        mark = " (extrapolated)" if r["extrapolated"] else ""
-        paper = r.get("paper_epoch_s")
-        lines.append(f"| {PAPER_NAMES[r['model']]} | {r['row']} | {r['epoch_s']:.2f}{mark} | {r['vs_sam']:.3f}x "
-                     f"| {r['optimizer_share']:.1%} | {'' if paper is None else f'{paper:.2f}'} |")
-    return "\n".join(lines)
-
-
-def plot(results: list[dict], title: str, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in results))
-    fig, axes = plt.subplots(len(models), 1, figsize=(8, 0.45 * len(results) + 1.5 * len(models)), squeeze=False)
-    for ax, model in zip(axes[:, 0], models):
-        rows = [r for r in results if r["model"] == model]
-        colors = ["tab:gray" if r["row"] == "SGD" else "tab:orange" if "loop" in r["row"] else "tab:blue" for r in rows]
-        ax.barh([r["row"] for r in rows], [r["epoch_s"] for r in rows], color=colors)
-        ax.invert_yaxis()
-        extrapolated = any(r["extrapolated"] for r in rows)
-        ax.set_title(PAPER_NAMES[model])
-        ax.set_xlabel("seconds per epoch" + (" (extrapolated from steps)" if extrapolated else ""))
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return [
+        dict(
+            step_s=statistics.median(steps),
+            steps_s=steps,
+            extrapolated=True,
+            epoch_s=statistics.median(steps) * row.batches.steps_per_epoch,
+            optimizer_share=sum(opts) / sum(steps),
+        )
+        for steps, opts, row in zip(step_times, opt_times, plan)
+    ]
 
 
 def main(argv=None) -> list[dict]:
@@ -242,41 +243,59 @@ def main(argv=None) -> list[dict]:
         if unknown:
             parser.error(f"unknown rows {sorted(unknown)}; the rows here are {list(rows)}")
         keep = [r for r in rows if not wanted or r in wanted]
-        plan += [(name, batches, row, rows[row]) for row in keep]
-    units = sum((args.epochs * b.steps_per_epoch) if args.epochs else (args.warmup + args.steps) for _, b, _, _ in plan)
+        plan += [Row(name, batches, label, rows[label]) for label in keep]
+    units = sum(
+        (args.epochs * row.batches.steps_per_epoch) if args.epochs else (args.warmup + args.steps) for row in plan
+    )
     progress = Progress(units, "epoch_time")
     if args.epochs:
-        results = [time_epochs(*build(name, make_opt, batches.device, args.channels_last), row == "SGD", batches,
-                               args, progress) for name, batches, row, make_opt in plan]
+        results = [
+            time_epochs(*row.build(args.channels_last), row.label == "SGD", row.batches, args, progress) for row in plan
+        ]
     else:
         results = time_steps(plan, args, progress)
-    for r, (name, batches, row, make_opt) in zip(results, plan):
-        if row.startswith("FusedXSAM"):
-            model, opt = build(name, make_opt, batches.device, args.channels_last)
-            r["alpha_search_s"] = time_search(model, opt, batches, args)
+    for r, row in zip(results, plan):
+        if row.label.startswith("FusedXSAM"):
+            model, opt = row.build(args.channels_last)
+            r["alpha_search_s"] = time_search(model, opt, row.batches, args)
             r["alpha_search_points"] = len(opt.alpha_grid)
-    for r, (name, batches, row, _) in zip(results, plan):
-        r.update(model=name, row=row, batch=batches.batch, data=batches.source)
+    for r, row in zip(results, plan):
+        r.update(model=row.model, row=row.label, batch=row.batches.batch, data=row.batches.source)
     for r in results:
-        sam = next(s for s in results if s["model"] == r["model"] and s["row"] == SAM_ROW) \
-            if any(s["row"] == SAM_ROW for s in results) else r
+        sam = (
+            next(s for s in results if s["model"] == r["model"] and s["row"] == SAM_ROW)
+            if any(s["row"] == SAM_ROW for s in results)
+            else r
+        )
         r["vs_sam"] = r["epoch_s"] / sam["epoch_s"]
         paper_row = {SAM_ROW: "SAM", LESAM_ROW: "LE-SAM"}.get(r["row"])  # Table 6 has no XSAM
         r["paper_epoch_s"] = PAPER_TABLE6.get((r["model"], paper_row))
     info = machine(device)
     where = f"{info.get('gpu', info['cpu'])}, torch {info['torch']}"
     sources = sorted({r["data"] for r in results})
-    print(f"\nTraining time per epoch on {where}; data: {'; '.join(sources)}; "
-          f"{'AMP bf16, ' if args.amp else ''}{'channels_last, ' if args.channels_last else ''}"
-          f"batch {', '.join(sorted({str(r['batch']) for r in results}))}")
-    print(markdown(results))
+    print(
+        f"\nTraining time per epoch on {where}; data: {'; '.join(sources)}; "
+        f"{'AMP bf16, ' if args.amp else ''}{'channels_last, ' if args.channels_last else ''}"
+        f"batch {', '.join(sorted({str(r['batch']) for r in results}))}"
+    )
+    print(report.epoch_table(results))
     for r in results:
         if "alpha_search_s" in r:
-            print(f"{PAPER_NAMES[r['model']]}, {r['row']}: one dynamic alpha search ({r['alpha_search_points']} forward passes) "
-                  f"adds {r['alpha_search_s']:.2f} s (one measurement); the paper searches once per epoch")
-    write_json("epoch_time.json", dict(machine=info, config=vars(args), results=results, paper_table6=
-                                       {f"{m}/{o}": s for (m, o), s in PAPER_TABLE6.items()}))
-    plot(results, f"time per epoch, {where}", results_dir() / "epoch_time.png")
+            print(
+                f"{PAPER_NAMES[r['model']]}, {r['row']}: one dynamic alpha search "
+                f"({r['alpha_search_points']} forward passes) "
+                f"adds {r['alpha_search_s']:.2f} s (one measurement); the paper searches once per epoch"
+            )
+    write_json(
+        "epoch_time.json",
+        dict(
+            machine=info,
+            config=vars(args),
+            results=results,
+            paper_table6={f"{m}/{o}": s for (m, o), s in PAPER_TABLE6.items()},
+        ),
+    )
+    report.plot_epoch_times(results, f"time per epoch, {where}", results_dir() / "epoch_time.png")
     print(f"wrote {results_dir() / 'epoch_time.json'} and {results_dir() / 'epoch_time.png'}")
     return results
 

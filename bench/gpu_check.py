@@ -35,9 +35,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 REPORT_JSON, REPORT_MD = "gpu_check.json", "gpu_check.md"
@@ -79,7 +79,7 @@ class Step:
 
     name: str
     argv: list[str]
-    env: dict[str, Optional[str]] = field(default_factory=dict)  # overrides; None removes the variable
+    env: dict[str, str | None] = field(default_factory=dict)  # overrides; None removes the variable
     log: str = MAIN_LOG
 
 
@@ -91,14 +91,14 @@ class Part:
     steps: list[Step]
     parallel: bool = False  # run the steps at once (else one after the other, within the one budget)
     needs_gpu: bool = True
-    precheck: Optional[Callable[[], Optional[str]]] = None  # returns why the part is skipped, or None
-    summarize: Optional[Callable[[dict, Path], None]] = None  # adds details to the result, may fail it
+    precheck: Callable[[], str | None] | None = None  # returns why the part is skipped, or None
+    summarize: Callable[[dict, Path], None] | None = None  # adds details to the result, may fail it
 
 
 # ----------------------------------------------------------------------------- the plan
 
 
-def find_tool(name: str) -> Optional[str]:
+def find_tool(name: str) -> str | None:
     """A CUDA tool on PATH, else in $CUDA_HOME/bin or /usr/local/cuda/bin."""
     found = shutil.which(name)
     if found:
@@ -109,7 +109,7 @@ def find_tool(name: str) -> Optional[str]:
     return None
 
 
-def cuda_home() -> Optional[str]:
+def cuda_home() -> str | None:
     """The CUDA toolkit root, as ./dev finds it: $CUDA_HOME, else where nvcc and libcudart.so are
     (a wrapper nvcc on PATH misleads torch's own guess)."""
     if os.environ.get("CUDA_HOME"):
@@ -121,12 +121,16 @@ def cuda_home() -> Optional[str]:
     return None
 
 
-def build_step(python: str, arch: Optional[str], jobs: int) -> Step:
+def build_step(python: str, arch: str | None, jobs: int) -> Step:
     """setup.py build_ext --inplace, as ./dev builds with an existing interpreter: the CUDA kernels
     required, for the visible GPU (TORCH_CUDA_ARCH_LIST unset) unless an arch is named."""
-    env: dict[str, Optional[str]] = {"FUSED_LESAM_REQUIRE_CUDA": "1", "FUSED_LESAM_NO_CUDA": None,
-                                     "FUSED_LESAM_NO_EXTENSION": None, "MAX_JOBS": str(jobs),
-                                     "TORCH_CUDA_ARCH_LIST": arch}
+    env: dict[str, str | None] = {
+        "FUSED_LESAM_REQUIRE_CUDA": "1",
+        "FUSED_LESAM_NO_CUDA": None,
+        "FUSED_LESAM_NO_EXTENSION": None,
+        "MAX_JOBS": str(jobs),
+        "TORCH_CUDA_ARCH_LIST": arch,
+    }
     home = cuda_home()
     if home:
         env["CUDA_HOME"] = home
@@ -136,16 +140,23 @@ def build_step(python: str, arch: Optional[str], jobs: int) -> Step:
 def shard_step(python: str, shard: str, args: list[str], work: Path) -> Step:
     """A pytest run with this file as a plugin (`-p bench.gpu_check`, the hooks below): each test's
     outcome is written as it ends, so a shard stopped by its time limit still reports what ran."""
-    return Step(shard, [python, "-m", "pytest", *args, "-q", "-rfEs", "--tb=short", "-p", "no:cacheprovider",
-                        "-p", "bench.gpu_check"], {RESULTS_ENV: str(work / f"tests-{shard}.jsonl")}, log=PYTEST_LOG)
+    return Step(
+        shard,
+        [python, "-m", "pytest", *args, "-q", "-rfEs", "--tb=short", "-p", "no:cacheprovider", "-p", "bench.gpu_check"],
+        {RESULTS_ENV: str(work / f"tests-{shard}.jsonl")},
+        log=PYTEST_LOG,
+    )
 
 
 def sanitizer_step(tool: str, sanitizer: str, python: str) -> Step:
     # Without torch's caching allocator every tensor is its own cudaMalloc, so memcheck sees each
     # bucket's true end instead of the end of a larger cached block.
-    return Step(tool, [sanitizer, "--tool", tool, "--error-exitcode", "97",
-                       python, "bench/sanitize_ops.py", "--backend", "cuda"],
-                {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, log=SANITIZER_LOG)
+    return Step(
+        tool,
+        [sanitizer, "--tool", tool, "--error-exitcode", "97", python, "bench/sanitize_ops.py", "--backend", "cuda"],
+        {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
+        log=SANITIZER_LOG,
+    )
 
 
 def make_plan(args, work: Path) -> list[Part]:
@@ -154,27 +165,77 @@ def make_plan(args, work: Path) -> list[Part]:
     results = {"FUSED_LESAM_BENCH_RESULTS": str(work / "results")}
     sanitizer = find_tool("compute-sanitizer") or "compute-sanitizer"
     plan = [
-        Part("env", "environment and GPU", BUDGETS["env"], [Step("probe", [python, __file__, "--probe", "env"])],
-             needs_gpu=False, summarize=summarize_env),
-        Part("build", "extension built for this GPU", BUDGETS["build"],
-             [build_step(python, args.arch, jobs), Step("verify", [python, __file__, "--probe", "build"])],
-             needs_gpu=False, summarize=summarize_build),
-        Part("tests", "GPU tests", BUDGETS["tests"],
-             [shard_step(python, shard, shard_args, work) for shard, shard_args in TEST_SHARDS.items()],
-             parallel=True, summarize=summarize_tests),
-        Part("sanitizer", "compute-sanitizer over every CUDA op", BUDGETS["sanitizer"],
-             [sanitizer_step(tool, sanitizer, python) for tool in SANITIZER_TOOLS], parallel=True,
-             precheck=lambda: None if find_tool("compute-sanitizer") else
-             "compute-sanitizer not found (on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin)",
-             summarize=summarize_sanitizer),
-        Part("bench", "optimizer-step microbenchmarks", BUDGETS["bench"],
-             [Step("step_overhead", [python, "-m", "pytest", "bench/test_step_overhead.py", "-q", "-p", "no:cacheprovider",
-                                     "--device", "cuda", "--sets", PARAM_SETS, "--benchmark-columns=median,min,max",
-                                     "--benchmark-sort=name"], results)],
-             summarize=lambda result, work: summarize_table(result, "step_overhead.json")),
-        Part("epoch", "time per epoch (quick)", BUDGETS["epoch"],
-             [Step("epoch_time", [python, "bench/epoch_time.py", "--device", "cuda"], results)],
-             summarize=lambda result, work: summarize_table(result, "epoch_time.json")),
+        Part(
+            "env",
+            "environment and GPU",
+            BUDGETS["env"],
+            [Step("probe", [python, __file__, "--probe", "env"])],
+            needs_gpu=False,
+            summarize=summarize_env,
+        ),
+        Part(
+            "build",
+            "extension built for this GPU",
+            BUDGETS["build"],
+            [build_step(python, args.arch, jobs), Step("verify", [python, __file__, "--probe", "build"])],
+            needs_gpu=False,
+            summarize=summarize_build,
+        ),
+        Part(
+            "tests",
+            "GPU tests",
+            BUDGETS["tests"],
+            [shard_step(python, shard, shard_args, work) for shard, shard_args in TEST_SHARDS.items()],
+            parallel=True,
+            summarize=summarize_tests,
+        ),
+        Part(
+            "sanitizer",
+            "compute-sanitizer over every CUDA op",
+            BUDGETS["sanitizer"],
+            [sanitizer_step(tool, sanitizer, python) for tool in SANITIZER_TOOLS],
+            parallel=True,
+            precheck=lambda: (
+                None
+                if find_tool("compute-sanitizer")
+                else "compute-sanitizer not found (on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin)"
+            ),
+            summarize=summarize_sanitizer,
+        ),
+        Part(
+            "bench",
+            "optimizer-step microbenchmarks",
+            BUDGETS["bench"],
+            [
+                Step(
+                    "step_overhead",
+                    [
+                        python,
+                        "-m",
+                        "pytest",
+                        "bench/test_step_overhead.py",
+                        "-q",
+                        "-p",
+                        "no:cacheprovider",
+                        "--device",
+                        "cuda",
+                        "--sets",
+                        PARAM_SETS,
+                        "--benchmark-columns=median,min,max",
+                        "--benchmark-sort=name",
+                    ],
+                    results,
+                )
+            ],
+            summarize=lambda result, work: summarize_table(result, "step_overhead.json"),
+        ),
+        Part(
+            "epoch",
+            "time per epoch (quick)",
+            BUDGETS["epoch"],
+            [Step("epoch_time", [python, "bench/epoch_time.py", "--device", "cuda"], results)],
+            summarize=lambda result, work: summarize_table(result, "epoch_time.json"),
+        ),
     ]
     overrides = parse_timeouts(args.timeout)
     for part in plan:
@@ -221,7 +282,7 @@ def tail(text: str, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def exit_reason(code: Optional[int]) -> str:
+def exit_reason(code: int | None) -> str:
     if code is None:
         return "did not start"
     if code < 0:
@@ -255,8 +316,18 @@ def run_part(part: Part, work: Path, say: Callable[[str], None]) -> dict:
     """Runs the part's steps within its budget; returns its result (status, reason, steps' outputs)."""
     start = time.monotonic()
     deadline = start + part.budget_s
-    steps = [dict(name=s.name, command=describe_step(s), log=s.log, returncode=None, seconds=None, timed_out=False,
-                  output_file=str(work / f"{part.name}.{s.name}.out")) for s in part.steps]
+    steps = [
+        dict(
+            name=s.name,
+            command=describe_step(s),
+            log=s.log,
+            returncode=None,
+            seconds=None,
+            timed_out=False,
+            output_file=str(work / f"{part.name}.{s.name}.out"),
+        )
+        for s in part.steps
+    ]
     pending = list(zip(part.steps, steps))
     running: list[tuple[subprocess.Popen, dict, float]] = []
     last_beat = start
@@ -264,8 +335,15 @@ def run_part(part: Part, work: Path, say: Callable[[str], None]) -> dict:
     def launch(step: Step, record: dict) -> None:
         out = open(record["output_file"], "w")
         try:
-            proc = subprocess.Popen(step.argv, cwd=REPO, env=step_env(step), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                step.argv,
+                cwd=REPO,
+                env=step_env(step),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         except OSError as err:  # the program is missing or not executable
             out.write(f"could not start {step.argv[0]}: {err}\n")
             record.update(returncode=127, seconds=0.0, error=str(err))
@@ -279,7 +357,7 @@ def run_part(part: Part, work: Path, say: Callable[[str], None]) -> dict:
             batch = pending if part.parallel else pending[:1]
             for step, record in batch:
                 launch(step, record)
-            pending = pending[len(batch):]
+            pending = pending[len(batch) :]
             continue
         now = time.monotonic()
         for proc, record, began in list(running):
@@ -304,12 +382,20 @@ def run_part(part: Part, work: Path, say: Callable[[str], None]) -> dict:
 
     for record in steps:
         record["tail"] = tail(read_text(record["output_file"]))
-    result = dict(name=part.name, title=part.title, budget_s=part.budget_s, seconds=round(time.monotonic() - start, 1),
-                  steps=steps, details={})
+    result = dict(
+        name=part.name,
+        title=part.title,
+        budget_s=part.budget_s,
+        seconds=round(time.monotonic() - start, 1),
+        steps=steps,
+        details={},
+    )
     timed_out = [r["name"] for r in steps if r["timed_out"]]
     failed = [r for r in steps if not r["timed_out"] and r["returncode"] != 0]
     if timed_out:
-        result.update(status="timeout", reason=f"budget of {part.budget_s:.0f} s spent; stopped: {', '.join(timed_out)}")
+        result.update(
+            status="timeout", reason=f"budget of {part.budget_s:.0f} s spent; stopped: {', '.join(timed_out)}"
+        )
     elif failed:
         result.update(status="fail", reason="; ".join(f"{r['name']}: {exit_reason(r['returncode'])}" for r in failed))
     else:
@@ -334,10 +420,10 @@ def fail(result: dict, why: str) -> None:
 # ----------------------------------------------------------------------------- what each part found
 
 
-def marked_json(text: str, marker: str) -> Optional[dict]:
+def marked_json(text: str, marker: str) -> dict | None:
     for line in text.splitlines():
         if line.startswith(marker + " "):
-            return json.loads(line[len(marker) + 1:])
+            return json.loads(line[len(marker) + 1 :])
     return None
 
 
@@ -379,8 +465,15 @@ def pytest_runtest_logreport(report):
         outcome = report.outcome if report.when == "call" else "error"
         errors = [line for line in report.longreprtext.splitlines() if line.startswith("E ")]
         message = "\n".join(errors[:5]) if errors else report.longreprtext[-500:]
-    record_test(dict(test=report.nodeid, when=report.when, outcome=outcome, seconds=round(report.duration, 3),
-                     **({"message": message[:500]} if message else {})))
+    record_test(
+        dict(
+            test=report.nodeid,
+            when=report.when,
+            outcome=outcome,
+            seconds=round(report.duration, 3),
+            **({"message": message[:500]} if message else {}),
+        )
+    )
 
 
 def record_test(entry: dict) -> None:
@@ -419,14 +512,20 @@ def summarize_tests(result: dict, work: Path) -> None:
             fail(result, f"{step['name']}: no tests collected")
     counts = count_outcomes(tests)
     slowest = sorted(tests.items(), key=lambda kv: -kv[1]["seconds"])[:10]
-    result["details"].update(counts=counts, shards=shards, tests=tests, unfinished=unfinished,
-                             slowest=[dict(test=k, seconds=v["seconds"]) for k, v in slowest])
+    result["details"].update(
+        counts=counts,
+        shards=shards,
+        tests=tests,
+        unfinished=unfinished,
+        slowest=[dict(test=k, seconds=v["seconds"]) for k, v in slowest],
+    )
     if counts["failed"] or counts["error"]:
         fail(result, f"{counts['failed']} failed, {counts['error']} errors")
     if counts["skipped"]:
         # On a GPU machine no GPU test should skip: say so, without failing (a memory-bound skip is allowed).
-        result["details"]["skip_reasons"] = sorted({v.get("message", "") for v in tests.values()
-                                                    if v["outcome"] == "skipped"})
+        result["details"]["skip_reasons"] = sorted(
+            {v.get("message", "") for v in tests.values() if v["outcome"] == "skipped"}
+        )
 
 
 def count_outcomes(tests: dict) -> dict:
@@ -450,9 +549,11 @@ def parse_sanitizer(text: str, kernels: list[str]) -> dict:
     summary = re.search(r"ERROR SUMMARY: (\d+) errors?", text)
     named = {k: len(re.findall(rf"^=+\s+at .*\b{k}\b", text, re.M)) for k in kernels}
     covered = re.search(r"^SANITIZE_OPS_COVERED (.*)$", text, re.M)
-    return dict(errors=int(summary.group(1)) if summary else None,
-                errors_in_our_kernels={k: n for k, n in named.items() if n},
-                ops_run=covered.group(1).split(",") if covered else [])
+    return dict(
+        errors=int(summary.group(1)) if summary else None,
+        errors_in_our_kernels={k: n for k, n in named.items() if n},
+        ops_run=covered.group(1).split(",") if covered else [],
+    )
 
 
 def summarize_sanitizer(result: dict, work: Path) -> None:
@@ -501,8 +602,13 @@ def probe_env() -> int:
         info.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
-            info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), capability=f"{props.major}.{props.minor}",
-                        gpu_memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
+            info.update(
+                gpu=props.name,
+                gpu_count=torch.cuda.device_count(),
+                capability=f"{props.major}.{props.minor}",
+                gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                sms=props.multi_processor_count,
+            )
     except Exception as err:  # noqa: BLE001 (reported, whatever it is)
         info["torch_error"] = repr(err)
     try:
@@ -511,9 +617,11 @@ def probe_env() -> int:
         info["triton"] = triton.__version__
     except Exception as err:  # noqa: BLE001
         info["triton"] = f"not importable: {err!r}"
-    for key, argv in (("driver", ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
-                      ("nvcc", [find_tool("nvcc") or "nvcc", "--version"]),
-                      ("compute_sanitizer", [find_tool("compute-sanitizer") or "compute-sanitizer", "--version"])):
+    for key, argv in (
+        ("driver", ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+        ("nvcc", [find_tool("nvcc") or "nvcc", "--version"]),
+        ("compute_sanitizer", [find_tool("compute-sanitizer") or "compute-sanitizer", "--version"]),
+    ):
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
             info[key] = out.splitlines()[-1] if out else ""
@@ -542,7 +650,10 @@ def fatbin_archs(path: str) -> dict[str, list[int]]:
         (size,) = struct.unpack_from("<Q", data, at + 8)
         entry, end = at + header_size, at + header_size + size
         while entry + 32 <= min(end, len(data)):
-            kind, entry_header, payload = *struct.unpack_from("<HxxI", data, entry), struct.unpack_from("<Q", data, entry + 8)[0]
+            kind, entry_header, payload = (
+                *struct.unpack_from("<HxxI", data, entry),
+                struct.unpack_from("<Q", data, entry + 8)[0],
+            )
             if kind in FATBIN_KINDS:
                 found[FATBIN_KINDS[kind]].add(struct.unpack_from("<I", data, entry + 28)[0])
             if entry_header == 0:
@@ -568,6 +679,7 @@ def probe_build() -> int:
         info["problems"].append(why)
     else:
         import fused_lesam._C as extension
+
         from fused_lesam.backends import compiled
 
         info["extension"] = extension.__file__
@@ -603,8 +715,10 @@ def append_logs(out: Path, result: dict) -> None:
     by_log: dict[str, list[str]] = {}
     for step in result["steps"]:
         by_log.setdefault(step["log"], []).append(
-            f"===== {result['name']}/{step['name']}: {exit_reason(step['returncode']) if not step['timed_out'] else 'timed out'}"
-            f" after {step['seconds']} s\n$ {step['command']}\n{read_text(step['output_file'])}\n")
+            f"===== {result['name']}/{step['name']}: "
+            f"{exit_reason(step['returncode']) if not step['timed_out'] else 'timed out'}"
+            f" after {step['seconds']} s\n$ {step['command']}\n{read_text(step['output_file'])}\n"
+        )
     for log, chunks in by_log.items():
         path = out / log
         path.write_text(cap(read_text(path) + "".join(chunks)))
@@ -613,15 +727,30 @@ def append_logs(out: Path, result: dict) -> None:
 def write_report(out: Path, meta: dict, plan: list[Part], results: dict[str, dict]) -> None:
     """gpu_check.json and gpu_check.md, with every planned part (pending ones too): written after
     every part, so an interrupted check still leaves a report."""
-    parts = [public(results.get(p.name)) or dict(name=p.name, title=p.title, status="pending", reason="not run yet",
-                                          budget_s=p.budget_s, seconds=None, steps=[], details={}) for p in plan]
-    payload = dict(meta, parts=parts, passed=all(p["status"] in ("pass", "skipped") for p in parts)
-                   and any(p["status"] == "pass" for p in parts))
+    parts = [
+        public(results.get(p.name))
+        or dict(
+            name=p.name,
+            title=p.title,
+            status="pending",
+            reason="not run yet",
+            budget_s=p.budget_s,
+            seconds=None,
+            steps=[],
+            details={},
+        )
+        for p in plan
+    ]
+    payload = dict(
+        meta,
+        parts=parts,
+        passed=all(p["status"] in ("pass", "skipped") for p in parts) and any(p["status"] == "pass" for p in parts),
+    )
     (out / REPORT_JSON).write_text(json.dumps(payload, indent=1, default=str))
     (out / REPORT_MD).write_text(markdown(meta, parts))
 
 
-def public(result: Optional[dict]) -> Optional[dict]:
+def public(result: dict | None) -> dict | None:
     """A part's result as reported: without the paths of the temporary folder."""
     if result is None:
         return None
@@ -632,14 +761,19 @@ def markdown(meta: dict, parts: list[dict]) -> str:
     lines = [f"# GPU check, {meta.get('started', '')}", ""]
     env = next((p["details"] for p in parts if p["name"] == "env" and p["details"]), {})
     if env:
-        lines += [f"{env.get('gpu', 'no GPU')} (sm {env.get('capability', '?')}, {env.get('gpu_memory_gib', '?')} GiB), "
-                  f"driver {env.get('driver', '?')}; {env.get('cpu_count')} CPUs; torch {env.get('torch')} "
-                  f"(CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, Python {env.get('python')}", ""]
+        lines += [
+            f"{env.get('gpu', 'no GPU')} (sm {env.get('capability', '?')}, {env.get('gpu_memory_gib', '?')} GiB), "
+            f"driver {env.get('driver', '?')}; {env.get('cpu_count')} CPUs; torch {env.get('torch')} "
+            f"(CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, Python {env.get('python')}",
+            "",
+        ]
     lines += ["| part | status | seconds (budget) | note |", "| --- | --- | ---: | --- |"]
     for p in parts:
         seconds = "" if p["seconds"] is None else f"{p['seconds']:.1f}"
-        lines.append(f"| {p['name']}: {p['title']} | {p['status'].upper() if p['status'] != 'pass' else 'pass'} "
-                     f"| {seconds} ({p['budget_s']:.0f}) | {p.get('reason', '')} |")
+        lines.append(
+            f"| {p['name']}: {p['title']} | {p['status'].upper() if p['status'] != 'pass' else 'pass'} "
+            f"| {seconds} ({p['budget_s']:.0f}) | {p.get('reason', '')} |"
+        )
     lines.append(f"\nTotal {meta.get('seconds', '?')} s.")
     for p in parts:
         lines += section(p)
@@ -651,18 +785,28 @@ def section(p: dict) -> list[str]:
     lines = []
     if name == "build" and d:
         archs = d.get("archs", {})
-        lines += [f"Extension {d.get('extension', '(none)')}; GPU code: sm {archs.get('sass', '?')}, PTX {archs.get('ptx', '?')}; "
-                  f"backends: " + ", ".join(f"{k} {v}" for k, v in d.get("backends", {}).items())]
+        lines += [
+            f"Extension {d.get('extension', '(none)')}; "
+            f"GPU code: sm {archs.get('sass', '?')}, PTX {archs.get('ptx', '?')}; "
+            f"backends: " + ", ".join(f"{k} {v}" for k, v in d.get("backends", {}).items())
+        ]
     elif name == "tests" and d.get("counts"):
         c = d["counts"]
-        lines += [f"{c['passed']} passed, {c['failed']} failed, {c['error']} errors, {c['skipped']} skipped "
-                  f"of {c['total']} ({PYTEST_LOG} has the output)", "",
-                  "| shard | passed | failed | errors | skipped |", "| --- | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {s} | {n['passed']} | {n['failed']} | {n['error']} | {n['skipped']} |" for s, n in d["shards"].items()]
+        lines += [
+            f"{c['passed']} passed, {c['failed']} failed, {c['error']} errors, {c['skipped']} skipped "
+            f"of {c['total']} ({PYTEST_LOG} has the output)",
+            "",
+            "| shard | passed | failed | errors | skipped |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {s} | {n['passed']} | {n['failed']} | {n['error']} | {n['skipped']} |" for s, n in d["shards"].items()
+        ]
         bad = [(t, v) for t, v in d["tests"].items() if v["outcome"] in ("failed", "error")]
         if bad:
-            lines += ["", "Failures:"] + [f"- `{t}`: {v.get('message', '').splitlines()[0] if v.get('message') else ''}"
-                                          for t, v in bad[:30]]
+            lines += ["", "Failures:"] + [
+                f"- `{t}`: {v.get('message', '').splitlines()[0] if v.get('message') else ''}" for t, v in bad[:30]
+            ]
         if d.get("unfinished"):
             lines += ["", "Running when stopped: " + ", ".join(f"`{t}`" for t in d["unfinished"])]
         if d.get("slowest"):
@@ -673,7 +817,9 @@ def section(p: dict) -> list[str]:
         lines += ["| tool | errors | in our kernels | ops run |", "| --- | ---: | --- | --- |"]
         for tool, t in d["tools"].items():
             ours = ", ".join(f"{k} {n}" for k, n in t["errors_in_our_kernels"].items()) or "none"
-            lines.append(f"| {tool} | {'?' if t['errors'] is None else t['errors']} | {ours} | {', '.join(t['ops_run'])} |")
+            lines.append(
+                f"| {tool} | {'?' if t['errors'] is None else t['errors']} | {ours} | {', '.join(t['ops_run'])} |"
+            )
     elif name in ("bench", "epoch") and d.get("tables"):
         for table in d["tables"]:
             lines += [table["caption"], ""] + table["lines"] + [""]
@@ -681,8 +827,14 @@ def section(p: dict) -> list[str]:
     if p["status"] not in ("pass", "pending", "skipped") and p["steps"]:
         for step in p["steps"]:
             if step["timed_out"] or step["returncode"] != 0:
-                lines += ["", f"`{step['name']}` ({'timed out' if step['timed_out'] else exit_reason(step['returncode'])}), "
-                              "last lines:", "```", tail(step.get("tail", ""), 15), "```"]
+                lines += [
+                    "",
+                    f"`{step['name']}` ({'timed out' if step['timed_out'] else exit_reason(step['returncode'])}), "
+                    "last lines:",
+                    "```",
+                    tail(step.get("tail", ""), 15),
+                    "```",
+                ]
     if not lines:
         return []
     return ["", f"## {p['name']}: {p['title']}", ""] + lines
@@ -712,29 +864,52 @@ def execute(plan: list[Part], out: Path, work: Path, meta: dict, say: Callable[[
         elif part.precheck:
             skip = part.precheck()
         if skip:
-            results[part.name] = dict(name=part.name, title=part.title, status="skipped", reason=skip,
-                                      budget_s=part.budget_s, seconds=0.0, steps=[], details={})
+            results[part.name] = dict(
+                name=part.name,
+                title=part.title,
+                status="skipped",
+                reason=skip,
+                budget_s=part.budget_s,
+                seconds=0.0,
+                steps=[],
+                details={},
+            )
             say(f"{label}: skipped, {skip}")
         else:
-            say(f"{label}: {part.title} (budget {part.budget_s:.0f} s, {len(part.steps)} "
-                f"{'parallel ' if part.parallel and len(part.steps) > 1 else ''}step{'s' if len(part.steps) > 1 else ''})")
+            say(
+                f"{label}: {part.title} (budget {part.budget_s:.0f} s, {len(part.steps)} "
+                f"{'parallel ' if part.parallel and len(part.steps) > 1 else ''}"
+                f"step{'s' if len(part.steps) > 1 else ''})"
+            )
             try:
                 result = run_part(part, work, say)
                 if part.summarize:
                     try:
                         part.summarize(result, work)
                     except Exception:  # noqa: BLE001 (a broken summary fails this part only)
-                        result.update(status="error", reason="summarizing the output failed: " +
-                                      traceback.format_exc().strip().splitlines()[-1])
+                        result.update(
+                            status="error",
+                            reason="summarizing the output failed: " + traceback.format_exc().strip().splitlines()[-1],
+                        )
                         result["traceback"] = traceback.format_exc()
                 append_logs(out, result)
             except Exception:  # noqa: BLE001 (the runner's own failure: reported, and the next part runs)
-                result = dict(name=part.name, title=part.title, status="error", budget_s=part.budget_s, seconds=None,
-                              steps=[], details={}, traceback=traceback.format_exc(),
-                              reason="the runner failed: " + traceback.format_exc().strip().splitlines()[-1])
+                result = dict(
+                    name=part.name,
+                    title=part.title,
+                    status="error",
+                    budget_s=part.budget_s,
+                    seconds=None,
+                    steps=[],
+                    details={},
+                    traceback=traceback.format_exc(),
+                    reason="the runner failed: " + traceback.format_exc().strip().splitlines()[-1],
+                )
             results[part.name] = result
-            say(f"{label}: {result['status']} in {result['seconds'] if result['seconds'] is not None else '?'} s"
-                + (f", {result['reason']}" if result.get("reason") else ""))
+            say(
+                f"{label}: {result['status']} in {result['seconds'] if result['seconds'] is not None else '?'} s"
+                + (f", {result['reason']}" if result.get("reason") else "")
+            )
         collect_bench_files(work, out)
         meta["seconds"] = round(time.monotonic() - start, 1)
         write_report(out, meta, plan, results)
@@ -745,13 +920,21 @@ def execute(plan: list[Part], out: Path, work: Path, meta: dict, say: Callable[[
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="./dev gpu-check", description=__doc__.splitlines()[0],
-                                     epilog="parts: " + ", ".join(f"{k} ({v} s)" for k, v in BUDGETS.items()))
+    parser = argparse.ArgumentParser(
+        prog="./dev gpu-check",
+        description=__doc__.splitlines()[0],
+        epilog="parts: " + ", ".join(f"{k} ({v} s)" for k, v in BUDGETS.items()),
+    )
     parser.add_argument("--out", required=True, help="folder for the report (at most 8 files; created if missing)")
     parser.add_argument("--parts", default="", help="comma-separated subset of the parts, in the order above")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's time budget")
-    parser.add_argument("--timeout", action="append", default=[], metavar="PART=SECONDS",
-                        help="one part's time budget (repeatable); overrides --budget-scale for it")
+    parser.add_argument(
+        "--timeout",
+        action="append",
+        default=[],
+        metavar="PART=SECONDS",
+        help="one part's time budget (repeatable); overrides --budget-scale for it",
+    )
     parser.add_argument("--arch", help="TORCH_CUDA_ARCH_LIST for the build (default: unset, the visible GPU's)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for every step (default: this one)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its commands; run nothing")
@@ -790,14 +973,25 @@ def main(argv=None) -> int:
                     print(f"    [{step.name}] {describe_step(step).replace(str(work), '$WORK')}")
             print("($WORK: a temporary folder for the steps' outputs)")
             return 0
-        meta = dict(started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), argv=argv, repo=str(REPO), budgets_s=total,
-                    files=list(OUTPUT_FILES))
-        print(f"gpu-check: {len(plan)} parts ({', '.join(p.name for p in plan)}), budgets {total:.0f} s in all; "
-              f"report to {out}", flush=True)
+        meta = dict(
+            started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            argv=argv,
+            repo=str(REPO),
+            budgets_s=total,
+            files=list(OUTPUT_FILES),
+        )
+        print(
+            f"gpu-check: {len(plan)} parts ({', '.join(p.name for p in plan)}), budgets {total:.0f} s in all; "
+            f"report to {out}",
+            flush=True,
+        )
         results = execute(plan, out, work, meta, say=lambda line: print(line, flush=True))
     ok = all(r["status"] in ("pass", "skipped") for r in results.values())
-    print(f"gpu-check: {'all parts passed' if ok else 'FAILED: ' + ', '.join(n for n, r in results.items() if r['status'] not in ('pass', 'skipped'))}"
-          f"; report {out / REPORT_MD}", flush=True)
+    failed = ", ".join(n for n, r in results.items() if r["status"] not in ("pass", "skipped"))
+    print(
+        f"gpu-check: {'all parts passed' if ok else 'FAILED: ' + failed}; report {out / REPORT_MD}",
+        flush=True,
+    )
     return 0 if ok else 1
 
 

@@ -141,8 +141,9 @@ class ViT(nn.Module):
 
 
 class ViTS16(nn.Module):
-    def __init__(self, depth: int = 12, dim: int = 384, heads: int = 6, patch: int = 16, image: int = 224,
-                 num_classes: int = 100):
+    def __init__(
+        self, depth: int = 12, dim: int = 384, heads: int = 6, patch: int = 16, image: int = 224, num_classes: int = 100
+    ):
         super().__init__()
         tokens = (image // patch) ** 2
         self.embed = nn.Conv2d(3, dim, patch, stride=patch)

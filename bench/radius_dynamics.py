@@ -14,20 +14,26 @@ from __future__ import annotations
 import argparse
 import time
 
+import report
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from common import Progress, machine, results_dir, write_json
+from torch import nn
 
 from fused_lesam import FusedLESAM, FusedSAM, frozen_bn_stats
 
 
 def make_model() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     )
 
 
@@ -64,33 +70,6 @@ def train(make_opt, args, progress: Progress) -> dict[str, list[float]]:
     return dict(zip(("loss", "grad_norm", "rho", "sigma"), columns))
 
 
-def plot(runs: dict[str, dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
-    for label, run in runs.items():
-        steps = range(len(run["loss"]))
-        increase = [r * g for r, g in zip(run["rho"], run["grad_norm"])]
-        axes[0].plot(steps, run["grad_norm"], label=label)
-        axes[1].plot(steps, run["rho"], label=label)
-        axes[2].plot(steps, increase, label=label)
-        if "LE-SAM" in label:
-            axes[3].plot(steps, run["sigma"], label=label, color="tab:orange")
-    titles = ["gradient norm ||g||", "radius rho_t", "first-order loss increase rho_t ||g||", "loss budget sigma_t"]
-    for ax, title in zip(axes, titles):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-    handles, labels = axes[1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9)
-    fig.suptitle("synthetic data, small conv net: LE-SAM fixes the loss increase, SAM the radius", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -104,9 +83,9 @@ def main(argv=None) -> dict:
     anneal = args.steps // 4
     optimizers = {
         "SAM (rho = 0.05)": lambda p: FusedSAM(p, torch.optim.SGD, rho=0.05, **sgd),
-        f"LE-SAM (sigma = {args.sigma}, rho_max = 0.4, annealed over the last {anneal} steps)":
-            lambda p: FusedLESAM(p, torch.optim.SGD, sigma=args.sigma, rho_max=0.4, total_steps=args.steps,
-                                 anneal_steps=anneal, **sgd),
+        f"LE-SAM (sigma = {args.sigma}, rho_max = 0.4, annealed over the last {anneal} steps)": lambda p: FusedLESAM(
+            p, torch.optim.SGD, sigma=args.sigma, rho_max=0.4, total_steps=args.steps, anneal_steps=anneal, **sgd
+        ),
     }
     progress = Progress(args.steps * len(optimizers), "radius_dynamics")
     start = time.perf_counter()
@@ -115,13 +94,16 @@ def main(argv=None) -> dict:
     for label, run in runs.items():
         print(f"\n{label}")
         print(f"{'step':>5} {'loss':>8} {'||g||':>8} {'rho_t':>8} {'sigma_t':>8} {'rho_t||g||':>10}")
-        for step in sorted({0, args.steps // 4, args.steps // 2, args.steps - anneal, args.steps - anneal // 2,
-                            args.steps - 1}):
+        for step in sorted(
+            {0, args.steps // 4, args.steps // 2, args.steps - anneal, args.steps - anneal // 2, args.steps - 1}
+        ):
             g, rho = run["grad_norm"][step], run["rho"][step]
-            print(f"{step:>5} {run['loss'][step]:>8.4f} {g:>8.4f} {rho:>8.4f} {run['sigma'][step]:>8.4f} {rho * g:>10.4f}")
+            print(
+                f"{step:>5} {run['loss'][step]:>8.4f} {g:>8.4f} {rho:>8.4f} {run['sigma'][step]:>8.4f} {rho * g:>10.4f}"
+            )
     print(f"\n{len(runs)} runs of {args.steps} steps in {seconds:.1f} s; data: synthetic (class prototypes plus noise)")
     write_json("radius_dynamics.json", dict(machine=machine(torch.device(args.device)), config=vars(args), runs=runs))
-    plot(runs, results_dir() / "radius_dynamics.png")
+    report.plot_radius_dynamics(runs, results_dir() / "radius_dynamics.png")
     print(f"wrote {results_dir() / 'radius_dynamics.json'} and {results_dir() / 'radius_dynamics.png'}")
     return runs
 

@@ -20,11 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 import epoch_time
+import pytest
 import radius_dynamics
+import torch
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,8 +45,20 @@ def main() -> int:
     # On a CPU the quick default leaves out the torch backend's row: that specification of the kernels,
     # with its temporaries, is by far the slowest row there and would take most of the run.
     backends = "auto" if args.device == "cpu" and not args.full else "all"
-    code = pytest.main([str(HERE / "test_step_overhead.py"), "-q", "-p", "no:cacheprovider", "--device", args.device,
-                        "--sets", sets, "--backends", backends])
+    code = pytest.main(
+        [
+            str(HERE / "test_step_overhead.py"),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--device",
+            args.device,
+            "--sets",
+            sets,
+            "--backends",
+            backends,
+        ]
+    )
     print("\n== 3/3 radius dynamics", flush=True)
     radius_dynamics.main(["--device", args.device])
     return int(code)

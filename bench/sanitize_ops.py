@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from fused_lesam.backends import reference, resolve
+from fused_lesam import maths
+from fused_lesam.backends import resolve
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SIZES = [0, 1, 15, 17, 4095, 16384 + 3]  # 16384: the CUDA norm's chunk (csrc/lesam_math.h kReduceChunk)
@@ -85,7 +86,7 @@ def run_restore(ops, case: Case) -> None:
 
 def xsam_coefs(ops, case: Case) -> torch.Tensor:
     dots = ops.xsam_dots([case.put(case.ghat)], [case.put(case.w)], [case.put(case.g)])
-    return reference.slerp_coefficients(dots, 0.5, 0.3, 1e-12)[0]
+    return maths.slerp_coefficients(dots, 0.5, 0.3, 1e-12)[0]
 
 
 def run_xsam_dots(ops, case: Case) -> None:
@@ -112,10 +113,23 @@ def run_sgd_step(ops, case: Case) -> None:
         buffer = case.put(case.ghat) if momentum else None
         center = case.put(case.ghat) if with_center else None
         param = case.put(case.g)
-        ops.sgd_step_(param=param, backup=case.put(case.w), grad=case.put(case.g), momentum_buffer=buffer,
-                      center=center, found_inf=case.scalar(skip), lr=0.1, momentum=momentum, dampening=0.0,
-                      weight_decay=1e-3, nesterov=bool(momentum), maximize=False, init_buffer=False,
-                      ghat_coef=1.5, center_coef=0.5)
+        ops.sgd_step_(
+            param=param,
+            backup=case.put(case.w),
+            grad=case.put(case.g),
+            momentum_buffer=buffer,
+            center=center,
+            found_inf=case.scalar(skip),
+            lr=0.1,
+            momentum=momentum,
+            dampening=0.0,
+            weight_decay=1e-3,
+            nesterov=bool(momentum),
+            maximize=False,
+            init_buffer=False,
+            ghat_coef=1.5,
+            center_coef=0.5,
+        )
         if skip:
             check_restored(param, case.w, "sgd_step_ (skipped)")
 
@@ -123,12 +137,27 @@ def run_sgd_step(ops, case: Case) -> None:
 def run_adam_step(ops, case: Case) -> None:
     for amsgrad, with_center, skip in ((True, True, 0.0), (False, False, 0.0), (False, False, 1.0)):
         param = case.put(case.g)
-        ops.adam_step_(param=param, backup=case.put(case.w), grad=case.put(case.g), exp_avg=case.put(case.ghat),
-                       exp_avg_sq=case.put(case.ghat.abs()), max_exp_avg_sq=case.put(case.ghat.abs()) if amsgrad else None,
-                       center=case.put(case.ghat) if with_center else None, step=case.scalar(3.0),
-                       found_inf=case.scalar(skip), lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2,
-                       decoupled_weight_decay=amsgrad, amsgrad=amsgrad, maximize=False, ghat_coef=1.5,
-                       center_coef=0.5)
+        ops.adam_step_(
+            param=param,
+            backup=case.put(case.w),
+            grad=case.put(case.g),
+            exp_avg=case.put(case.ghat),
+            exp_avg_sq=case.put(case.ghat.abs()),
+            max_exp_avg_sq=case.put(case.ghat.abs()) if amsgrad else None,
+            center=case.put(case.ghat) if with_center else None,
+            step=case.scalar(3.0),
+            found_inf=case.scalar(skip),
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=1e-2,
+            decoupled_weight_decay=amsgrad,
+            amsgrad=amsgrad,
+            maximize=False,
+            ghat_coef=1.5,
+            center_coef=0.5,
+        )
         if skip:
             check_restored(param, case.w, "adam_step_ (skipped)")
 
@@ -188,8 +217,11 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()  # a kernel's fault surfaces here at the latest
     cases_per_op = max(calls.values(), default=0)
-    print(f"sanitize_ops: backend {args.backend} on {device}, {cases_per_op} bucket cases per op "
-          f"(dtypes {', '.join(str(d).removeprefix('torch.') for d in DTYPES)}; sizes {SIZES}; offsets {OFFSETS}; one NaN case per dtype)")
+    print(
+        f"sanitize_ops: backend {args.backend} on {device}, {cases_per_op} bucket cases per op "
+        f"(dtypes {', '.join(str(d).removeprefix('torch.') for d in DTYPES)}; sizes {SIZES}; offsets {OFFSETS}; "
+        f"one NaN case per dtype)"
+    )
     print("SANITIZE_OPS_COVERED " + ",".join(sorted(calls)))
     if absent:
         print("not in this backend (skipped): " + ", ".join(absent))

@@ -27,11 +27,10 @@ from __future__ import annotations
 import gc
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
-
 from baselines import PerTensorSAM
 from common import sync
 from models import param_shapes
@@ -50,8 +49,11 @@ LESAM = dict(sigma=0.35, rho_max=0.4)  # FusedLESAM's defaults, given to the loo
 def kernel_backends(device: torch.device, wanted: str = "all") -> list[str]:
     """The backends to time: "all" usable ones, or a comma list in which "auto" is the default's."""
     # Triton on CPU tensors is its interpreter: a test tool, not something to time.
-    usable = [name for name, why in fused_lesam.available_backends().items()
-              if not why and (device.type == "cuda" or name in ("torch", "cpp"))]
+    usable = [
+        name
+        for name, why in fused_lesam.available_backends().items()
+        if not why and (device.type == "cuda" or name in ("torch", "cpp"))
+    ]
     if wanted == "all":
         return usable
     names = list(dict.fromkeys(resolve("auto", device).NAME if name == "auto" else name for name in wanted.split(",")))
@@ -68,8 +70,9 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("base", config.getoption("--bases").split(","))
 
 
-def time_interleaved(rows: dict[str, Callable[[], object]], device: torch.device, rounds: int, steps: int,
-                     warmup: int) -> dict[str, list[float]]:
+def time_interleaved(
+    rows: dict[str, Callable[[], object]], device: torch.device, rounds: int, steps: int, warmup: int
+) -> dict[str, list[float]]:
     """Seconds per call of each row, one value per round (the mean of `steps` calls). Round r of every
     row runs before round r+1 of any, so a slow spell of a shared machine hits all rows alike; the
     order rotates each round so that no row always runs right after the same one (warm caches)."""
@@ -83,7 +86,7 @@ def time_interleaved(rows: dict[str, Callable[[], object]], device: torch.device
     gc.disable()  # a collection inside a timed round would be charged to whichever row ran it
     try:
         for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 fn = rows[name]
                 sync(device)
                 start = time.perf_counter()
@@ -102,8 +105,10 @@ class Params:
 
     def __init__(self, shapes, device, seed=0):
         gen = torch.Generator().manual_seed(seed)
-        self.values = [(torch.randn(s, generator=gen).to(device), torch.randn(s, generator=gen).mul_(1e-2).to(device))
-                       for s in shapes]
+        self.values = [
+            (torch.randn(s, generator=gen).to(device), torch.randn(s, generator=gen).mul_(1e-2).to(device))
+            for s in shapes
+        ]
 
     def fresh(self) -> list[torch.nn.Parameter]:
         params = []
@@ -148,8 +153,11 @@ def test_step(param_set, base, device, backends, rounds, steps, warmup, record):
         params = [p for group in opt.param_groups for p in group["params"]]
         assert all(torch.isfinite(p).all() for p in params), name
         assert any(not torch.equal(p, w0) for p, (w0, _) in zip(params, values.values)), name
-    extras = {name: dict(buckets=len(opt._buckets), base_update=opt.base_update)
-              for name, opt in optimizers.items() if isinstance(opt, FusedLESAM)}
+    extras = {
+        name: dict(buckets=len(opt._buckets), base_update=opt.base_update)
+        for name, opt in optimizers.items()
+        if isinstance(opt, FusedLESAM)
+    }
     record(param_set, base, len(shapes), n, rows, seconds, extras)
 
 

@@ -2,7 +2,7 @@
 //
 // The CPU kernels (cpu/bucket_ops.cpp) and the CUDA kernels (cuda/bucket_ops.cu) both call these
 // inline functions, so the CPU tests run the arithmetic the GPU runs. The specification they are
-// tested against is fused_lesam/backends/reference.py (docs/design.md §1).
+// tested against is fused_lesam/backends/spec.py (docs/design.md §1).
 //
 // `acc_t` is the type the arithmetic is done in: float for fp32/fp16/bf16 buckets, double for
 // fp64 ones. Values are loaded from the bucket's dtype, computed in acc_t, rounded back once.
@@ -104,7 +104,7 @@ FL_HOST_DEVICE acc_t slerped(acc_t delta, acc_t g, acc_t c0, acc_t c1) {
 
 // ------------------------------------------------------ the base update, fused into the restore
 // One element of torch.optim.SGD / Adam / AdamW's step taken from the saved weights w0, with the
-// final gradient (specification: sgd_step_ / adam_step_ in reference.py). State values are rounded
+// final gradient (specification: sgd_step_ / adam_step_ in spec.py). State values are rounded
 // to the bucket's dtype (scalar_t) once when stored, and the rest of the step uses the stored
 // value, as torch's later reads of its state do. Scalars that are 1 - x or a product of two
 // hyperparameters are formed in double on the host, as the spec's Python floats are.

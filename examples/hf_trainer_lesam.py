@@ -68,8 +68,9 @@ class TinyClassifier(torch.nn.Module):
     def __init__(self, features: int = 6, classes: int = 3, seed: int = 0):
         super().__init__()
         torch.manual_seed(seed)
-        self.net = torch.nn.Sequential(torch.nn.Linear(features, 16), torch.nn.LayerNorm(16), torch.nn.GELU(),
-                                       torch.nn.Linear(16, classes))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(features, 16), torch.nn.LayerNorm(16), torch.nn.GELU(), torch.nn.Linear(16, classes)
+        )
 
     def forward(self, x, labels=None):
         logits = self.net(x)
@@ -87,18 +88,33 @@ LESAM = dict(sigma=0.2, rho_max=0.5)
 
 
 def arguments(output_dir: str, steps: int, **overrides) -> TrainingArguments:
-    kwargs = dict(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-                  learning_rate=1e-2, weight_decay=0.01, warmup_steps=1, max_grad_norm=1.0, logging_steps=1,
-                  save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    kwargs = dict(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        weight_decay=0.01,
+        warmup_steps=1,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
 
 if __name__ == "__main__":
     import tempfile
+
     with tempfile.TemporaryDirectory() as out:
-        trainer = LESAMTrainer(model=TinyClassifier(), args=arguments(out, steps=3), train_dataset=synthetic_dataset(),
-                               lesam=LESAM)
+        trainer = LESAMTrainer(
+            model=TinyClassifier(), args=arguments(out, steps=3), train_dataset=synthetic_dataset(), lesam=LESAM
+        )
         trainer.train()
     print(trainer.optimizer.optimizer)
     for entry in trainer.state.log_history:

@@ -33,9 +33,9 @@ it (`trainer.global_step`, which `max_steps` reads; `opt.second_step()` does the
 Lightning does not see a step). `opt.step(closure)` with the second pass in the closure works too.
 """
 
+import lightning as L
 import torch
 import torch.nn.functional as F
-import lightning as L
 
 from fused_lesam import FusedLESAM, frozen_bn_stats
 
@@ -75,8 +75,10 @@ class LESAMClassifier(L.LightningModule):
 
     def on_fit_start(self):
         if self.trainer.accumulate_grad_batches != 1:
-            raise RuntimeError("accumulate_grad_batches > 1 splits LE-SAM's two passes between micro-batches in "
-                               "automatic optimization: use ManualLESAMClassifier and accumulate in both passes")
+            raise RuntimeError(
+                "accumulate_grad_batches > 1 splits LE-SAM's two passes between micro-batches in "
+                "automatic optimization: use ManualLESAMClassifier and accumulate in both passes"
+            )
 
 
 class ManualLESAMClassifier(L.LightningModule):
@@ -113,10 +115,20 @@ class ManualLESAMClassifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": make_scheduler(opt)}
 
 
-def train(module: L.LightningModule, loader, steps: int, precision: str | None = "32-true", **trainer_kwargs) -> L.Trainer:
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        **trainer_kwargs)
+def train(
+    module: L.LightningModule, loader, steps: int, precision: str | None = "32-true", **trainer_kwargs
+) -> L.Trainer:
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
     trainer.fit(module, loader)
     return trainer
 
@@ -131,13 +143,20 @@ def synthetic_loader(batches: int = 4, batch_size: int = 16, seed: int = 0):
 def small_cnn(seed: int = 0, batchnorm: bool = True) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8) if batchnorm else torch.nn.Identity(),
-        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32, 10))
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8) if batchnorm else torch.nn.Identity(),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, 10),
+    )
 
 
 if __name__ == "__main__":
     loader = synthetic_loader()
     for module in (LESAMClassifier(small_cnn(batchnorm=False)), ManualLESAMClassifier(small_cnn())):
         trainer = train(module, loader, steps=4)
-        print(f"{type(module).__name__}: {trainer.global_step} steps, "
-              f"last loss {trainer.callback_metrics['train_loss']:.4f}")
+        print(
+            f"{type(module).__name__}: {trainer.global_step} steps, "
+            f"last loss {trainer.callback_metrics['train_loss']:.4f}"
+        )

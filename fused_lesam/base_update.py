@@ -20,7 +20,7 @@ since its gradient region is zero).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ _KINDS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "
 _STATE_NAMES = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
 
 
-def fused_kind(base: torch.optim.Optimizer, buckets: list) -> tuple[Optional[str], str]:
+def fused_kind(base: torch.optim.Optimizer, buckets: list) -> tuple[str | None, str]:
     """("sgd" or "adam", "") when this base's step can be fused over these buckets, else (None, why not)."""
     kind = _KINDS.get(type(base))
     if kind is None:
@@ -243,28 +243,57 @@ class FusedBaseUpdate:
             i = j
         return runs
 
-    def _apply(self, ops, flat: _FlatState, group: dict[str, Any], start: int, stop: int, init: bool,
-               coefs: Optional[tuple[float, float]], skip: Tensor) -> None:
+    def _apply(
+        self,
+        ops,
+        flat: _FlatState,
+        group: dict[str, Any],
+        start: int,
+        stop: int,
+        init: bool,
+        coefs: tuple[float, float] | None,
+        skip: Tensor,
+    ) -> None:
         bucket = flat.bucket
         span = bucket.span(start, stop)
         center = bucket.center[span] if coefs is not None else None
         ghat_coef, center_coef = coefs if coefs is not None else (1.0, 0.0)
-        common = dict(param=bucket.param[span], backup=bucket.backup[span], grad=bucket.grad[span], center=center,
-                      found_inf=skip, lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
-                      maximize=bool(group["maximize"]), ghat_coef=ghat_coef, center_coef=center_coef)
+        common = dict(
+            param=bucket.param[span],
+            backup=bucket.backup[span],
+            grad=bucket.grad[span],
+            center=center,
+            found_inf=skip,
+            lr=float(group["lr"]),
+            weight_decay=float(group["weight_decay"]),
+            maximize=bool(group["maximize"]),
+            ghat_coef=ghat_coef,
+            center_coef=center_coef,
+        )
         if self.kind == "sgd":
             momentum = float(group["momentum"])
-            ops.sgd_step_(**common, momentum_buffer=flat.buffer("momentum_buffer")[span] if momentum else None,
-                          momentum=momentum, dampening=float(group["dampening"]), nesterov=bool(group["nesterov"]),
-                          init_buffer=init)
+            ops.sgd_step_(
+                **common,
+                momentum_buffer=flat.buffer("momentum_buffer")[span] if momentum else None,
+                momentum=momentum,
+                dampening=float(group["dampening"]),
+                nesterov=bool(group["nesterov"]),
+                init_buffer=init,
+            )
             return
         steps = flat.steps[start:stop]
         steps.add_(1.0 - skip)  # torch counts a step unless it is skipped (its fused Adam undoes the count)
         amsgrad = bool(group["amsgrad"])
         beta1, beta2 = group["betas"]
-        ops.adam_step_(**common, exp_avg=flat.buffer("exp_avg")[span], exp_avg_sq=flat.buffer("exp_avg_sq")[span],
-                       max_exp_avg_sq=flat.buffer("max_exp_avg_sq")[span] if amsgrad else None, step=steps[0],
-                       beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                       decoupled_weight_decay=bool(group.get("decoupled_weight_decay", type(self.base) is torch.optim.AdamW)),
-                       amsgrad=amsgrad)
-
+        ops.adam_step_(
+            **common,
+            exp_avg=flat.buffer("exp_avg")[span],
+            exp_avg_sq=flat.buffer("exp_avg_sq")[span],
+            max_exp_avg_sq=flat.buffer("max_exp_avg_sq")[span] if amsgrad else None,
+            step=steps[0],
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            decoupled_weight_decay=bool(group.get("decoupled_weight_decay", type(self.base) is torch.optim.AdamW)),
+            amsgrad=amsgrad,
+        )

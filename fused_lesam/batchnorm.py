@@ -8,7 +8,7 @@ mixed into the running mean/var, and every step counts twice in ``num_batches_tr
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm

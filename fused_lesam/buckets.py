@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import sys
 from operator import attrgetter, is_
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -39,7 +38,7 @@ except (ImportError, OSError):  # built without the extension: the same checks, 
                 return i
         return -1
 
-    def grads_changed(params: list[Tensor], expected: list[Optional[Tensor]]) -> bool:
+    def grads_changed(params: list[Tensor], expected: list[Tensor | None]) -> bool:
         return not all(map(is_, map(attrgetter("grad"), params), expected))
 
 
@@ -64,17 +63,47 @@ def _view(flat: Tensor, offset: int, like: Tensor) -> Tensor:
     return flat[offset : offset + like.numel()].view(like.shape)
 
 
-class ParamBucket:
-    """The parameters of one param group on one (device, dtype), flattened.
+class _Bucket:
+    """What the ops see of any bucket: ``param`` and ``grad`` (flat 1-D tensors), ``group_index``
+    (which param group it belongs to), and the buffers a step allocates on first use, laid out
+    like ``param``: ``backup`` (the exact copy of w the perturb op takes), ``center`` (the first
+    gradient, kept for LE-SAM+) and ``delta`` (XSAM's ascent D = w_k - w_0, kept by its search)."""
 
-    Attributes: ``param`` and ``grad`` (the flat buffers), ``backup`` (the exact copy of ``param``
-    taken by the perturb op) and ``center`` (the first gradient, kept for LE-SAM+) allocated on
-    first use, and ``group_index`` (which param group it belongs to).
-    """
+    param: Tensor
+    grad: Tensor
+
+    def __init__(self, group_index: int):
+        self.group_index = group_index
+        self.backup: Tensor | None = None
+        self.center: Tensor | None = None
+        self.delta: Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.param.device
+
+    def ensure_backup(self) -> Tensor:
+        if self.backup is None:
+            self.backup = torch.empty_like(self.param)
+        return self.backup
+
+    def ensure_center(self) -> Tensor:
+        if self.center is None:
+            self.center = torch.empty_like(self.grad)
+        return self.center
+
+    def ensure_delta(self) -> Tensor:
+        if self.delta is None:
+            self.delta = torch.empty_like(self.param)
+        return self.delta
+
+
+class ParamBucket(_Bucket):
+    """The parameters of one param group on one (device, dtype), flattened (see the module's layout rules)."""
 
     def __init__(self, params: list[torch.nn.Parameter], group_index: int):
+        super().__init__(group_index)
         first = params[0]
-        self.group_index = group_index
         self.params = params
         self.offsets = []
         total = 0
@@ -83,13 +112,11 @@ class ParamBucket:
             total += _aligned(p.numel())
         self.param = torch.zeros(total, device=first.device, dtype=first.dtype)
         self.grad = torch.zeros_like(self.param)
-        self.backup: Optional[Tensor] = None
-        self.center: Optional[Tensor] = None
         self.param_views = []
         self.grad_views = []
         # What each .grad must be for the bucket to be in step with the parameters: its view once
         # bound, None before (and after the user dropped it).
-        self._expected_grads: list[Optional[Tensor]] = [None] * len(params)
+        self._expected_grads: list[Tensor | None] = [None] * len(params)
         self._n_bound = 0
         self._grad_mark = 0  # the grad buffer's version at `mark_grads`
         with torch.no_grad():
@@ -100,10 +127,6 @@ class ParamBucket:
                 self.param_views.append(view)
                 self.grad_views.append(_view(self.grad, offset, p))
         self.bind_grads()
-
-    @property
-    def device(self) -> torch.device:
-        return self.param.device
 
     def view_of(self, flat: Tensor, i: int) -> Tensor:
         """Parameter i's region of a flat buffer laid out like this bucket, shaped like the parameter."""
@@ -156,9 +179,11 @@ class ParamBucket:
                     self._n_bound -= 1
                 continue
             if g.is_sparse:
-                raise RuntimeError(f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) has a "
-                                   f"sparse gradient, and the optimizer keeps dense ones in a flat buffer: build the "
-                                   f"module with sparse=False (nn.Embedding(..., sparse=False))")
+                raise RuntimeError(
+                    f"parameter {i} of param group {self.group_index} (shape {tuple(p.shape)}) has a "
+                    f"sparse gradient, and the optimizer keeps dense ones in a flat buffer: build the "
+                    f"module with sparse=False (nn.Embedding(..., sparse=False))"
+                )
             view.copy_(g)
             p.grad = view
             self._n_bound += self._expected_grads[i] is None
@@ -191,47 +216,33 @@ class ParamBucket:
         self._expected_grads = [None] * len(self.params)
         self._n_bound = 0
 
-    def ensure_backup(self) -> Tensor:
-        if self.backup is None:
-            self.backup = torch.empty_like(self.param)
-        return self.backup
 
-    def ensure_center(self) -> Tensor:
-        if self.center is None:
-            self.center = torch.empty_like(self.grad)
-        return self.center
-
-
-class ShardBucket:
+class ShardBucket(_Bucket):
     """The local shard of one DTensor parameter (FSDP2's ``fully_shard``), used in place.
 
     FSDP owns the shard's storage (it all-gathers from it), so this bucket aliases it instead of
     copying: ``param`` is a flat view of ``p.to_local()`` and ``grad`` a flat view of the local
     gradient, taken anew at each `bind_grads` (a zero buffer while there is none). The ops see a
-    bucket as usual; the norm over shards is completed by an all-reduce (optimizer.py).
+    bucket as usual; the norm over shards is completed by an all-reduce (distributed.py).
     """
 
     def __init__(self, p: torch.nn.Parameter, group_index: int):
         local = p.to_local()
         if not local.is_contiguous():
             raise RuntimeError(f"fused_lesam needs contiguous local shards, got strides {local.stride()}")
-        self.group_index = group_index
+        super().__init__(group_index)
         self.params = [p]
         self.mesh = p.device_mesh
         self.param = local.view(-1)
         self._no_grad = torch.zeros_like(self.param)
         self.grad = self._no_grad
-        self.backup: Optional[Tensor] = None
-        self.center: Optional[Tensor] = None
-
-    device = ParamBucket.device
-    ensure_backup = ParamBucket.ensure_backup
-    ensure_center = ParamBucket.ensure_center
 
     def check_storage(self, after_base_step: str = "") -> None:
         if self.params[0].to_local().data_ptr() != self.param.data_ptr():
-            raise RuntimeError("a sharded parameter's local storage changed after the optimizer was built "
-                               "(e.g. fully_shard() applied afterwards): build the optimizer last")
+            raise RuntimeError(
+                "a sharded parameter's local storage changed after the optimizer was built "
+                "(e.g. fully_shard() applied afterwards): build the optimizer last"
+            )
 
     def bind_grads(self) -> None:
         grad = self.params[0].grad
@@ -257,7 +268,7 @@ class ShardBucket:
         return grad is not marked or _local_version(grad) != version
 
 
-def _local_version(grad: Optional[Tensor]) -> Optional[int]:
+def _local_version(grad: Tensor | None) -> int | None:
     return None if grad is None else grad.to_local()._version
 
 
@@ -284,6 +295,8 @@ def build_buckets(param_groups: list[dict]) -> list:
         buckets.extend(ParamBucket(params, index) for params in by_key.values())
     sharded = [b for b in buckets if isinstance(b, ShardBucket)]
     if sharded and len(sharded) != len(buckets):
-        raise TypeError("fused_lesam takes either all sharded (DTensor, FSDP2) parameters or none: the global norm "
-                        "would count the unsharded ones once per rank")
+        raise TypeError(
+            "fused_lesam takes either all sharded (DTensor, FSDP2) parameters or none: the global norm "
+            "would count the unsharded ones once per rank"
+        )
     return buckets

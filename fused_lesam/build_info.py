@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import torch
 
@@ -19,11 +18,13 @@ RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build.json")
 REBUILD = "pip install --no-build-isolation --no-deps --force-reinstall --no-cache-dir <the sdist, or . in a clone>"
 # When there is no record: an installation made with FUSED_LESAM_NO_EXTENSION=1, or a source tree
 # that was never built.
-NO_RECORD = ("no build of it was made for this copy of fused_lesam: installed with FUSED_LESAM_NO_EXTENSION=1, "
-             f"or a source tree that was not built; to build it: {REBUILD}")
+NO_RECORD = (
+    "no build of it was made for this copy of fused_lesam: installed with FUSED_LESAM_NO_EXTENSION=1, "
+    f"or a source tree that was not built; to build it: {REBUILD}"
+)
 
 
-def record() -> Optional[dict]:
+def record() -> dict | None:
     """The build record, or None when there is none (see NO_RECORD)."""
     try:
         with open(RECORD) as f:
@@ -33,15 +34,17 @@ def record() -> Optional[dict]:
 
 
 def extension_problem() -> str:
-    """"" when the extension may be loaded, else why not (with the fix), from the record alone."""
+    """ "" when the extension may be loaded, else why not (with the fix), from the record alone."""
     rec = record()
     if rec is None:
         return ""  # nothing to check against: loading it says whether it is there
     if "cpu" in rec.get("missing", {}):
         return f"it was not built: {rec['missing']['cpu']}. To get it: {rec.get('fix', REBUILD)}"
     if rec.get("torch") != torch.__version__:
-        return (f"it was built against torch {rec.get('torch')} but torch {torch.__version__} is running; "
-                f"rebuild it against this torch: {REBUILD}")
+        return (
+            f"it was built against torch {rec.get('torch')} but torch {torch.__version__} is running; "
+            f"rebuild it against this torch: {REBUILD}"
+        )
     return ""
 
 
@@ -59,16 +62,20 @@ def summary() -> str:
     rec = record()
     if rec is None:
         return f"build: {NO_RECORD}"
-    return (f"built against torch {rec.get('torch')}: kernels {', '.join(rec.get('kernels')) or 'none'}"
-            + (f", CUDA toolkit {rec['cuda_toolkit']}" if rec.get("cuda_toolkit") else ""))
+    return f"built against torch {rec.get('torch')}: kernels {', '.join(rec.get('kernels')) or 'none'}" + (
+        f", CUDA toolkit {rec['cuda_toolkit']}" if rec.get("cuda_toolkit") else ""
+    )
 
 
 def describe() -> str:
     """A few lines for people: where the package is, what was built, what runs here."""
     from .backends import available_backends
 
-    lines = [f"fused_lesam from {os.path.dirname(RECORD)}", f"torch {torch.__version__} (CUDA {torch.version.cuda})",
-             summary()]
+    lines = [
+        f"fused_lesam from {os.path.dirname(RECORD)}",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda})",
+        summary(),
+    ]
     for part, why in (record() or {}).get("missing", {}).items():
         lines.append(f"no {part} kernels: {why}")
     for name, why in available_backends().items():

@@ -9,15 +9,82 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["make_base", "check_base_hypers", "watch_params", "replaced_params_error", "refuse_foreign_kwargs",
-           "refuse_sparse_base"]
+__all__ = [
+    "check_value",
+    "is_real",
+    "plain_numbers",
+    "check_max_grad_norm",
+    "check_schedule",
+    "make_base",
+    "check_base_hypers",
+    "watch_params",
+    "replaced_params_error",
+    "refuse_foreign_kwargs",
+    "refuse_sparse_base",
+]
+
+
+# ---------------------------------------------------------------------- our own hyperparameters
+def check_value(name: str, value: Any, ok: bool, need: str) -> None:
+    """ValueError saying that ``name`` must be ``need`` unless ``ok``."""
+    if not ok:
+        if isinstance(value, Tensor):  # the usual cause, worth naming: the value itself may be fine
+            raise ValueError(
+                f"{name} must be {need} as a Python number, got a Tensor {value!r}: pass float({name}) "
+                f"(our hyperparameters are read on the host at every step)"
+            )
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def is_real(value: Any) -> bool:
+    """A Python int or float (a bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def plain_numbers(group: dict[str, Any], names: tuple[str, ...]) -> None:
+    """numpy scalars (np.float32(0.3)) among our hyperparameters become Python floats: they mean
+    the same number, and the ops take Python floats."""
+    for name in names:
+        value = group.get(name)
+        if (
+            isinstance(value, numbers.Real)
+            and not isinstance(value, (bool, int, float))
+            and not isinstance(value, Tensor)
+        ):
+            group[name] = float(value)
+
+
+def check_max_grad_norm(value: float | None) -> None:
+    if value is not None and not torch.compiler.is_compiling():
+        check_value(
+            "max_grad_norm", value, is_real(value) and math.isfinite(value) and value > 0, "a finite number > 0"
+        )
+
+
+def check_schedule(total: int | None, anneal: int, warmup: int = 0, *, suffix: str = "") -> None:
+    """ValueError naming the argument when a schedule's lengths do not fit together. The arguments
+    are named total, anneal and warmup, the first two with ``suffix`` (FusedLESAM's are *_steps)."""
+    total_name, anneal_name = f"total{suffix}", f"anneal{suffix}"
+    if not isinstance(anneal, int) or anneal < 0:
+        raise ValueError(f"{anneal_name} must be an int >= 0, got {anneal!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if anneal == 0 and warmup == 0:
+        return
+    if not isinstance(total, int) or total <= 0:
+        raise ValueError(f"{total_name} must be a positive int when {anneal_name} > 0, got {total!r}")
+    if anneal > total:
+        raise ValueError(f"{anneal_name}={anneal} is longer than {total_name}={total}")
+    if warmup > total - anneal:
+        raise ValueError(f"warmup={warmup} overlaps the annealing, which starts at {total - anneal}")
 
 
 # ---------------------------------------------------------------------- the base optimizer
@@ -26,14 +93,21 @@ def make_base(base: Any, base_optimizer: Any, param_groups: list[dict], base_kwa
     Optimizer class, or any callable that builds one from (param_groups, **kwargs), such as a
     functools.partial of one (as davda54/sam accepts)."""
     if base is not None and base_optimizer is not None:
-        raise TypeError("give the base optimizer once: base= and base_optimizer= (davda54/sam's name for it) are aliases")
+        raise TypeError(
+            "give the base optimizer once: base= and base_optimizer= (davda54/sam's name for it) are aliases"
+        )
     base = base_optimizer if base is None else base
     if base is None:
         base = torch.optim.SGD
-    if isinstance(base, torch.optim.Optimizer) or (isinstance(base, type) and not issubclass(base, torch.optim.Optimizer)) \
-            or not callable(base):
-        raise TypeError(f"base must be a torch.optim.Optimizer class such as torch.optim.SGD (or a functools.partial "
-                        f"of one), got {base!r}")
+    if (
+        isinstance(base, torch.optim.Optimizer)
+        or (isinstance(base, type) and not issubclass(base, torch.optim.Optimizer))
+        or not callable(base)
+    ):
+        raise TypeError(
+            f"base must be a torch.optim.Optimizer class such as torch.optim.SGD (or a functools.partial "
+            f"of one), got {base!r}"
+        )
     _refuse_closure_only(base)
     instance = base(param_groups, **base_kwargs)
     if not isinstance(instance, torch.optim.Optimizer):
@@ -46,8 +120,10 @@ def refuse_sparse_base(base: torch.optim.Optimizer) -> None:
     """SparseAdam steps on sparse gradients only, and the flat grad buffer holds dense ones: refused
     at construction rather than at the first step."""
     if isinstance(base, torch.optim.SparseAdam):
-        raise TypeError("SparseAdam cannot be the base optimizer: it needs sparse gradients, and the optimizer keeps "
-                        "every gradient in a dense flat buffer; use torch.optim.Adam (and nn.Embedding(sparse=False))")
+        raise TypeError(
+            "SparseAdam cannot be the base optimizer: it needs sparse gradients, and the optimizer keeps "
+            "every gradient in a dense flat buffer; use torch.optim.Adam (and nn.Embedding(sparse=False))"
+        )
 
 
 def _step_needs_closure(cls: type) -> bool:
@@ -60,9 +136,11 @@ def _refuse_closure_only(base: Any) -> None:
     final gradient, without re-evaluating the loss. Refused here rather than at the first step."""
     cls = base.func if hasattr(base, "func") else base  # a functools.partial
     if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and _step_needs_closure(cls):
-        raise TypeError(f"{cls.__name__} cannot be the base optimizer: its step() needs a closure that re-evaluates "
-                        f"the loss (line search), and the base steps once on the final gradient; use a first-order "
-                        f"optimizer such as torch.optim.SGD or AdamW")
+        raise TypeError(
+            f"{cls.__name__} cannot be the base optimizer: its step() needs a closure that re-evaluates "
+            f"the loss (line search), and the base steps once on the final gradient; use a first-order "
+            f"optimizer such as torch.optim.SGD or AdamW"
+        )
 
 
 def refuse_foreign_kwargs(kind: str, base: Any, base_kwargs: dict, foreign: dict[str, str]) -> None:
@@ -90,7 +168,7 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
-def check_base_hypers(group: dict[str, Any], ours: tuple[str, ...], on_device: Optional[list[Tensor]] = None) -> None:
+def check_base_hypers(group: dict[str, Any], ours: tuple[str, ...], on_device: list[Tensor] | None = None) -> None:
     """ValueError naming a non-finite number among the base optimizer's values of a param group
     (``lr=nan`` or ``inf`` would turn every parameter into NaN in one step; torch's optimizers take
     them). Our own hyperparameters (``ours``) have their own checks. A tensor value on the CPU is
@@ -110,8 +188,10 @@ def check_base_hypers(group: dict[str, Any], ours: tuple[str, ...], on_device: O
 
 
 def _non_finite_message(name: str, value: Any) -> str:
-    return (f"param group value {name}={value!r} is not finite: the base optimizer's step would make every parameter "
-            f"NaN; set a finite {name} (check the LR scheduler or whatever wrote it)")
+    return (
+        f"param group value {name}={value!r} is not finite: the base optimizer's step would make every parameter "
+        f"NaN; set a finite {name} (check the LR scheduler or whatever wrote it)"
+    )
 
 
 # ---------------------------------------------------------------------- replaced parameters
@@ -150,17 +230,18 @@ def _on_parameter_registered(module: torch.nn.Module, name: str, param: Any) -> 
         optimizer._replaced_params.append((weakref.ref(module), name, old))
 
 
-def replaced_params_error(replaced: list) -> Optional[str]:
+def replaced_params_error(replaced: list) -> str | None:
     """The error for parameters replaced in their modules (see `watch_params`), or None when every
     one was put back since (``replaced`` is pruned of those)."""
-    still = [(m, name, old) for m, name, old in replaced
-             if m() is not None and m()._parameters.get(name) is not old]
+    still = [(m, name, old) for m, name, old in replaced if m() is not None and m()._parameters.get(name) is not old]
     replaced[:] = still
     if not still:
         return None
     module, name, _ = still[0]
-    return (f"{type(module()).__name__}.{name} (and {len(still) - 1} more) was replaced by a new Parameter after the "
-            f"optimizer was built (model.load_state_dict(..., assign=True), or module.{name} = nn.Parameter(...)): the "
-            f"model's new parameters get the gradients while the optimizer holds the old ones, so the model would "
-            f"never train. Build the optimizer after loading, or load with assign=False (the default, which copies "
-            f"into the existing parameters)")
+    return (
+        f"{type(module()).__name__}.{name} (and {len(still) - 1} more) was replaced by a new Parameter after the "
+        f"optimizer was built (model.load_state_dict(..., assign=True), or module.{name} = nn.Parameter(...)): the "
+        f"model's new parameters get the gradients while the optimizer holds the old ones, so the model would "
+        f"never train. Build the optimizer after loading, or load with assign=False (the default, which copies "
+        f"into the existing parameters)"
+    )

@@ -1,7 +1,7 @@
 """The loss-budget schedule: sigma_t of Algorithm 1, line 6.
 
-One function holds the formula (`sigma_at`); the optimizer's built-in per-step annealing and the
-per-epoch `SigmaAnnealing` scheduler both call it. Everything here is host arithmetic on Python
+One function holds the formula (`fused_lesam.maths.sigma_at`); the optimizer's built-in per-step
+annealing and the per-epoch `SigmaAnnealing` scheduler both call it. Everything here is host arithmetic on Python
 numbers, so computing sigma_t never touches a device.
 """
 
@@ -10,54 +10,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .checks import check_schedule
+from .maths import sigma_at
+
 __all__ = ["sigma_at", "SigmaAnnealing"]
-
-
-def sigma_at(
-    t: int,
-    sigma0: float,
-    total: int,
-    anneal: int,
-    sigma_min: float = 0.0,
-    warmup: int = 0,
-) -> float:
-    """Loss budget after ``t`` completed units (steps or epochs; the first unit has ``t = 0``).
-
-    Held at ``sigma0`` until ``decay_start = total - anneal``, then a cosine down to ``sigma_min``
-    that reaches it exactly at the last unit ``t = total - 1`` (the authors' released code), and
-    ``sigma_min`` after that. ``anneal = 0`` means no annealing. With ``warmup > 0`` sigma first
-    rises linearly from 0: ``sigma0 * t / warmup`` for ``t < warmup`` (the newest released script
-    does this; the paper does not describe it).
-    """
-    if t < warmup:
-        return sigma0 * t / warmup
-    if anneal <= 0:
-        return sigma0
-    decay_start = total - anneal
-    if t < decay_start:
-        return sigma0
-    if total - decay_start <= 1:
-        return sigma_min
-    # Clamp the phase, not sigma: past the last unit the cosine would rise again.
-    frac = min(1.0, (t - decay_start) / (total - 1 - decay_start))
-    return sigma_min + 0.5 * (sigma0 - sigma_min) * (1.0 + math.cos(math.pi * frac))
-
-
-def check_schedule(total: int | None, anneal: int, warmup: int = 0, *, names=("total", "anneal", "warmup")) -> None:
-    """ValueError naming the argument when a schedule's lengths do not fit together."""
-    total_name, anneal_name, warmup_name = names
-    if not isinstance(anneal, int) or anneal < 0:
-        raise ValueError(f"{anneal_name} must be an int >= 0, got {anneal!r}")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"{warmup_name} must be an int >= 0, got {warmup!r}")
-    if anneal == 0 and warmup == 0:
-        return
-    if not isinstance(total, int) or total <= 0:
-        raise ValueError(f"{total_name} must be a positive int when {anneal_name} > 0, got {total!r}")
-    if anneal > total:
-        raise ValueError(f"{anneal_name}={anneal} is longer than {total_name}={total}")
-    if warmup > total - anneal:
-        raise ValueError(f"{warmup_name}={warmup} overlaps the annealing, which starts at {total - anneal}")
 
 
 class SigmaAnnealing:
@@ -76,7 +32,9 @@ class SigmaAnnealing:
     Use it instead of the optimizer's per-step ``anneal_steps``, never both.
     """
 
-    def __init__(self, optimizer, total: int, anneal: int, *, sigma_min: float = 0.0, warmup: int = 0, last_epoch: int = -1):
+    def __init__(
+        self, optimizer, total: int, anneal: int, *, sigma_min: float = 0.0, warmup: int = 0, last_epoch: int = -1
+    ):
         check_schedule(total, anneal, warmup)
         if not math.isfinite(sigma_min) or sigma_min < 0:
             raise ValueError(f"sigma_min must be finite and >= 0, got {sigma_min!r}")
@@ -84,7 +42,9 @@ class SigmaAnnealing:
         if not groups or any("sigma" not in g for g in groups):
             raise TypeError("SigmaAnnealing needs an optimizer whose param groups hold 'sigma' (FusedLESAM)")
         if getattr(optimizer, "anneal_steps", 0):
-            raise ValueError("the optimizer already anneals sigma per step (anneal_steps > 0); use one schedule, not both")
+            raise ValueError(
+                "the optimizer already anneals sigma per step (anneal_steps > 0); use one schedule, not both"
+            )
         self.optimizer = optimizer
         self.total, self.anneal, self.sigma_min, self.warmup = total, anneal, sigma_min, warmup
         for group in groups:
@@ -97,7 +57,9 @@ class SigmaAnnealing:
         for group in self.optimizer.param_groups:
             # A group added since (opt.add_param_group) joins the schedule from its own sigma.
             group.setdefault("initial_sigma", group["sigma"])
-            group["sigma"] = sigma_at(self.last_epoch, group["initial_sigma"], self.total, self.anneal, self.sigma_min, self.warmup)
+            group["sigma"] = sigma_at(
+                self.last_epoch, group["initial_sigma"], self.total, self.anneal, self.sigma_min, self.warmup
+            )
 
     def get_last_sigma(self) -> list[float]:
         return [group["sigma"] for group in self.optimizer.param_groups]

@@ -6,7 +6,7 @@ ascent went (v0, from w_k - w_0) and where the loss rises at its end (v1, from t
 scaled to the last gradient's length. alpha = 1 is SAM; ``dynamic=True`` re-chooses alpha by the
 largest loss at w_0 + rho_max d(alpha) on a grid, when ``step`` is given ``search_alpha``.
 
-On the engine of FusedLESAM/FusedSAM (`SharpnessAware`): the ascent steps are its norm and perturb
+On the engine of FusedLESAM/FusedSAM (`SharpnessAware`, engine.py): the ascent steps are its norm and perturb
 ops (the backup of w_0 written at the first only); the end of the step is ``xsam_dots`` (three
 reductions in one pass), the slerp coefficients on the device, and ``xsam_restore_``, one pass
 that restores w_0 and writes the update gradient.
@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .backends import reference
-from .checks import refuse_foreign_kwargs
-from .optimizer import _NO_LOSS, SharpnessAware, _check, _is_real
+from . import checkpoint, distributed, skip
+from .checks import check_value, is_real, refuse_foreign_kwargs
+from .engine import NO_LOSS, SharpnessAware
+from .maths import slerp_coefficients
 
 __all__ = ["FusedXSAM"]
 
@@ -41,7 +42,7 @@ class FusedXSAM(SharpnessAware):
         dynamic: choose alpha by the search (`step(closure, search_alpha=loss_fn)`).
         rho_max: the probe radius of the search (per param group).
         alpha_max, alpha_delta: the search grid {0, delta, 2 delta, ..., alpha_max}.
-||w_k - w_0|| and ||g_hat|| before dividing by them. The ascent steps use
+        eps: added to ||w_k - w_0|| and ||g_hat|| before dividing by them. The ascent steps use
             the engine's perturbation (the same guard, 1e-12, as FusedSAM), the default here.
         base_update: "generic" only: the base optimizer steps after ``xsam_restore_``.
 
@@ -55,7 +56,7 @@ class FusedXSAM(SharpnessAware):
     def __init__(
         self,
         params,
-        base: Optional[Callable[..., torch.optim.Optimizer]] = None,
+        base: Callable[..., torch.optim.Optimizer] | None = None,
         *,
         rho: float = 0.15,
         steps: int = 1,
@@ -70,26 +71,47 @@ class FusedXSAM(SharpnessAware):
         base_update: str = "generic",
         **base_kwargs,
     ):
-        refuse_foreign_kwargs("FusedXSAM", base, base_kwargs, {
-            "sigma": "XSAM ascends by the fixed length rho; LE-SAM's loss budget sigma is FusedLESAM's"})
-        _check("steps", steps, isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "an int >= 1")
-        _check("dynamic", dynamic, isinstance(dynamic, bool), "a bool")
-        _check("alpha_delta", alpha_delta, _is_real(alpha_delta) and math.isfinite(alpha_delta) and alpha_delta > 0,
-               "a finite number > 0")
-        _check("alpha_max", alpha_max, _is_real(alpha_max) and math.isfinite(alpha_max) and alpha_max >= 0,
-               "a finite number >= 0")
-        _check("eps", eps, _is_real(eps) and math.isfinite(eps) and eps > 0, "a finite number > 0")
+        refuse_foreign_kwargs(
+            "FusedXSAM",
+            base,
+            base_kwargs,
+            {"sigma": "XSAM ascends by the fixed length rho; LE-SAM's loss budget sigma is FusedLESAM's"},
+        )
+        check_value(
+            "steps", steps, isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "an int >= 1"
+        )
+        check_value("dynamic", dynamic, isinstance(dynamic, bool), "a bool")
+        check_value(
+            "alpha_delta",
+            alpha_delta,
+            is_real(alpha_delta) and math.isfinite(alpha_delta) and alpha_delta > 0,
+            "a finite number > 0",
+        )
+        check_value(
+            "alpha_max",
+            alpha_max,
+            is_real(alpha_max) and math.isfinite(alpha_max) and alpha_max >= 0,
+            "a finite number >= 0",
+        )
+        check_value("eps", eps, is_real(eps) and math.isfinite(eps) and eps > 0, "a finite number > 0")
         points = alpha_max / alpha_delta
-        _check("alpha_max", alpha_max, abs(points - round(points)) < 1e-6,
-               f"a whole multiple of alpha_delta={alpha_delta!r}")
+        check_value(
+            "alpha_max",
+            alpha_max,
+            abs(points - round(points)) < 1e-6,
+            f"a whole multiple of alpha_delta={alpha_delta!r}",
+        )
         self.steps, self.dynamic, self.eps = steps, dynamic, eps
         self.alpha_grid = [i * alpha_delta for i in range(round(points) + 1)]
         self._initial_alpha = alpha
         if base_update != "generic":
-            raise ValueError(f"FusedXSAM takes base_update='generic' only (its update gradient is built by xsam_restore_, "
-                             f"and the base optimizer steps after it), got {base_update!r}")
-        super().__init__(params, base, dict(rho=rho, rho_max=rho_max, alpha=alpha), backend, capturable, base_update,
-                         **base_kwargs)
+            raise ValueError(
+                f"FusedXSAM takes base_update='generic' only (its update gradient is built by xsam_restore_, "
+                f"and the base optimizer steps after it), got {base_update!r}"
+            )
+        super().__init__(
+            params, base, dict(rho=rho, rho_max=rho_max, alpha=alpha), backend, capturable, base_update, **base_kwargs
+        )
 
     def _build(self) -> None:
         super()._build()
@@ -105,15 +127,17 @@ class FusedXSAM(SharpnessAware):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         rho, rho_max, alpha = group["rho"], group["rho_max"], group["alpha"]
-        _check("rho", rho, _is_real(rho) and math.isfinite(rho) and rho >= 0, "a finite number >= 0")
-        _check("rho_max", rho_max, _is_real(rho_max) and math.isfinite(rho_max) and rho_max >= 0, "a finite number >= 0")
-        _check("alpha", alpha, _is_real(alpha) and math.isfinite(alpha), "a finite number")
+        check_value("rho", rho, is_real(rho) and math.isfinite(rho) and rho >= 0, "a finite number >= 0")
+        check_value(
+            "rho_max", rho_max, is_real(rho_max) and math.isfinite(rho_max) and rho_max >= 0, "a finite number >= 0"
+        )
+        check_value("alpha", alpha, is_real(alpha) and math.isfinite(alpha), "a finite number")
 
     def _radius_args(self, group: dict[str, Any]) -> tuple[float, float, float]:
         return math.inf, group["rho"] / self.steps, 1.0  # a fixed step: SAM's perturbation, length rho / k
 
     # ------------------------------------------------------------------ the step
-    def first_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+    def first_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
         """The first ascent step, from the gradient at w_0 (the caller's first backward); it writes
         the exact backup of w_0. ``grad_scaler`` only with steps=1 (GradScaler unscales once per pass
         of an optimizer, and the later ascent steps have none)."""
@@ -127,16 +151,25 @@ class FusedXSAM(SharpnessAware):
         if not self._progress.perturbed:
             raise RuntimeError("ascent_step() called before first_step(): the first ascent step writes the backup of w")
         if self._progress.ascents >= self.steps:
-            raise RuntimeError(f"ascent_step() after {self._progress.ascents} of steps={self.steps} ascent steps: "
-                               f"call second_step()")
+            raise RuntimeError(
+                f"ascent_step() after {self._progress.ascents} of steps={self.steps} ascent steps: call second_step()"
+            )
         for bucket in self._buckets:
             bucket.bind_grads()
         sq = self._global_sq_norm(adaptive_aware=False)
         sq_on = self._on_devices(sq)
         for bucket in self._buckets:
             _, step_length, _ = self._radius_args(self.param_groups[bucket.group_index])
-            self._ops[bucket.device].perturb_(bucket.param, bucket.grad, None, sq_on[bucket.device],
-                                              math.inf, step_length, 1.0, False)
+            self._ops[bucket.device].perturb_(
+                param=bucket.param,
+                grad=bucket.grad,
+                backup=None,
+                sq=sq_on[bucket.device],
+                sigma=math.inf,
+                rho_max=step_length,
+                varrho=1.0,
+                adaptive=False,
+            )
         # A non-finite gradient on the way skips the step at the end, as one in the first pass does.
         self._progress.first_sq = self._progress.first_sq + sq
         self._progress.ascents += 1
@@ -148,10 +181,11 @@ class FusedXSAM(SharpnessAware):
 
     def _dots(self) -> Tensor:
         """[||w_k - w_0||^2, ||g_hat||^2, (w_k - w_0) . g_hat] over every bucket, on the main device."""
-        return self._reduce_buckets(lambda ops, mine: ops.xsam_dots(
-            [b.param for b in mine], [b.backup for b in mine], [b.grad for b in mine]))
+        return self._reduce_buckets(
+            lambda ops, mine: ops.xsam_dots([b.param for b in mine], [b.backup for b in mine], [b.grad for b in mine])
+        )
 
-    def _check_search(self, search_alpha: Optional[Callable[[], Any]]) -> None:
+    def _check_search(self, search_alpha: Callable[[], Any] | None) -> None:
         if search_alpha is not None and not self.dynamic:
             raise ValueError("search_alpha is for dynamic=True: with a fixed alpha there is nothing to search")
 
@@ -162,37 +196,53 @@ class FusedXSAM(SharpnessAware):
         """Dynamic alpha: w <- w_0 + rho_max d(alpha) for each alpha of the grid, keep the one with
         the largest loss (on the device; a non-finite loss never wins, and when all are, alpha stays).
         Under torch.distributed the losses are summed over the ranks (one all-reduce per search)."""
-        deltas = [bucket.ensure_center() for bucket in self._buckets]  # D = w_k - w_0, saved by the first probe
+        deltas = [bucket.ensure_delta() for bucket in self._buckets]  # D = w_k - w_0, saved by the first probe
         losses = []
         for i, alpha in enumerate(self.alpha_grid):
-            by_group = [reference.slerp_coefficients(dots, alpha, group["rho_max"], self.eps)[0]
-                        for group in self.param_groups]
+            by_group = [slerp_coefficients(dots, alpha, group["rho_max"], self.eps)[0] for group in self.param_groups]
             for bucket, delta in zip(self._buckets, deltas):
                 coefs = by_group[bucket.group_index].to(bucket.device)
-                self._ops[bucket.device].xsam_probe_(bucket.param, bucket.backup, bucket.grad, delta, coefs, i == 0)
+                self._ops[bucket.device].xsam_probe_(
+                    param=bucket.param,
+                    backup=bucket.backup,
+                    grad=bucket.grad,
+                    delta=delta,
+                    coefs=coefs,
+                    save_delta=i == 0,
+                )
             loss = search_alpha()
             losses.append(torch.as_tensor(loss, device=self._main_device).detach().float().reshape(()))
         losses = torch.stack(losses)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self._shard_group) > 1:
-            # Each rank saw its own batch: sum the losses so that every rank keeps the same alpha.
-            dist.all_reduce(losses, group=self._shard_group)
+        # Each rank saw its own batch: sum the losses so that every rank keeps the same alpha.
+        distributed.sum_over_ranks(losses, self._shard_group)
         losses = torch.where(torch.isfinite(losses), losses, -math.inf)
         best = self._alpha_grid.gather(0, losses.argmax().view(1)).view(())
         self.alpha.copy_(torch.where(torch.isfinite(losses).any(), best, self.alpha))
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, grad_scaler: Optional["torch.amp.GradScaler"] = None,
-                    search_alpha: Optional[Callable[[], Any]] = None, max_grad_norm: Optional[float] = None) -> None:
+    def second_step(
+        self,
+        zero_grad: bool = False,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        search_alpha: Callable[[], Any] | None = None,
+        max_grad_norm: float | None = None,
+    ) -> None:
         """After the last backward (g_hat at w_k): with ``search_alpha`` (dynamic mode) choose alpha;
         then restore w_0 exactly, write ||g_hat|| d(alpha) into the gradient, and base-step."""
         if max_grad_norm is not None:
-            raise TypeError("FusedXSAM has no max_grad_norm: clip by hand (README, Gradient clipping); its update "
-                            "gradient ||g_hat|| d(alpha) is built after the last backward")
+            raise TypeError(
+                "FusedXSAM has no max_grad_norm: clip by hand (README, Gradient clipping); its update "
+                "gradient ||g_hat|| d(alpha) is built after the last backward"
+            )
         if not self._progress.perturbed:
-            raise RuntimeError("second_step() called before first_step(): nothing to restore; the parameters were not changed")
+            raise RuntimeError(
+                "second_step() called before first_step(): nothing to restore; the parameters were not changed"
+            )
         if self._progress.ascents != self.steps:
-            raise RuntimeError(f"second_step() after {self._progress.ascents} of steps={self.steps} ascent steps: "
-                               f"call ascent_step() after each backward until all are done")
+            raise RuntimeError(
+                f"second_step() after {self._progress.ascents} of steps={self.steps} ascent steps: "
+                f"call ascent_step() after each backward until all are done"
+            )
         self._check_search(search_alpha)
         self._take_final_grads(grad_scaler)
         dots = self._dots()
@@ -207,38 +257,48 @@ class FusedXSAM(SharpnessAware):
         by_group = {}
         for index, group in enumerate(self.param_groups):
             alpha = self._group_alpha(group)
-            by_group[index], theta = reference.slerp_coefficients(dots, alpha, ghat_norm, self.eps)
+            by_group[index], theta = slerp_coefficients(dots, alpha, ghat_norm, self.eps)
             if isinstance(alpha, Tensor):
                 self.last_alpha[index].copy_(alpha)
             else:
                 self.last_alpha[index].fill_(alpha)
         for bucket in self._buckets:
-            delta = bucket.center if searched else None  # the probes overwrote w_k
-            self._ops[bucket.device].xsam_restore_(bucket.param, bucket.backup, bucket.grad, delta,
-                                                   by_group[bucket.group_index].to(bucket.device))
+            delta = bucket.delta if searched else None  # the probes overwrote w_k
+            self._ops[bucket.device].xsam_restore_(
+                param=bucket.param,
+                backup=bucket.backup,
+                grad=bucket.grad,
+                delta=delta,
+                coefs=by_group[bucket.group_index].to(bucket.device),
+            )
         self._progress.perturbed = False
         self._progress.ascents = 0
         self.last_theta.copy_(theta)
         self.last_ascent_norm.copy_(dots[0].sqrt())
         self.last_ghat_norm.copy_(ghat_norm)
-        found_inf = self._or_bad_device_hypers(~(torch.isfinite(self._progress.first_sq) & torch.isfinite(dots).all()))
+        found_inf = skip.skip_flag([self._progress.first_sq, dots], self._progress.device_hypers)
         self._finish_step(found_inf, zero_grad)
 
     def local_first_pass(self, model: torch.nn.Module):
-        raise RuntimeError("FusedXSAM has no local (per-rank) perturbation mode: its update is built from the "
-                           "ascent direction w_k - w_0, which would differ between ranks and make their weights "
-                           "drift apart; let DDP all-reduce every backward (the default)")
+        raise RuntimeError(
+            "FusedXSAM has no local (per-rank) perturbation mode: its update is built from the "
+            "ascent direction w_k - w_0, which would differ between ranks and make their weights "
+            "drift apart; let DDP all-reduce every backward (the default)"
+        )
 
     @contextlib.contextmanager
-    def perturbed(self, grad_scaler: Optional["torch.amp.GradScaler"] = None) -> Iterator["FusedXSAM"]:
+    def perturbed(self, grad_scaler: torch.amp.GradScaler | None = None) -> Iterator[FusedXSAM]:
         if self.steps != 1:
             raise RuntimeError(f"perturbed() covers one ascent step; with steps={self.steps} use step(closure)")
         with super().perturbed(grad_scaler) as opt:
             yield opt
 
-    def step(self, closure: Optional[Callable[[], Any]] = None,
-             grad_scaler: Optional["torch.amp.GradScaler"] = None,
-             search_alpha: Optional[Callable[[], Any]] = None) -> Any:
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        search_alpha: Callable[[], Any] | None = None,
+    ) -> Any:
         """One XSAM step. The first backward (at w_0) is done by the caller; ``closure`` redoes the
         forward and backward and runs once per ascent step (at w_1, ..., w_k); its last loss is
         returned. ``search_alpha`` (dynamic mode): a function returning the loss at the current
@@ -248,8 +308,9 @@ class FusedXSAM(SharpnessAware):
         After ``first_step()`` (and every ascent step), ``step()`` finishes the step as ``second_step()``
         does (FusedLESAM.step)."""
         if self._progress.perturbed:
-            return self._finish_begun_step(closure, grad_scaler,
-                                           lambda: self.second_step(grad_scaler=grad_scaler, search_alpha=search_alpha))
+            return self._finish_begun_step(
+                closure, grad_scaler, lambda: self.second_step(grad_scaler=grad_scaler, search_alpha=search_alpha)
+            )
         closure = self._check_step_call(closure, grad_scaler)
         self._check_search(search_alpha)
         self._progress.in_step = True  # torch's wrapper of step fires the step hooks, not first/second_step
@@ -268,17 +329,17 @@ class FusedXSAM(SharpnessAware):
             self.second_step(grad_scaler=grad_scaler, search_alpha=search_alpha)
         finally:
             self._progress.in_step = False
-        return loss if first_loss is _NO_LOSS else first_loss
+        return loss if first_loss is NO_LOSS else first_loss
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["fused_lesam"]["alpha"] = self.alpha.clone()
+        state[checkpoint.STATE_KEY]["alpha"] = self.alpha.clone()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loadable(state_dict)  # the checks of every kind first: another kind's state dict is named as such
-        alpha = state_dict.get("fused_lesam", {}).get("alpha")
+        checkpoint.loadable(self, state_dict)  # the checks of every kind first: another kind's state dict is named
+        alpha = state_dict.get(checkpoint.STATE_KEY, {}).get("alpha")
         if alpha is None:
             raise ValueError("this state dict has no XSAM alpha: it was not saved by FusedXSAM.state_dict()")
         super().load_state_dict(state_dict)

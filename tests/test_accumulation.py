@@ -22,10 +22,14 @@ def loss_of(model, x, y):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("make", [
-    lambda ps, b: FusedLESAM(ps, lr=0.1, momentum=0.9, sigma=0.1, rho_max=0.5, alpha=0.5, backend=b),
-    lambda ps, b: FusedSAM(ps, lr=0.1, momentum=0.9, rho=0.05, adaptive=True, backend=b),
-], ids=["lesam-plus", "asam"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps, b: FusedLESAM(ps, lr=0.1, momentum=0.9, sigma=0.1, rho_max=0.5, alpha=0.5, backend=b),
+        lambda ps, b: FusedSAM(ps, lr=0.1, momentum=0.9, rho=0.05, adaptive=True, backend=b),
+    ],
+    ids=["lesam-plus", "asam"],
+)
 def test_micro_batches_equal_the_whole_batch(make, backend):
     torch.manual_seed(0)
     whole = mlp()

@@ -14,9 +14,10 @@ import math
 
 import pytest
 import torch
+from helpers.asserts import assert_bits_equal, assert_close
+from helpers.models import loss_fn, make_batches, sam_step, through_bytes
 from torch import nn
 
-from conftest import assert_bits_equal, assert_close, loss_fn, make_batches, sam_step, through_bytes
 from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM, available_backends
 
 BACKENDS = [b for b in ("torch", "cpp") if not available_backends()[b]]
@@ -67,12 +68,22 @@ def pair(config, backend, alpha=0.0, with_idle=False, groups=False, **extra):
     def params(m):
         if not groups:
             return m.parameters()
-        return [{"params": m.conv.parameters()}, {"params": [p for n, p in m.named_parameters() if not n.startswith("conv.")],
-                                                   "lr": kwargs["lr"] / 2}]
+        return [
+            {"params": m.conv.parameters()},
+            {"params": [p for n, p in m.named_parameters() if not n.startswith("conv.")], "lr": kwargs["lr"] / 2},
+        ]
 
     fused = FusedLESAM(params(models[0]), base=base, backend=backend, alpha=alpha, **kwargs, **extra)
-    generic = FusedLESAM(params(models[1]), base=base, backend=backend, alpha=alpha, base_update="generic",
-                         foreach=False, **kwargs, **extra)
+    generic = FusedLESAM(
+        params(models[1]),
+        base=base,
+        backend=backend,
+        alpha=alpha,
+        base_update="generic",
+        foreach=False,
+        **kwargs,
+        **extra,
+    )
     assert fused.base_update == "fused" and generic.base_update == "generic"
     return models, (fused, generic)
 
@@ -270,7 +281,7 @@ def test_add_param_group_keeps_the_state():
         for model, opt in zip(models, opts):
             sam_step(model, opt, x, y)
     kept = {p: {k: v.clone() for k, v in opts[0].state[p].items()} for p in models[0].head.parameters()}
-    for model, opt in zip(models, opts):
+    for opt in opts:
         opt.add_param_group({"params": list(nn.Linear(3, 3, dtype=torch.float64).parameters()), "lr": 0.1})
     for p, state in kept.items():
         for key, value in state.items():

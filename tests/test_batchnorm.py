@@ -8,7 +8,9 @@ from fused_lesam import frozen_bn_stats
 
 def model():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.BatchNorm1d(4 * 3 * 3))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.BatchNorm1d(4 * 3 * 3)
+    )
 
 
 def test_running_stats_untouched_and_output_unchanged():
@@ -29,7 +31,7 @@ def test_flags_restored_when_the_block_raises():
     net = model().train()
     with pytest.raises(ZeroDivisionError):
         with frozen_bn_stats(net):
-            1 / 0
+            _ = 1 / 0
     assert net[1].track_running_stats and net[3].track_running_stats
 
 

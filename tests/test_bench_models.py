@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from models import MODELS, param_shapes
 
 
@@ -32,7 +31,7 @@ def resnet18_count(classes=100):
 def wrn_count(depth=28, widen=10, classes=100):
     total, cin = conv(3, 16), 16
     for width in (16 * widen, 32 * widen, 64 * widen):
-        for block in range((depth - 4) // 6):
+        for _ in range((depth - 4) // 6):
             total += bn(cin) + conv(cin, width) + bn(width) + conv(width, width)
             if cin != width:
                 total += conv(cin, width, 1)
@@ -50,11 +49,14 @@ def pyramidnet_count(depth=110, alpha=270, classes=100):
     return total + bn(cin) + cin * classes + classes
 
 
-@pytest.mark.parametrize("name, closed_form, published_millions", [
-    ("resnet18", resnet18_count(), 11.2),
-    ("wrn28_10", wrn_count(), 36.5),
-    ("pyramidnet110", pyramidnet_count(), 28.3),  # alpha = 270, as the PyramidNet paper reports it
-])
+@pytest.mark.parametrize(
+    "name, closed_form, published_millions",
+    [
+        ("resnet18", resnet18_count(), 11.2),
+        ("wrn28_10", wrn_count(), 36.5),
+        ("pyramidnet110", pyramidnet_count(), 28.3),  # alpha = 270, as the PyramidNet paper reports it
+    ],
+)
 def test_parameter_count(name, closed_form, published_millions):
     count = sum(math.prod(shape) for shape in param_shapes(name))
     assert count == closed_form

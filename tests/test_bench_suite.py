@@ -11,18 +11,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-
 import baselines
 import epoch_time
 import models
+import numpy as np
+import pytest
 import radius_dynamics
 import report
 import test_step_overhead
+import torch
 from common import CIFAR_MEAN, CIFAR_STD, Batches
-from conftest import SmallConvNet, assert_close, make_batches, sam_step
+from helpers.asserts import assert_close
+from helpers.models import SmallConvNet, make_batches, sam_step
 from models import param_shapes
 
 import fused_lesam
@@ -70,8 +70,9 @@ def test_without_cifar_files_the_data_are_synthetic_and_say_so(tmp_path):
 
 
 def test_epoch_table(results_in_tmp, capsys):
-    results = epoch_time.main(["--steps", "2", "--warmup", "0", "--batch", "4",
-                               "--rows", "SGD,SAM (per-tensor loop),FusedLESAM (cpp)"])
+    results = epoch_time.main(
+        ["--steps", "2", "--warmup", "0", "--batch", "4", "--rows", "SGD,SAM (per-tensor loop),FusedLESAM (cpp)"]
+    )
     assert [r["row"] for r in results] == ["SGD", "SAM (per-tensor loop)", "FusedLESAM (cpp)"]
     for r in results:
         assert r["extrapolated"] and len(r["steps_s"]) == 2
@@ -98,22 +99,27 @@ def test_radius_dynamics_logs_the_telemetry(results_in_tmp):
 
 def rows_of(copy_s, loop_s, loop_fused_s, ours, **extra):
     """Made-up rows of one set x base, one round each."""
-    rows = {"copy": report.spread([copy_s]), "loop": report.spread([loop_s]),
-            "loop-fused": report.spread([loop_fused_s])}
+    rows = {
+        "copy": report.spread([copy_s]),
+        "loop": report.spread([loop_s]),
+        "loop-fused": report.spread([loop_fused_s]),
+    }
     for backend, seconds in ours.items():
         rows[f"ours-{backend}"] = {**report.spread([seconds]), "base_update": "fused", **extra}
     return rows
 
 
 def test_spread_is_median_min_max_of_the_rounds():
-    assert report.spread([3.0, 1.0, 2.0, 10.0]) == dict(median_s=2.5, min_s=1.0, max_s=10.0,
-                                                         rounds_s=[3.0, 1.0, 2.0, 10.0])
+    assert report.spread([3.0, 1.0, 2.0, 10.0]) == dict(
+        median_s=2.5, min_s=1.0, max_s=10.0, rounds_s=[3.0, 1.0, 2.0, 10.0]
+    )
 
 
 def test_byte_limit_fraction_and_speedups_from_made_up_timings():
     # The copy moves 8 B/param in 2 ms, so the SGD step's ideal 40 B/param takes 10 ms: 12 ms is 83%.
-    r = report.group_report("resnet18", "sgd", 62, 1000, rows_of(2e-3, 48e-3, 26e-3, {"cpp": 12e-3, "torch": 20e-3}),
-                            default_backend="cpp")
+    r = report.group_report(
+        "resnet18", "sgd", 62, 1000, rows_of(2e-3, 48e-3, 26e-3, {"cpp": 12e-3, "torch": 20e-3}), default_backend="cpp"
+    )
     assert r["copy_bandwidth_gbps"] == pytest.approx(8 * 1000 / 2e-3 / 1e9)
     cpp, torch_row = r["ours"]
     assert (cpp["backend"], cpp["default"], torch_row["default"]) == ("cpp", True, False)
@@ -126,34 +132,45 @@ def test_byte_limit_fraction_and_speedups_from_made_up_timings():
     assert adamw["ours"][0]["byte_limit"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("param_set, base, loop_fused_ms, expected", [
-    ("vit_s16", "sgd", 12.0, {"byte_limit": True, "vs_loop_fused": False}),    # 1.2x < 1.25x
-    ("vit_s16", "adamw", 12.0, {"byte_limit": True, "vs_loop_fused": True}),   # 1.2x >= 1.1x
-    ("resnet18", "adamw", 10.5, {"byte_limit": True, "vs_loop_fused": False}),  # 1.05x
-    ("many600", "sgd", 39.0, {"vs_loop_fused": False}),                         # 3.9x < 4x; no byte target
-    ("many600", "adamw", 41.0, {"vs_loop_fused": True}),
-    ("wrn28_10", "sgd", 1.0, {}),                                               # no target for this set
-])
+@pytest.mark.parametrize(
+    "param_set, base, loop_fused_ms, expected",
+    [
+        ("vit_s16", "sgd", 12.0, {"byte_limit": True, "vs_loop_fused": False}),  # 1.2x < 1.25x
+        ("vit_s16", "adamw", 12.0, {"byte_limit": True, "vs_loop_fused": True}),  # 1.2x >= 1.1x
+        ("resnet18", "adamw", 10.5, {"byte_limit": True, "vs_loop_fused": False}),  # 1.05x
+        ("many600", "sgd", 39.0, {"vs_loop_fused": False}),  # 3.9x < 4x; no byte target
+        ("many600", "adamw", 41.0, {"vs_loop_fused": True}),
+        ("wrn28_10", "sgd", 1.0, {}),  # no target for this set
+    ],
+)
 def test_pass_short_decisions(param_set, base, loop_fused_ms, expected):
-    r = report.group_report(param_set, base, 10, 1000, rows_of(1.8e-3, 100e-3, loop_fused_ms * 1e-3,
-                                                                {"cpp": 10e-3}), "cpp")
+    r = report.group_report(
+        param_set, base, 10, 1000, rows_of(1.8e-3, 100e-3, loop_fused_ms * 1e-3, {"cpp": 10e-3}), "cpp"
+    )
     assert r["ours"][0]["verdicts"] == expected
 
 
 def test_gpu_launches_per_bucket_and_their_independence_of_the_tensor_count():
-    few = report.group_report("resnet18", "sgd", 62, 1000,
-                              rows_of(1e-3, 9e-3, 8e-3, {"cuda": 5e-3}, launches=10, buckets=2), "cuda")
-    many = report.group_report("many600", "sgd", 600, 1000,
-                               rows_of(1e-3, 9e-3, 8e-3, {"cuda": 5e-3}, launches=7, buckets=1), "cuda")
+    few = report.group_report(
+        "resnet18", "sgd", 62, 1000, rows_of(1e-3, 9e-3, 8e-3, {"cuda": 5e-3}, launches=10, buckets=2), "cuda"
+    )
+    many = report.group_report(
+        "many600", "sgd", 600, 1000, rows_of(1e-3, 9e-3, 8e-3, {"cuda": 5e-3}, launches=7, buckets=1), "cuda"
+    )
     assert few["ours"][0]["launches_per_bucket"] == 5 and few["ours"][0]["verdicts"]["launches_per_bucket"]
     assert many["ours"][0]["launches_per_bucket"] == 7 and not many["ours"][0]["verdicts"]["launches_per_bucket"]
     assert report.launches_independent_of_tensors([few, many]) == {"cuda/sgd": False}
     assert report.launches_independent_of_tensors([few, few]) == {"cuda/sgd": True}
-    on_target = report.group_report("many600", "sgd", 600, 1000,
-                                    rows_of(1e-3, 9e-3, 8e-3, {"cuda": 5e-3}, launches=12, buckets=2), "cuda")
+    on_target = report.group_report(
+        "many600", "sgd", 600, 1000, rows_of(1e-3, 9e-3, 8e-3, {"cuda": 5e-3}, launches=12, buckets=2), "cuda"
+    )
     assert on_target["ours"][0]["verdicts"]["launches_per_bucket"]  # 6 per bucket is within the target
-    assert "launches_per_bucket" not in report.group_report("resnet18", "sgd", 62, 1000,
-                                                            rows_of(1e-3, 9e-3, 8e-3, {"cpp": 5e-3}), "cpp")["ours"][0]
+    assert (
+        "launches_per_bucket"
+        not in report.group_report("resnet18", "sgd", 62, 1000, rows_of(1e-3, 9e-3, 8e-3, {"cpp": 5e-3}), "cpp")[
+            "ours"
+        ][0]
+    )
     lines = report.format_tables([few, many], rounds=1, steps=1)
     assert "| 5.0 pass |" in lines[-4] + lines[-3] and "7.0 SHORT" in "\n".join(lines)
     # resnet18 passes its three; many600 is 1.6x < 4x and 7 launches; and the launches differ per set
@@ -166,8 +183,10 @@ def test_report_tables_print_the_spread_and_the_verdicts():
     r = report.group_report("resnet18", "sgd", 62, 11220132, rows, "cpp")
     text = "\n".join(report.format_tables([r], rounds=3, steps=20))
     assert "3 interleaved rounds of 20 timed steps" in text
-    assert "| resnet18 | 62 | 11.22M | SGD | 2.00 [2.00..2.00] | 48.00 [40.00..60.00] | 26.00 [26.00..26.00] " \
-           "| 12.00 [12.00..12.00] |" in text
+    assert (
+        "| resnet18 | 62 | 11.22M | SGD | 2.00 [2.00..2.00] | 48.00 [40.00..60.00] | 26.00 [26.00..26.00] "
+        "| 12.00 [12.00..12.00] |" in text
+    )
     assert "| resnet18 | SGD | cpp* | fused | 44.9 | 83% pass | 2.17x pass | 4.00x |" in text
     assert report.summary_line([r]) == "targets met by the default backend (cpp): 2 pass, 0 short"
 
@@ -198,13 +217,39 @@ def test_step_microbenchmark_smoke(results_in_tmp):
     # machine's oversubscribed OpenMP threads can make a single step take seconds.
     # The package under test, not whichever an editable install elsewhere would give a run from bench/.
     package_root = str(Path(fused_lesam.__file__).resolve().parent.parent)
-    env = {**os.environ, "FUSED_LESAM_BENCH_RESULTS": str(results_in_tmp), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {
+        **os.environ,
+        "FUSED_LESAM_BENCH_RESULTS": str(results_in_tmp),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     env.pop("TRITON_INTERPRET", None)
-    run = subprocess.run([sys.executable, "-m", "pytest", str(bench / "test_step_overhead.py"), "-q", "-p",
-                          "no:cacheprovider", "--sets", "many600", "--bases", "sgd,adamw", "--rounds", "2", "--steps", "1",
-                          "--warmup", "0"],
-                         capture_output=True, text=True, timeout=120, env=env, cwd=bench)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(bench / "test_step_overhead.py"),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--sets",
+            "many600",
+            "--bases",
+            "sgd,adamw",
+            "--rounds",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=bench,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "| many600 | 600 | 1.25M | SGD |" in run.stdout and "| many600 | AdamW | cpp* |" in run.stdout
     saved = json.loads((results_in_tmp / "step_overhead.json").read_text())
@@ -213,12 +258,15 @@ def test_step_microbenchmark_smoke(results_in_tmp):
         assert (group["set"], group["base"], group["tensors"], group["params"]) == ("many600", base, 600, 1249800)
         rows = group["rows"]
         assert {"copy", "loop", "loop-fused", "ours-torch", "ours-cpp"} <= set(rows)
-        assert all(len(row["rounds_s"]) == 2 and row["min_s"] <= row["median_s"] <= row["max_s"] for row in rows.values())
+        assert all(
+            len(row["rounds_s"]) == 2 and row["min_s"] <= row["median_s"] <= row["max_s"] for row in rows.values()
+        )
         assert rows["ours-torch"]["base_update"] == "fused"  # the torch backend has the fused ops
         for ours in group["ours"]:
             row = rows[ours["row"]]
-            assert ours["byte_limit"] == pytest.approx(report.IDEAL_BYTES[base] / 8 * rows["copy"]["median_s"]
-                                                       / row["median_s"])
+            assert ours["byte_limit"] == pytest.approx(
+                report.IDEAL_BYTES[base] / 8 * rows["copy"]["median_s"] / row["median_s"]
+            )
             assert ours["vs_loop_fused"] == pytest.approx(rows["loop-fused"]["median_s"] / row["median_s"])
             assert set(ours["verdicts"]) == {"vs_loop_fused"}
             assert row["dispatches"] > 0
@@ -234,10 +282,13 @@ def vit_s16_count(dim=384, depth=12, patch=16, image=224, classes=100):
     return depth * block + 3 * patch * patch * dim + dim + dim + tokens * dim + 2 * dim + dim * classes + classes
 
 
-@pytest.mark.parametrize("name, tensors, count, millions", [
-    ("vit_s16", 152, vit_s16_count(), 21.7),  # issue 14's ViT-S/16: 152 tensors, 21.7M
-    ("many600", 600, 600 * 2083, 1.25),
-])
+@pytest.mark.parametrize(
+    "name, tensors, count, millions",
+    [
+        ("vit_s16", 152, vit_s16_count(), 21.7),  # issue 14's ViT-S/16: 152 tensors, 21.7M
+        ("many600", 600, 600 * 2083, 1.25),
+    ],
+)
 def test_microbenchmark_parameter_sets(name, tensors, count, millions):
     shapes = param_shapes(name)
     assert len(shapes) == tensors and sum(math.prod(s) for s in shapes) == count
@@ -250,12 +301,18 @@ def test_vit_s16_takes_224px_images():
 
 
 BASELINES = {  # bench/baselines.py row -> the fused optimizer computing the same maths (torch backend)
-    "sam": (lambda ps: baselines.PerTensorSAM(ps, torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9),
-            lambda ps: FusedSAM(ps, rho=0.1, lr=0.05, momentum=0.9, backend="torch")),
-    "lesam": (lambda ps: baselines.PerTensorSAM(ps, torch.optim.SGD, sigma=0.35, rho_max=0.4, lr=0.05, momentum=0.9),
-              lambda ps: FusedLESAM(ps, sigma=0.35, rho_max=0.4, lr=0.05, momentum=0.9, backend="torch")),
-    "xsam": (lambda ps: baselines.PerTensorXSAM(ps, torch.optim.SGD, rho=0.15, alpha=0.5, lr=0.05, momentum=0.9),
-             lambda ps: FusedXSAM(ps, rho=0.15, alpha=0.5, lr=0.05, momentum=0.9, backend="torch")),
+    "sam": (
+        lambda ps: baselines.PerTensorSAM(ps, torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9),
+        lambda ps: FusedSAM(ps, rho=0.1, lr=0.05, momentum=0.9, backend="torch"),
+    ),
+    "lesam": (
+        lambda ps: baselines.PerTensorSAM(ps, torch.optim.SGD, sigma=0.35, rho_max=0.4, lr=0.05, momentum=0.9),
+        lambda ps: FusedLESAM(ps, sigma=0.35, rho_max=0.4, lr=0.05, momentum=0.9, backend="torch"),
+    ),
+    "xsam": (
+        lambda ps: baselines.PerTensorXSAM(ps, torch.optim.SGD, rho=0.15, alpha=0.5, lr=0.05, momentum=0.9),
+        lambda ps: FusedXSAM(ps, rho=0.15, alpha=0.5, lr=0.05, momentum=0.9, backend="torch"),
+    ),
 }
 
 

@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
+from helpers.models import SmallConvNet, loss_fn, make_batches, sam_step
 
-from conftest import SmallConvNet, loss_fn, make_batches, sam_step
 from fused_lesam import FusedLESAM
 from fused_lesam.buckets import ALIGN
 
@@ -21,7 +21,7 @@ def test_layout_aligned_zero_padded_and_values_preserved():
         for p, offset in zip(bucket.params, bucket.offsets):
             assert offset % ALIGN == 0
             assert p.data_ptr() == bucket.param.data_ptr() + offset * p.element_size()
-            covered[offset:offset + p.numel()] = True
+            covered[offset : offset + p.numel()] = True
         assert bucket.param.numel() % ALIGN == 0
         assert torch.count_nonzero(bucket.param[~covered]) == 0 and torch.count_nonzero(bucket.grad[~covered]) == 0
     for n, p in model.named_parameters():
@@ -56,7 +56,9 @@ def test_grads_become_views_and_zero_grad_is_in_place():
     assert model.unused.weight.grad is None  # never had a gradient: never bound
 
 
-@pytest.mark.parametrize("how", ["model.zero_grad(set_to_none=True)", "opt.zero_grad(set_to_none=True)", "replace .grad"])
+@pytest.mark.parametrize(
+    "how", ["model.zero_grad(set_to_none=True)", "opt.zero_grad(set_to_none=True)", "replace .grad"]
+)
 def test_dropped_or_replaced_grads_are_rebound_with_the_same_result(how):
     torch.manual_seed(0)
     a = SmallConvNet()

@@ -11,14 +11,23 @@ import copy
 
 import pytest
 import torch
+from helpers.models import SmallConvNet, groups_of, loss_fn, make_batches, sam_step, through_bytes
 
-from conftest import SmallConvNet, groups_of, loss_fn, make_batches, sam_step, through_bytes
 from fused_lesam import FusedLESAM, FusedSAM, available_backends
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
 STEPS = 10
-HYPER = dict(lr=0.05, momentum=0.9, weight_decay=5e-3, fused=True, sigma=0.3, rho_max=0.4, alpha=0.5,
-             total_steps=STEPS, anneal_steps=6)
+HYPER = dict(
+    lr=0.05,
+    momentum=0.9,
+    weight_decay=5e-3,
+    fused=True,
+    sigma=0.3,
+    rho_max=0.4,
+    alpha=0.5,
+    total_steps=STEPS,
+    anneal_steps=6,
+)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

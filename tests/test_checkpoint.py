@@ -4,11 +4,13 @@ import copy
 import warnings
 
 import torch
+from helpers.models import SmallConvNet, make_batches, sam_step, through_bytes
 
-from conftest import SmallConvNet, make_batches, sam_step, through_bytes
 from fused_lesam import FusedLESAM, SigmaAnnealing
 
-OPT_KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-3, sigma=0.35, rho_max=0.4, alpha=0.3, total_steps=12, anneal_steps=6)
+OPT_KW = dict(
+    lr=0.05, momentum=0.9, weight_decay=5e-3, sigma=0.35, rho_max=0.4, alpha=0.3, total_steps=12, anneal_steps=6
+)
 
 
 def train(model, opt, batches, sched=None):
@@ -58,7 +60,8 @@ def test_sigma_scheduler_state_survives_a_checkpoint():
     model = SmallConvNet()
     opt = FusedLESAM(model.parameters(), lr=0.05, sigma=0.5)
     sched = SigmaAnnealing(opt, total=4, anneal=3)
-    sched.step(); sched.step()
+    sched.step()
+    sched.step()
     state = opt.state_dict()
     other = FusedLESAM(SmallConvNet().parameters(), lr=0.05, sigma=0.5)
     other.load_state_dict(state)

@@ -1,17 +1,16 @@
 """torch.compile of the optimizer step: first_step traces as one graph (fullgraph=True), through the
-torch ops of the reference backend or the custom ops of the extension, so it holds no host sync;
+torch ops of the spec backend or the custom ops of the extension, so it holds no host sync;
 second_step compiles too, and its only graph breaks are the ones torch's own optimizers put around
 their step (torch also declines to trace its fused optimizers' kernels). The compiled steps equal
 the eager ones. capturable=True (tests/test_capturable.py) keeps one graph through an annealing."""
 
-import os
-
 import copy
+import os
 
 import pytest
 import torch
+from helpers.models import SmallConvNet, loss_fn, make_batches, sam_step
 
-from conftest import SmallConvNet, loss_fn, make_batches, sam_step
 from fused_lesam import FusedLESAM, FusedXSAM
 
 BACKENDS = ["torch", "cpp"]  # Triton's interpreter cannot run under fake tensors: its compile test is a GPU test
@@ -43,10 +42,20 @@ def test_second_step_breaks_only_inside_torchs_optimizer(backend, capturable, ba
     graph; with torch's own base step every break torch.compile reports is in torch/optim."""
     torch.manual_seed(0)
     model = SmallConvNet()
-    opt = FusedLESAM(model.parameters(), lr=0.05, momentum=0.9, fused=True, sigma=0.2, alpha=0.5,
-                     total_steps=8, anneal_steps=4, capturable=capturable, backend=backend,
-                     base_update=base_update)
-    (x, y), = make_batches(1)
+    opt = FusedLESAM(
+        model.parameters(),
+        lr=0.05,
+        momentum=0.9,
+        fused=True,
+        sigma=0.2,
+        alpha=0.5,
+        total_steps=8,
+        anneal_steps=4,
+        capturable=capturable,
+        backend=backend,
+        base_update=base_update,
+    )
+    ((x, y),) = make_batches(1)
     sam_step(model, opt, x, y)  # the base optimizer's state exists: its skip is decided on the device
     loss_fn(model, x, y).backward()
     opt.first_step(zero_grad=True)
@@ -114,17 +123,20 @@ def test_xsam_step_traces_without_a_sync(backend):
 
 def test_a_base_that_cannot_skip_on_the_device_breaks_the_graph_at_the_skip_decision():
     """What the README says compiles with which base: a plain base on torch's own step decides the
-    skip on the host (bool(found_inf)), a graph break in our _base_step besides torch's own."""
+    skip on the host (bool(found_inf)), a graph break in our skip.base_step besides torch's own."""
     torch.manual_seed(0)
     model = SmallConvNet()
     opt = FusedLESAM(model.parameters(), lr=0.05, momentum=0.9, base_update="generic", backend="torch")
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     sam_step(model, opt, x, y)
     loss_fn(model, x, y).backward()
     opt.first_step(zero_grad=True)
     loss_fn(model, x, y).backward()
     explained = torch._dynamo.explain(opt.second_step)()
     assert not opt._progress.perturbed
-    ours = [reason for reason in explained.break_reasons
-            if reason.user_stack[-1].filename.endswith(os.path.join("fused_lesam", "optimizer.py"))]
-    assert ours and all(reason.user_stack[-1].name == "_base_step" for reason in ours), explained.break_reasons
+    ours = [
+        reason
+        for reason in explained.break_reasons
+        if reason.user_stack[-1].filename.endswith(os.path.join("fused_lesam", "skip.py"))
+    ]
+    assert ours and all(reason.user_stack[-1].name == "base_step" for reason in ours), explained.break_reasons

@@ -10,13 +10,16 @@ import copy
 
 import pytest
 import torch
+from helpers.asserts import assert_close
+from helpers.models import SmallConvNet, loss_fn, make_batches, sam_step
 
-from conftest import SmallConvNet, assert_close, loss_fn, make_batches, sam_step
 from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM, available_backends
 
 pytestmark = pytest.mark.cuda
 
-CUDA_BACKENDS = ["auto"] + [n for n, why in available_backends().items() if not why and n in ("torch", "cuda", "triton")]
+CUDA_BACKENDS = ["auto"] + [
+    n for n, why in available_backends().items() if not why and n in ("torch", "cuda", "triton")
+]
 CPU_BACKENDS = [n for n, why in available_backends().items() if not why and n in ("torch", "cpp")]
 CASES = {
     "lesam": (FusedLESAM, dict(sigma=0.35, rho_max=0.4, alpha=0.5, total_steps=8, anneal_steps=4)),
@@ -111,8 +114,18 @@ def test_triton_equals_cuda_extension(dtype, adaptive):
         assert_close(a, b, msg=f"{name}: cuda and triton differ")
 
 
-CAPTURABLE = dict(lr=0.05, momentum=0.9, weight_decay=5e-3, fused=True, sigma=0.3, rho_max=0.4, alpha=0.5,
-                  total_steps=10, anneal_steps=6, capturable=True)
+CAPTURABLE = dict(
+    lr=0.05,
+    momentum=0.9,
+    weight_decay=5e-3,
+    fused=True,
+    sigma=0.3,
+    rho_max=0.4,
+    alpha=0.5,
+    total_steps=10,
+    anneal_steps=6,
+    capturable=True,
+)
 
 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
@@ -199,8 +212,9 @@ def test_xsam_step_with_search_never_syncs(backend):
     """XSAM with three ascent steps and the dynamic alpha search, under torch's sync-debug mode."""
     torch.manual_seed(0)
     model = SmallConvNet().cuda()
-    opt = FusedXSAM(model.parameters(), lr=0.05, momentum=0.9, fused=True, rho=0.15, steps=3, dynamic=True,
-                    backend=backend)
+    opt = FusedXSAM(
+        model.parameters(), lr=0.05, momentum=0.9, fused=True, rho=0.15, steps=3, dynamic=True, backend=backend
+    )
     x, y = to_cuda(make_batches(1))[0]
 
     def step():
@@ -219,13 +233,13 @@ def test_xsam_step_with_search_never_syncs(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_equals_cuda_extension_for_xsam(dtype):
-    from fused_lesam.backends import reference
+    from fused_lesam import maths
 
     cuda_ops, triton_ops, (w_k, w_0, ghat) = gpu_kernel_backends_and_buckets(dtype, seed=1)
     results = []
     for ops in (cuda_ops, triton_ops):
         dots = ops.xsam_dots([w_k], [w_0], [ghat])
-        coefs, _ = reference.slerp_coefficients(dots, 0.5, 0.3, 1e-12)
+        coefs, _ = maths.slerp_coefficients(dots, 0.5, 0.3, 1e-12)
         probe, delta = w_k.clone(), torch.empty_like(w_k)
         ops.xsam_probe_(probe, w_0, ghat, delta, coefs, True)
         param, grad = w_k.clone(), ghat.clone()

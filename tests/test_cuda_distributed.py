@@ -16,16 +16,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from helpers.asserts import assert_close
+from helpers.ddp_cases import HYPER, XSAM_HYPER, batches, mlp
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import assert_close
 from fused_lesam import FusedLESAM, FusedXSAM, available_backends
 from fused_lesam.backends import resolve
-from test_distributed import HYPER, XSAM_HYPER, batches, mlp
 
 pytestmark = pytest.mark.cuda
 
-CUDA_BACKENDS = ["auto"] + [n for n, why in available_backends().items() if not why and n in ("torch", "cuda", "triton")]
+CUDA_BACKENDS = ["auto"] + [
+    n for n, why in available_backends().items() if not why and n in ("torch", "cuda", "triton")
+]
 KERNEL_BACKENDS = [n for n in CUDA_BACKENDS if n in ("cuda", "triton")]
 
 
@@ -88,8 +90,10 @@ def test_xsam_with_alpha_search_under_ddp_on_nccl(nccl_group, backend):
         history = []
         for i, (x, y) in enumerate(cuda_batches()):
             F.cross_entropy(model(x), y).backward()
-            opt.step(lambda: F.cross_entropy(model(x), y).backward(),
-                     search_alpha=(lambda: F.cross_entropy(model(x), y)) if i == 0 else None)
+            opt.step(
+                lambda: F.cross_entropy(model(x), y).backward(),
+                search_alpha=(lambda: F.cross_entropy(model(x), y)) if i == 0 else None,
+            )
             opt.zero_grad()
             history.append((opt.alpha.item(), [p.detach().clone() for p in model.parameters()]))
         runs.append(history)
@@ -120,8 +124,10 @@ def test_fsdp2_on_nccl_equals_the_plain_run(nccl_group, backend):
 
 # (dtype, elements): fp32 just over 2^31 bytes (byte offsets past int32), bf16 just over 2^31
 # elements (element indices past int32). The tail of 2^20 + 3 elements lies beyond the boundary.
-LARGE = {"fp32-over-2GiB": (torch.float32, (1 << 29) + (1 << 20) + 3),
-         "bf16-over-2^31-elements": (torch.bfloat16, (1 << 31) + (1 << 20) + 3)}
+LARGE = {
+    "fp32-over-2GiB": (torch.float32, (1 << 29) + (1 << 20) + 3),
+    "bf16-over-2^31-elements": (torch.bfloat16, (1 << 31) + (1 << 20) + 3),
+}
 # Gradient and weights before / after the boundary: an offset that wraps reads or writes the head's
 # values for the tail's. The weights are small so that the perturbation shows in every element.
 G, W = (1.0, 3.0), (1e-5, -2e-5)
@@ -167,8 +173,13 @@ def test_ops_on_a_bucket_past_32_bit_offsets(backend, case, release_gpu_memory):
     expected = torch.add(w, g, alpha=rho_max / (exact**0.5 + 1e-12))  # w + rho * g / ||g||
     for start in range(0, n, 1 << 28):  # in slices: fp32 copies of the whole bf16 bucket would take 16 GiB
         part = slice(start, start + (1 << 28))
-        torch.testing.assert_close(param[part].float(), expected[part].float(), rtol=RELATIVE[dtype], atol=0,
-                                   msg=lambda m: f"elements {start}..: {m}")
+        torch.testing.assert_close(
+            param[part].float(),
+            expected[part].float(),
+            rtol=RELATIVE[dtype],
+            atol=0,
+            msg=lambda m: f"elements {start}..: {m}",
+        )
     del expected
 
     ops.restore_(param, backup, g, None, 1.0, 0.0)

@@ -12,25 +12,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers.ddp_cases import HYPER, XSAM_HYPER, batches, mlp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fused_lesam import FusedLESAM, FusedXSAM
 
 WORLD = 2
-STEPS = 5
-HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, sigma=0.1, rho_max=0.5, alpha=0.3)
-
-
-def mlp():
-    torch.manual_seed(0)
-    # No BatchNorm: DDP keeps per-rank batch statistics, which the whole-batch run cannot match.
-    return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 5))
-
-
-def batches():
-    gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(16, 12, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(STEPS)]
 
 
 def train(model, opt, data, rank=0, world=1, local=False, snapshot=lambda p: p.detach().clone()):
@@ -49,8 +37,13 @@ def train(model, opt, data, rank=0, world=1, local=False, snapshot=lambda p: p.d
 @contextlib.contextmanager
 def process_group(rank, out):
     # Rendezvous through a file in the test's own folder: no TCP port to pick, so none to race for.
-    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out}/rendezvous",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         yield
     except BaseException:
@@ -89,17 +82,16 @@ def test_ddp_synchronized_equals_whole_batch(tmp_path, bucket_view):
         torch.testing.assert_close(rank["rho"], opt.last_rho, rtol=1e-5, atol=1e-7)
 
 
-XSAM_HYPER = dict(lr=0.1, momentum=0.9, rho=0.3, steps=2, dynamic=True, alpha=1.0, rho_max=1.0, alpha_delta=0.25)
-
-
 def train_xsam(model, opt, data, rank=0, world=1):
     """FusedXSAM with the alpha search at the first step; the chosen alpha and w after every step."""
     history = []
     for i, (x, y) in enumerate(data):
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
         F.cross_entropy(model(xs), ys).backward()
-        opt.step(lambda: F.cross_entropy(model(xs), ys).backward(),
-                 search_alpha=(lambda: F.cross_entropy(model(xs), ys)) if i == 0 else None)
+        opt.step(
+            lambda: F.cross_entropy(model(xs), ys).backward(),
+            search_alpha=(lambda: F.cross_entropy(model(xs), ys)) if i == 0 else None,
+        )
         opt.zero_grad()
         history.append((opt.alpha.clone(), [p.detach().clone() for p in model.parameters()]))
     return history

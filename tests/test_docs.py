@@ -30,8 +30,14 @@ def project_files() -> list[Path]:
     files = []
     for folder, dirs, names in os.walk(ROOT):
         here = Path(folder)
-        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.startswith(".venv") and not d.endswith(".egg-info")
-                   and (here / d).relative_to(ROOT).parts != ("bench", "results")]
+        dirs[:] = [
+            d
+            for d in dirs
+            if d not in SKIP_DIRS
+            and not d.startswith(".venv")
+            and not d.endswith(".egg-info")
+            and (here / d).relative_to(ROOT).parts != ("bench", "results")
+        ]
         files += [here / name for name in names if Path(name).suffix in TEXT_SUFFIXES or name in TEXT_NAMES]
     return files
 
@@ -60,10 +66,13 @@ def test_every_reference_to_the_design_document_names_a_section_it_has():
 
 def test_no_reference_to_a_design_file_that_is_not_in_the_repository():
     """The references used to name a DESIGN.md outside the repository."""
-    stale = [f"{path.relative_to(ROOT)}:{number + 1}"
-             for path in project_files() if path != Path(__file__).resolve()
-             for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines())
-             if re.search(r"(?<![\w/])DESIGN\.md", line)]
+    stale = [
+        f"{path.relative_to(ROOT)}:{number + 1}"
+        for path in project_files()
+        if path != Path(__file__).resolve()
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines())
+        if re.search(r"(?<![\w/])DESIGN\.md", line)
+    ]
     assert stale == []
 
 

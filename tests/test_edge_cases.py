@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
+from helpers.models import SmallConvNet, loss_fn, make_batches, sam_step
 
-from conftest import SmallConvNet, loss_fn, make_batches, sam_step
 from fused_lesam import FusedLESAM, FusedSAM
 
 
@@ -18,11 +18,14 @@ def assert_unchanged(model, before):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("make", [
-    lambda p: FusedLESAM(p, lr=0.1, sigma=0.35, rho_max=None, varrho=1e-30),  # no cap, tiny varrho: the risky case
-    lambda p: FusedSAM(p, lr=0.1, rho=0.05),
-    lambda p: FusedLESAM(p, lr=0.1, adaptive=True),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: FusedLESAM(p, lr=0.1, sigma=0.35, rho_max=None, varrho=1e-30),  # no cap, tiny varrho: the risky case
+        lambda p: FusedSAM(p, lr=0.1, rho=0.05),
+        lambda p: FusedLESAM(p, lr=0.1, adaptive=True),
+    ],
+)
 def test_zero_gradient_gives_exactly_zero_perturbation(make):
     model = SmallConvNet()
     opt = make(model.parameters())
@@ -65,7 +68,9 @@ def test_non_finite_gradient_never_reaches_params_or_state(bad, bad_pass, fused_
     opt.second_step(zero_grad=True)
 
     assert_unchanged(model, params_before)
-    assert all(torch.equal(v, state_before[id(p)][k]) for p, s in opt.state.items() for k, v in s.items() if torch.is_tensor(v))
+    assert all(
+        torch.equal(v, state_before[id(p)][k]) for p, s in opt.state.items() for k, v in s.items() if torch.is_tensor(v)
+    )
     assert int(opt.skipped_steps) == 1
     sam_step(model, opt, *batches[0])  # training goes on normally afterwards
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -108,9 +113,17 @@ def test_no_host_sync_in_the_step(monkeypatch):
     """Every Python-level way to read a tensor's value on the host raises while the step runs."""
     torch.manual_seed(0)
     model = SmallConvNet()
-    opt = FusedLESAM([{"params": model.head.parameters(), "alpha": 0.5, "adaptive": True},
-                      {"params": [p for n, p in model.named_parameters() if not n.startswith("head.")]}],
-                     lr=0.1, momentum=0.9, fused=True, total_steps=4, anneal_steps=2)
+    opt = FusedLESAM(
+        [
+            {"params": model.head.parameters(), "alpha": 0.5, "adaptive": True},
+            {"params": [p for n, p in model.named_parameters() if not n.startswith("head.")]},
+        ],
+        lr=0.1,
+        momentum=0.9,
+        fused=True,
+        total_steps=4,
+        anneal_steps=2,
+    )
     batches = make_batches(4)
 
     def host_sync(*args, **kwargs):

@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
+from helpers.asserts import assert_close
+from helpers.models import SmallConvNet, groups_of, make_batches, sam_step
+from reference.lesam_loop import ReferenceSAM
 
-from conftest import SmallConvNet, assert_close, groups_of, make_batches, sam_step
 from fused_lesam import FusedLESAM, FusedSAM, available_backends
-from reference.lesam_loop import PerTensorSAM
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
 STEPS = 12
@@ -20,7 +21,13 @@ CASES = {
     "lesam-groups": ("lesam", dict(sigma=0.3, rho_max=0.5), dict(sigma=0.1, rho_max=0.2), torch.float32, None),
     "lesam-adaptive": ("lesam", dict(sigma=0.5, rho_max=2.0, adaptive=True), None, torch.float32, None),
     "lesam-plus": ("lesam", dict(sigma=0.2, rho_max=0.4, alpha=0.5), dict(alpha=1.5), torch.float32, None),
-    "lesam-anneal": ("lesam", dict(sigma=0.35, rho_max=0.4, total_steps=STEPS, anneal_steps=6), None, torch.float32, None),
+    "lesam-anneal": (
+        "lesam",
+        dict(sigma=0.35, rho_max=0.4, total_steps=STEPS, anneal_steps=6),
+        None,
+        torch.float32,
+        None,
+    ),
     "lesam-mixed-groups": ("lesam", dict(sigma=0.3), dict(adaptive=True, alpha=0.3), torch.float32, None),
     "lesam-bf16": ("lesam", dict(sigma=0.35, rho_max=0.4), None, torch.bfloat16, None),
     "lesam-fp32-bf16-buckets": ("lesam", dict(sigma=0.35, rho_max=0.4), None, torch.float32, torch.bfloat16),
@@ -42,7 +49,7 @@ def test_fused_equals_per_tensor_loop(case, backend):
     base = dict(lr=0.05, momentum=0.9, weight_decay=5e-3)
     fused_cls = FusedLESAM if kind == "lesam" else FusedSAM
     opt = fused_cls(groups_of(model, split), torch.optim.SGD, backend=backend, **kwargs, **base)
-    ref = PerTensorSAM(groups_of(ref_model, split), torch.optim.SGD, mode=kind, **kwargs, **base)
+    ref = ReferenceSAM(groups_of(ref_model, split), torch.optim.SGD, mode=kind, **kwargs, **base)
     for step, (x, y) in enumerate(make_batches(STEPS, dtype)):
         sam_step(model, opt, x, y)
         sam_step(ref_model, ref, x, y)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from helpers.models import SmallConvNet, loss_fn, make_batches, sam_step
 
-from conftest import SmallConvNet, loss_fn, make_batches, sam_step
 from fused_lesam import FusedLESAM, FusedSAM, backends
 
 
@@ -11,26 +11,31 @@ def params():
     return SmallConvNet().parameters()
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(sigma=-0.1), "sigma"),
-    (dict(sigma=float("nan")), "sigma"),
-    (dict(sigma=float("inf")), "sigma"),
-    (dict(rho_max=0.0), "rho_max"),
-    (dict(rho_max=-1.0), "rho_max"),
-    (dict(varrho=0.0), "varrho"),
-    (dict(alpha=-0.5), "alpha"),
-    (dict(alpha_form="paperish"), "alpha_form"),
-    (dict(adaptive="yes"), "adaptive"),
-    (dict(total_steps=None, anneal_steps=5), "total_steps"),
-    (dict(total_steps=10, anneal_steps=11), "anneal_steps"),
-    (dict(backend="cudnn"), "backend"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(sigma=-0.1), "sigma"),
+        (dict(sigma=float("nan")), "sigma"),
+        (dict(sigma=float("inf")), "sigma"),
+        (dict(rho_max=0.0), "rho_max"),
+        (dict(rho_max=-1.0), "rho_max"),
+        (dict(varrho=0.0), "varrho"),
+        (dict(alpha=-0.5), "alpha"),
+        (dict(alpha_form="paperish"), "alpha_form"),
+        (dict(adaptive="yes"), "adaptive"),
+        (dict(total_steps=None, anneal_steps=5), "total_steps"),
+        (dict(total_steps=10, anneal_steps=11), "anneal_steps"),
+        (dict(backend="cudnn"), "backend"),
+    ],
+)
 def test_bad_lesam_hyperparameter_names_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         FusedLESAM(params(), lr=0.1, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(rho=-0.05), "rho"), (dict(rho=float("inf")), "rho"), (dict(adaptive=1), "adaptive")])
+@pytest.mark.parametrize(
+    "kwargs, name", [(dict(rho=-0.05), "rho"), (dict(rho=float("inf")), "rho"), (dict(adaptive=1), "adaptive")]
+)
 def test_bad_sam_hyperparameter_names_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         FusedSAM(params(), lr=0.1, **kwargs)

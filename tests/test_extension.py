@@ -52,7 +52,6 @@ def test_without_the_extension_the_torch_backend_runs_and_import_says_so():
 
 def test_explicit_cpp_backend_without_the_extension_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "fused_lesam._C", None)
-    monkeypatch.delitem(sys.modules, "fused_lesam.backends.cpp")
     monkeypatch.delitem(sys.modules, "fused_lesam.backends.compiled")
     with pytest.raises(RuntimeError, match="the compiled extension fused_lesam._C is not installed"):
         FusedLESAM(torch.nn.Linear(2, 2).parameters(), lr=0.1, backend="cpp")

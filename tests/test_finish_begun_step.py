@@ -17,10 +17,12 @@ from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM, available_backends
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
 OPTIMIZERS = {
-    "lesam-fused": lambda params, backend: FusedLESAM(params, lr=0.1, momentum=0.9, sigma=0.2, rho_max=0.5, alpha=0.3,
-                                                      backend=backend, base_update="fused"),
-    "lesam-generic": lambda params, backend: FusedLESAM(params, lr=0.1, momentum=0.9, sigma=0.2, rho_max=0.5,
-                                                        backend=backend, base_update="generic"),
+    "lesam-fused": lambda params, backend: FusedLESAM(
+        params, lr=0.1, momentum=0.9, sigma=0.2, rho_max=0.5, alpha=0.3, backend=backend, base_update="fused"
+    ),
+    "lesam-generic": lambda params, backend: FusedLESAM(
+        params, lr=0.1, momentum=0.9, sigma=0.2, rho_max=0.5, backend=backend, base_update="generic"
+    ),
     "sam": lambda params, backend: FusedSAM(params, lr=0.1, momentum=0.9, rho=0.1, backend=backend),
     "xsam": lambda params, backend: FusedXSAM(params, lr=0.1, momentum=0.9, rho=0.1, alpha=0.5, backend=backend),
 }
@@ -69,10 +71,12 @@ def test_step_after_first_step_finishes_the_step(kind, backend, form):
             loss_of(model, x, y).backward()
             assert opt.step() is None
         elif form == "closure-does-second-pass":
+
             def closure():
                 loss = loss_of(model, x, y)
                 loss.backward()
                 return loss
+
             loss = opt.step(closure)
             assert loss is not None and loss.requires_grad  # the closure's loss, at w + eps
         else:  # Lightning's manual optimization: manual_backward, then opt.step() (its closure does nothing)
@@ -93,7 +97,9 @@ def test_a_second_pass_with_no_gradient_or_two_is_refused_and_w_restored(kind, m
     loss_of(model, x, y).backward()
     opt.first_step(zero_grad=True)
     if mistake == "no-second-backward":
-        with pytest.raises(RuntimeError, match=r"step\(\) after first_step\(\): no backward ran at the perturbed point"):
+        with pytest.raises(
+            RuntimeError, match=r"step\(\) after first_step\(\): no backward ran at the perturbed point"
+        ):
             opt.step()
     else:
         loss_of(model, x, y).backward()
@@ -138,6 +144,7 @@ def test_step_hooks_post_once_pre_at_first_step_and_again_at_step():
 def test_grad_scaler_step_without_a_closure_after_first_step(backend):
     """accelerate's fp16 path: `scaler.step(optimizer)` (no closure) after the training step did
     first_step(grad_scaler=scaler) and the second scaled backward: both passes unscaled once."""
+
     def run(finish):
         model = mlp()
         opt = OPTIMIZERS["lesam-fused"](model.parameters(), backend)

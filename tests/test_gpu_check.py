@@ -11,11 +11,10 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-import torch
-
 import gpu_check
+import pytest
 import sanitize_ops
+import torch
 from gpu_check import Part, Step
 
 PYTHON = sys.executable
@@ -37,12 +36,15 @@ def test_help_names_every_option_and_part(capsys):
         assert part in out
 
 
-@pytest.mark.parametrize("argv,message", [
-    ([], "--out"),
-    (["--out", "x", "--parts", "tests,nope"], "unknown parts ['nope']"),
-    (["--out", "x", "--timeout", "tests"], "PART=SECONDS"),
-    (["--out", "x", "--budget-scale", "0"], "must be positive"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        ([], "--out"),
+        (["--out", "x", "--parts", "tests,nope"], "unknown parts ['nope']"),
+        (["--out", "x", "--timeout", "tests"], "PART=SECONDS"),
+        (["--out", "x", "--budget-scale", "0"], "must be positive"),
+    ],
+)
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         gpu_check.main(argv)
@@ -73,8 +75,20 @@ def test_dry_run_prints_every_part_and_runs_nothing(tmp_path, capsys, monkeypatc
 
 
 def test_parts_subset_and_budgets(tmp_path, capsys):
-    code, out = run_main(["--out", str(tmp_path), "--dry-run", "--parts", "epoch,tests", "--budget-scale", "0.5",
-                          "--timeout", "epoch=7"], capsys)
+    code, out = run_main(
+        [
+            "--out",
+            str(tmp_path),
+            "--dry-run",
+            "--parts",
+            "epoch,tests",
+            "--budget-scale",
+            "0.5",
+            "--timeout",
+            "epoch=7",
+        ],
+        capsys,
+    )
     assert code == 0
     listed = [line.split(":")[0] for line in out.splitlines() if line and not line.startswith((" ", "plan", "("))]
     assert listed == ["tests", "epoch"]  # the plan's order, not the argument's
@@ -139,13 +153,26 @@ def broken_summary(result, work):
 def test_a_crash_a_timeout_and_a_broken_part_never_stop_the_others_or_the_report(tmp_path):
     pidfile = tmp_path / "grandchild.pid"
     plan = [
-        part("crash", python_step("s", "import os, signal; print('about to crash', flush=True); os.kill(os.getpid(), signal.SIGSEGV)")),
-        part("slow", python_step("s", f"""
+        part(
+            "crash",
+            python_step(
+                "s", "import os, signal; print('about to crash', flush=True); os.kill(os.getpid(), signal.SIGSEGV)"
+            ),
+        ),
+        part(
+            "slow",
+            python_step(
+                "s",
+                f"""
             import subprocess, sys, time
             child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
             open({str(pidfile)!r}, "w").write(str(child.pid))
             print("started", flush=True)
-            time.sleep(60)"""), python_step("never", "print('NEVER' + 'RAN')"), budget=2.0),
+            time.sleep(60)""",
+            ),
+            python_step("never", "print('NEVER' + 'RAN')"),
+            budget=2.0,
+        ),
         part("summary", python_step("s", "print('fine')"), summarize=broken_summary),
         part("runner", Step("s", [PYTHON, "-c", None])),  # Popen itself raises (not an OSError)
         part("two", python_step("a", "print('a')"), python_step("b", "import sys; sys.exit(3)"), parallel=True),
@@ -185,8 +212,11 @@ def test_a_crash_a_timeout_and_a_broken_part_never_stop_the_others_or_the_report
 
 
 def test_gpu_parts_are_skipped_without_a_gpu(tmp_path):
-    env = part("env", python_step("s", 'print("GPU_CHECK_ENV " + \'{"cuda_available": false, "torch": "x"}\')'),
-               summarize=gpu_check.summarize_env)
+    env = part(
+        "env",
+        python_step("s", 'print("GPU_CHECK_ENV " + \'{"cuda_available": false, "torch": "x"}\')'),
+        summarize=gpu_check.summarize_env,
+    )
     gpu = Part("tests", "GPU tests", 5.0, [python_step("s", "raise SystemExit('must not run')")])
     results = gpu_check.execute([env, gpu], tmp_path / "r", tmp_path, {}, say=lambda line: None)
     assert results["env"]["status"] == "fail" and "no CUDA GPU" in results["env"]["reason"]
@@ -195,10 +225,17 @@ def test_gpu_parts_are_skipped_without_a_gpu(tmp_path):
 
 def test_pytest_results_are_collected_per_test(tmp_path):
     tests = tmp_path / "test_sample.py"
-    tests.write_text("import pytest\n\ndef test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2, 'one is not two'\n\n"
-                     "@pytest.mark.skip(reason='needs memory')\ndef test_skip():\n    pass\n")
-    tests_part = Part("tests", "GPU tests", 60.0, [gpu_check.shard_step(PYTHON, "sample", [str(tests)], tmp_path)],
-                      summarize=gpu_check.summarize_tests)
+    tests.write_text(
+        "import pytest\n\ndef test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2, 'one is not two'\n\n"
+        "@pytest.mark.skip(reason='needs memory')\ndef test_skip():\n    pass\n"
+    )
+    tests_part = Part(
+        "tests",
+        "GPU tests",
+        60.0,
+        [gpu_check.shard_step(PYTHON, "sample", [str(tests)], tmp_path)],
+        summarize=gpu_check.summarize_tests,
+    )
     result = gpu_check.run_part(tests_part, tmp_path, print)
     gpu_check.summarize_tests(result, tmp_path)
     details = result["details"]
@@ -212,16 +249,24 @@ def test_pytest_results_are_collected_per_test(tmp_path):
 
 
 def test_a_stopped_shard_still_reports_what_ran_and_what_was_running(tmp_path):
-    lines = [dict(test="t.py::test_a", started=True), dict(test="t.py::test_a", when="call", outcome="passed", seconds=0.5),
-             dict(test="t.py::test_b", started=True), dict(test="t.py::test_b", when="setup", outcome="error", seconds=0.1),
-             dict(test="t.py::test_c", started=True), dict(test="t.py::test_c", when="call", outcome="passed", seconds=1.0),
-             dict(test="t.py::test_c", when="teardown", outcome="error", seconds=0.2, message="E   leak"),
-             dict(test="t.py::test_d", started=True)]  # killed here
+    lines = [
+        dict(test="t.py::test_a", started=True),
+        dict(test="t.py::test_a", when="call", outcome="passed", seconds=0.5),
+        dict(test="t.py::test_b", started=True),
+        dict(test="t.py::test_b", when="setup", outcome="error", seconds=0.1),
+        dict(test="t.py::test_c", started=True),
+        dict(test="t.py::test_c", when="call", outcome="passed", seconds=1.0),
+        dict(test="t.py::test_c", when="teardown", outcome="error", seconds=0.2, message="E   leak"),
+        dict(test="t.py::test_d", started=True),
+    ]  # killed here
     path = tmp_path / "shard.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     tests, running = gpu_check.parse_test_results(path)
-    assert {name: t["outcome"] for name, t in tests.items()} == {"t.py::test_a": "passed", "t.py::test_b": "error",
-                                                                 "t.py::test_c": "error"}
+    assert {name: t["outcome"] for name, t in tests.items()} == {
+        "t.py::test_a": "passed",
+        "t.py::test_b": "error",
+        "t.py::test_c": "error",
+    }
     assert tests["t.py::test_c"] == dict(outcome="error", seconds=1.2, message="E   leak")
     assert running == ["t.py::test_d"]
 
@@ -239,7 +284,7 @@ SANITIZER_ERRORS = """========= COMPUTE-SANITIZER
 =========     at void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int, float)+0x80
 SANITIZE_OPS_COVERED perturb_,restore_,sq_norm
 ========= ERROR SUMMARY: 2 errors
-"""
+"""  # noqa: E501 (a sanitizer report as printed)
 
 
 def test_sanitizer_reports_are_parsed():
@@ -252,7 +297,9 @@ def test_sanitizer_reports_are_parsed():
     assert gpu_check.parse_sanitizer("Segmentation fault\n", kernels)["errors"] is None
 
 
-@pytest.mark.parametrize("output,status", [(SANITIZER_CLEAN, "pass"), (SANITIZER_ERRORS, "fail"), ("crashed\n", "fail")])
+@pytest.mark.parametrize(
+    "output,status", [(SANITIZER_CLEAN, "pass"), (SANITIZER_ERRORS, "fail"), ("crashed\n", "fail")]
+)
 def test_sanitizer_part_fails_on_any_error(tmp_path, output, status):
     step = python_step("memcheck", f"print({output!r})", log=gpu_check.SANITIZER_LOG)
     sanitizer = part("sanitizer", step, summarize=gpu_check.summarize_sanitizer)
@@ -262,15 +309,19 @@ def test_sanitizer_part_fails_on_any_error(tmp_path, output, status):
 
 
 def test_benchmark_tables_keep_their_captions(tmp_path):
-    printed = ("Optimizer step on cuda, base SGD\n| set | backend |\n| --- | --- |\n| vit | cuda |\n(overhead = ...)\n\n"
-               "FusedXSAM (one ascent step) against the loop\n| set | backend |\n| --- | --- |\n| vit | triton |\n"
-               "wrote /tmp/x/step_overhead.json\n")
+    printed = (
+        "Optimizer step on cuda, base SGD\n| set | backend |\n| --- | --- |\n| vit | cuda |\n(overhead = ...)\n\n"
+        "FusedXSAM (one ascent step) against the loop\n| set | backend |\n| --- | --- |\n| vit | triton |\n"
+        "wrote /tmp/x/step_overhead.json\n"
+    )
     bench = part("bench", python_step("s", f"print({printed!r})"))
     result = gpu_check.run_part(bench, tmp_path, print)
     gpu_check.summarize_table(result, "step_overhead.json")
     assert result["status"] == "pass"
-    assert [t["caption"] for t in result["details"]["tables"]] == ["Optimizer step on cuda, base SGD",
-                                                                  "FusedXSAM (one ascent step) against the loop"]
+    assert [t["caption"] for t in result["details"]["tables"]] == [
+        "Optimizer step on cuda, base SGD",
+        "FusedXSAM (one ascent step) against the loop",
+    ]
     gpu_check.summarize_table(result, "epoch_time.json")
     assert result["status"] == "fail" and "epoch_time.json was not written" in result["reason"]
 

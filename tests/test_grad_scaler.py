@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.models import SmallConvNet, make_batches
 
-from conftest import SmallConvNet, make_batches
 from fused_lesam import FusedLESAM, FusedXSAM, available_backends, frozen_bn_stats
 
 BACKENDS = [name for name, why in available_backends().items() if not why]

@@ -99,6 +99,7 @@ def test_closure_only_step_runs_the_closure_for_the_first_pass_too(backend, upda
     opt = lesam(model, backend, update)
     calls = []
     for x, y in batches(3):
+
         def closure():
             opt.zero_grad()
             loss = loss_of(model, x, y)
@@ -162,8 +163,11 @@ def test_parameters_replaced_by_load_state_dict_assign_are_detected(update):
     x, y = batches(1)[0]
     model.load_state_dict(copy.deepcopy(mlp(5).state_dict()), assign=True)
     loss_of(model, x, y).backward()
-    with pytest.raises(RuntimeError, match=r"Linear.weight .*replaced by a new Parameter.*assign=True.*Build the "
-                                           r"optimizer after loading"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"Linear.weight .*replaced by a new Parameter.*assign=True.*Build the "
+        r"optimizer after loading",
+    ):
         opt.first_step()
     with pytest.raises(RuntimeError, match="replaced by a new Parameter"):
         opt.step(lambda: loss_of(model, x, y).backward())
@@ -223,9 +227,15 @@ def test_xsam_closure_without_backward_in_a_later_ascent_step_is_refused():
 
 
 # ---------------------------------------------------------------------- 5: non-finite hyperparameters
-@pytest.mark.parametrize("kwargs, name", [(dict(lr=float("nan")), "lr"), (dict(lr=float("inf")), "lr"),
-                                          (dict(momentum=float("nan")), "momentum"),
-                                          (dict(weight_decay=float("inf")), "weight_decay")])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(lr=float("nan")), "lr"),
+        (dict(lr=float("inf")), "lr"),
+        (dict(momentum=float("nan")), "momentum"),
+        (dict(weight_decay=float("inf")), "weight_decay"),
+    ],
+)
 def test_non_finite_base_hyperparameter_is_refused_at_construction(kwargs, name):
     with pytest.raises(ValueError, match=rf"{name}=(nan|inf) is not finite.*set a finite {name}"):
         FusedLESAM(mlp().parameters(), **{"lr": 0.1, **kwargs})
@@ -254,6 +264,7 @@ def test_non_finite_tensor_hyperparameter_on_an_accelerator_skips_the_step(monke
     """Where reading the value would be a host sync (a GPU tensor) the step is skipped on the device
     and counted instead. Simulated on the CPU: the check is told the tensor is elsewhere."""
     from fused_lesam import checks
+
     model = mlp()
     before = copy.deepcopy(model)
     opt = lesam(model, "torch", "generic")
@@ -268,7 +279,7 @@ def test_non_finite_tensor_hyperparameter_on_an_accelerator_skips_the_step(monke
             group = {k: v for k, v in group.items() if k != "lr"}
         real(group, ours, on_device)
 
-    monkeypatch.setattr("fused_lesam.optimizer.check_base_hypers", as_if_on_device)
+    monkeypatch.setattr("fused_lesam.engine.check_base_hypers", as_if_on_device)
     x, y = batches(1)[0]
     loss_of(model, x, y).backward()
     opt.step(lambda: loss_of(model, x, y).backward())
@@ -279,11 +290,13 @@ def test_non_finite_tensor_hyperparameter_on_an_accelerator_skips_the_step(monke
 # ---------------------------------------------------------------------- 6: davda54/sam's names
 def test_davda54_sam_names_work():
     import functools
+
     model, ref = mlp(), mlp()
     opt = FusedSAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.05, adaptive=True, lr=0.1, momentum=0.9)
     assert opt.base_optimizer is opt.base and isinstance(opt.base, torch.optim.SGD)
-    partial = FusedSAM(ref.parameters(), functools.partial(torch.optim.SGD, momentum=0.9), rho=0.05, adaptive=True,
-                       lr=0.1)
+    partial = FusedSAM(
+        ref.parameters(), functools.partial(torch.optim.SGD, momentum=0.9), rho=0.05, adaptive=True, lr=0.1
+    )
     assert partial.base_update == "fused" and partial.param_groups[0]["momentum"] == 0.9
     for x, y in batches(2):
         for m, o in ((model, opt), (ref, partial)):
@@ -296,13 +309,17 @@ def test_davda54_sam_names_work():
         FusedSAM(mlp().parameters(), torch.optim.SGD, base_optimizer=torch.optim.SGD, lr=0.1)
 
 
-@pytest.mark.parametrize("cls, name, says", [(FusedLESAM, "rho", r"FusedLESAM has no argument 'rho'.*sigma=.*FusedSAM"),
-                                             (FusedSAM, "sigma", r"FusedSAM has no argument 'sigma'.*FusedLESAM"),
-                                             (FusedXSAM, "sigma", r"FusedXSAM has no argument 'sigma'.*FusedLESAM")])
+@pytest.mark.parametrize(
+    "cls, name, says",
+    [
+        (FusedLESAM, "rho", r"FusedLESAM has no argument 'rho'.*sigma=.*FusedSAM"),
+        (FusedSAM, "sigma", r"FusedSAM has no argument 'sigma'.*FusedLESAM"),
+        (FusedXSAM, "sigma", r"FusedXSAM has no argument 'sigma'.*FusedLESAM"),
+    ],
+)
 def test_a_name_that_means_something_else_here_says_what_to_use(cls, name, says):
     with pytest.raises(TypeError, match=says):
         cls(mlp().parameters(), lr=0.1, **{name: 0.05})
-
 
 
 def test_a_name_the_base_takes_itself_passes_through():
@@ -316,9 +333,18 @@ def test_closure_only_bases_are_refused_at_construction():
 
 
 # ---------------------------------------------------------------------- 7: another optimizer's state dict
-@pytest.mark.parametrize("saver, loader", [(FusedSAM, FusedLESAM), (FusedLESAM, FusedSAM), (FusedSAM, FusedXSAM),
-                                           (FusedXSAM, FusedSAM), (FusedLESAM, FusedXSAM), (FusedXSAM, FusedLESAM)],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "saver, loader",
+    [
+        (FusedSAM, FusedLESAM),
+        (FusedLESAM, FusedSAM),
+        (FusedSAM, FusedXSAM),
+        (FusedXSAM, FusedSAM),
+        (FusedLESAM, FusedXSAM),
+        (FusedXSAM, FusedLESAM),
+    ],
+    ids=lambda c: c.__name__,
+)
 def test_state_dict_of_another_class_is_refused_and_nothing_changes(saver, loader):
     model = mlp()
     other = saver(model.parameters(), lr=0.3, momentum=0.9)
@@ -328,8 +354,11 @@ def test_state_dict_of_another_class_is_refused_and_nothing_changes(saver, loade
     target_model = mlp()
     opt = loader(target_model.parameters(), lr=0.1, momentum=0.9)
     groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
-    with pytest.raises(ValueError, match=rf"saved by {saver.__name__}, and this is a {loader.__name__}.*"
-                                         rf"load it into a {saver.__name__}. Nothing was changed"):
+    with pytest.raises(
+        ValueError,
+        match=rf"saved by {saver.__name__}, and this is a {loader.__name__}.*"
+        rf"load it into a {saver.__name__}. Nothing was changed",
+    ):
         opt.load_state_dict(other.state_dict())
     assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups_before
     loss_of(target_model, x, y).backward()
@@ -360,6 +389,7 @@ def test_state_dict_with_a_bad_value_is_refused_before_anything_changes():
 # ---------------------------------------------------------------------- 8: schedules after add_param_group
 def test_sigma_annealing_takes_in_groups_added_later():
     from fused_lesam import SigmaAnnealing
+
     model = mlp()
     opt = FusedLESAM(model[0].parameters(), lr=0.1, sigma=0.4)
     sched = SigmaAnnealing(opt, total=4, anneal=2)
@@ -369,26 +399,33 @@ def test_sigma_annealing_takes_in_groups_added_later():
     assert sched.get_last_sigma() == [pytest.approx(0.0), pytest.approx(0.0)]
     sched2 = SigmaAnnealing(FusedLESAM(mlp()[0].parameters(), lr=0.1, sigma=0.4), total=4, anneal=2)
     sched2.optimizer.add_param_group({"params": mlp()[2].parameters(), "sigma": 0.2})
-    sched2.step(); sched2.step()  # epoch 2 of 4, halfway down the cosine
+    sched2.step()
+    sched2.step()  # epoch 2 of 4, halfway down the cosine
     assert sched2.get_last_sigma() == [pytest.approx(0.4), pytest.approx(0.2)]
 
 
 # ---------------------------------------------------------------------- 10: step hooks
 @pytest.mark.parametrize("api", ["step", "manual", "perturbed"])
-@pytest.mark.parametrize("cls, update", [(FusedLESAM, "fused"), (FusedLESAM, "generic"), (FusedXSAM, "generic")],
-                         ids=["lesam-fused", "lesam-generic", "xsam-generic"])  # XSAM has the generic update only
+@pytest.mark.parametrize(
+    "cls, update",
+    [(FusedLESAM, "fused"), (FusedLESAM, "generic"), (FusedXSAM, "generic")],
+    ids=["lesam-fused", "lesam-generic", "xsam-generic"],
+)  # XSAM has the generic update only
 def test_step_hooks_fire_once_per_full_step_in_every_api(cls, update, api):
     """register_step_pre_hook/post_hook (ours and torch's global ones) once per full step. Before,
     first_step/second_step fired none of ours, and step(closure) with the generic base update fired
     the global ones twice (once more for the base's step)."""
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
     model = mlp()
     opt = cls(model.parameters(), lr=0.1, momentum=0.9, base_update=update)
     seen = []
-    handles = [opt.register_step_pre_hook(lambda o, a, k: seen.append(("pre", o))),
-               opt.register_step_post_hook(lambda o, a, k: seen.append(("post", o))),
-               register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("global-pre", o))),
-               register_optimizer_step_post_hook(lambda o, a, k: seen.append(("global-post", o)))]
+    handles = [
+        opt.register_step_pre_hook(lambda o, a, k: seen.append(("pre", o))),
+        opt.register_step_post_hook(lambda o, a, k: seen.append(("post", o))),
+        register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("global-pre", o))),
+        register_optimizer_step_post_hook(lambda o, a, k: seen.append(("global-post", o))),
+    ]
     try:
         for x, y in batches(2):
             loss_of(model, x, y).backward()
@@ -416,6 +453,7 @@ def test_clipping_by_hand_with_a_grad_scaler(update):
     """The README's recipe: unscale the pass yourself (scaler.unscale_(opt) for the first,
     scaler.unscale_(opt.base) for the final gradient), clip, then the step with the scaler, which
     does not unscale again. Before, the step's own unscale_ raised ("already been called")."""
+
     def run(scaler):
         model = mlp()
         opt = lesam(model, "torch", update)
@@ -479,6 +517,7 @@ def test_a_base_that_rebinds_param_data_is_named():
 
 def test_numpy_and_tensor_hyperparameters():
     import numpy as np
+
     model, ref = mlp(), mlp()
     opt = FusedLESAM(model.parameters(), lr=0.1, sigma=np.float32(0.25), rho_max=np.float64(0.5))
     ref_opt = FusedLESAM(ref.parameters(), lr=0.1, sigma=float(np.float32(0.25)), rho_max=0.5)
@@ -560,6 +599,7 @@ def test_saving_part_of_a_model_writes_the_bucket_unless_cloned(tmp_path):
 def test_max_grad_norm_clips_the_final_gradient_like_clip_grad_norm(backend, update):
     """step(closure, max_grad_norm=) equals clipping by hand with torch's clip_grad_norm_ (up to the
     rounding of the two norms), with a GradScaler too (the clip comes after the unscale)."""
+
     def run(how):
         model = mlp()
         opt = lesam(model, backend, update)
@@ -587,7 +627,9 @@ def test_max_grad_norm_clips_the_final_gradient_like_clip_grad_norm(backend, upd
         for p, q in zip(run(how).parameters(), by_hand.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     unclipped = reference_run(backend, update, 3)
-    assert any(not torch.allclose(p, q, rtol=1e-3, atol=1e-4) for p, q in zip(by_hand.parameters(), unclipped.parameters()))
+    assert any(
+        not torch.allclose(p, q, rtol=1e-3, atol=1e-4) for p, q in zip(by_hand.parameters(), unclipped.parameters())
+    )
 
 
 def test_max_grad_norm_is_checked_before_anything_changes():

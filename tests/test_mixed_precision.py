@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
+from helpers.asserts import assert_close
+from helpers.models import SmallConvNet, make_batches, sam_step
+from reference.lesam_loop import ReferenceSAM
 
-from conftest import SmallConvNet, assert_close, make_batches, sam_step
 from fused_lesam import FusedLESAM, available_backends
-from reference.lesam_loop import PerTensorSAM
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
 
@@ -28,7 +29,7 @@ def test_bf16_autocast_on_fp32_parameters(backend):
     ref_model = copy.deepcopy(model)
     hyper = dict(lr=0.05, momentum=0.9, sigma=0.2, rho_max=0.4, alpha=0.5)
     opt = FusedLESAM(model.parameters(), torch.optim.SGD, backend=backend, **hyper)
-    ref = PerTensorSAM(ref_model.parameters(), torch.optim.SGD, mode="lesam", **hyper)
+    ref = ReferenceSAM(ref_model.parameters(), torch.optim.SGD, mode="lesam", **hyper)
     for x, y in make_batches(6):
         sam_step(model, opt, x, y, loss=autocast_loss)
         sam_step(ref_model, ref, x, y, loss=autocast_loss)

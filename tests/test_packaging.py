@@ -42,43 +42,72 @@ def sources(tmp_path):
 
 def _build(src, **env):
     """`setup.py build` of src (the package and what build_ext makes of the extension) into src/out."""
-    return subprocess.run([sys.executable, "setup.py", "-q", "build", "--build-base", "out"], cwd=src,
-                          capture_output=True, text=True, timeout=300, env=_env(**env))
+    return subprocess.run(
+        [sys.executable, "setup.py", "-q", "build", "--build-base", "out"],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(**env),
+    )
 
 
 def _import(lib, code="import fused_lesam"):
-    return subprocess.run([sys.executable, "-c", code], cwd=lib.parent, capture_output=True, text=True, timeout=120,
-                          env=_env(PYTHONPATH=str(lib)))
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=lib.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(PYTHONPATH=str(lib)),
+    )
 
 
 def test_test_extra_is_what_dev_installs():
     """pyproject.toml's test extra names what ./dev installs for the tests (numpy too: the Triton
     tests run through its interpreter), so `pip install .[test]` can run the suite."""
-    extra = re.search(r'^test = \[(.*)\]', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    extra = re.search(r"^test = \[(.*)\]", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     dev_packages = re.search(r'^PACKAGES="(.*)"', (ROOT / "dev").read_text(), re.M).group(1).split()
     assert sorted(re.findall(r'"([^"]+)"', extra)) == sorted(set(dev_packages) - {"ninja", "build"})
 
 
 def test_sdist_holds_every_source_header_and_test_file(tmp_path):
-    subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
-                   check=True, capture_output=True, timeout=300, env=_env())
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env=_env(),
+    )
     (sdist,) = tmp_path.glob("fused_lesam-*.tar.gz")
     with tarfile.open(sdist) as tar:
         held = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    wanted = {str(p.relative_to(ROOT)) for pattern in ("csrc/**/*.*", "tests/**/*.py", "bench/*.py", "examples/*.py", "fused_lesam/**/*.py")
-              for p in ROOT.glob(pattern) if "__pycache__" not in p.parts}
+    wanted = {
+        str(p.relative_to(ROOT))
+        for pattern in ("csrc/**/*.*", "tests/**/*.py", "bench/*.py", "examples/*.py", "fused_lesam/**/*.py")
+        for p in ROOT.glob(pattern)
+        if "__pycache__" not in p.parts
+    }
     wanted |= {"setup.py", "pyproject.toml", "README.md", "MANIFEST.in", ".ci/run", ".ci/smoke.py", "dev"}
-    assert {"csrc/cuda/bucket_ops.cu", "csrc/bucket_args.h", "tests/conftest.py", "tests/reference/lesam_loop.py"} <= wanted
+    assert {
+        "csrc/cuda/bucket_ops.cu",
+        "csrc/bucket_args.h",
+        "tests/conftest.py",
+        "tests/reference/lesam_loop.py",
+    } <= wanted
     assert wanted - held == set()
     assert not [name for name in held if name.endswith((".so", ".pyc")) or name.endswith("_build.json")]
 
 
 def test_without_torch_at_build_time_the_build_stops_with_the_advice(sources):
     """What pip's default isolated build meets: no torch. It stops at once and says what to run."""
-    code = ("import runpy, sys\nsys.modules['torch'] = None\nsys.argv = ['setup.py', '-q', 'build_ext']\n"
-            "runpy.run_path('setup.py', run_name='__main__')\n")
-    run = subprocess.run([sys.executable, "-c", code], cwd=sources, capture_output=True, text=True, timeout=120,
-                         env=_env())
+    code = (
+        "import runpy, sys\nsys.modules['torch'] = None\nsys.argv = ['setup.py', '-q', 'build_ext']\n"
+        "runpy.run_path('setup.py', run_name='__main__')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=sources, capture_output=True, text=True, timeout=120, env=_env()
+    )
     assert run.returncode != 0
     assert "torch is not importable in the build environment" in run.stderr
     assert "pip install --no-build-isolation" in run.stderr
@@ -95,10 +124,13 @@ def test_without_a_working_compiler_the_package_installs_pure_python_and_says_ho
     assert cxx in record["missing"]["cpu"]
     assert not list(lib.glob("fused_lesam/_C.*"))
 
-    run = _import(lib, "import fused_lesam, torch\n"
-                       "m = torch.nn.Linear(3, 1); opt = fused_lesam.FusedLESAM(m.parameters(), lr=0.1)\n"
-                       "m(torch.ones(2, 3)).sum().backward(); opt.step(lambda: m(torch.ones(2, 3)).sum().backward())\n"
-                       "print(opt.backend_names)")
+    run = _import(
+        lib,
+        "import fused_lesam, torch\n"
+        "m = torch.nn.Linear(3, 1); opt = fused_lesam.FusedLESAM(m.parameters(), lr=0.1)\n"
+        "m(torch.ones(2, 3)).sum().backward(); opt.step(lambda: m(torch.ones(2, 3)).sum().backward())\n"
+        "print(opt.backend_names)",
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "{'cpu': 'torch'}"
     warning = [line for line in run.stderr.splitlines() if "fused_lesam runs without its C++/CUDA kernels" in line]
@@ -114,11 +146,14 @@ def test_an_extension_built_against_another_torch_is_not_loaded(sources):
     assert build.returncode == 0, build.stderr
     package = next((sources / "out").glob("lib*")) / "fused_lesam"
     (package / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").write_text("not a library")
-    (package / "_build.json").write_text(json.dumps(
-        {"kernels": ["cpu"], "torch": "2.0.0", "torch_cuda": None, "missing": {}, "failed": []}))
+    (package / "_build.json").write_text(
+        json.dumps({"kernels": ["cpu"], "torch": "2.0.0", "torch_cuda": None, "missing": {}, "failed": []})
+    )
     run = _import(package.parent, "import fused_lesam\nprint(fused_lesam.available_backends()['cpp'])")
     assert run.returncode == 0, run.stderr
-    expected = f"it was built against torch 2.0.0 but torch {torch.__version__} is running; rebuild it against this torch"
+    expected = (
+        f"it was built against torch 2.0.0 but torch {torch.__version__} is running; rebuild it against this torch"
+    )
     assert expected in run.stdout
     assert expected in run.stderr and "pip install --no-build-isolation" in run.stderr
     assert "invalid ELF header" not in run.stdout + run.stderr

@@ -46,8 +46,11 @@ def events_per_step(n_tensors, base, backend, **kwargs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("base, kwargs", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-4)),
-                                          (torch.optim.AdamW, dict(lr=1e-3))], ids=["sgd", "adamw"])
+@pytest.mark.parametrize(
+    "base, kwargs",
+    [(torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-4)), (torch.optim.AdamW, dict(lr=1e-3))],
+    ids=["sgd", "adamw"],
+)
 def test_python_events_of_a_step_do_not_grow_with_the_tensors(base, kwargs, backend):
     few, opt = events_per_step(8, base, backend, **kwargs)
     many, _ = events_per_step(200, base, backend, **kwargs)

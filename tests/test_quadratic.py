@@ -3,16 +3,19 @@ and for the per-tensor reference loop alike (which checks the reference too)."""
 
 import pytest
 import torch
+from reference.lesam_loop import ReferenceSAM
 
 from fused_lesam import FusedLESAM, FusedSAM
-from reference.lesam_loop import PerTensorSAM
 
 
 def one_step(make_opt, w0, a, lr=0.1):
     w = torch.nn.Parameter(torch.tensor(w0))
     a = torch.tensor(a)
     opt = make_opt([w], lr)
-    loss = lambda: 0.5 * (a * w * w).sum()
+
+    def loss():
+        return 0.5 * (a * w * w).sum()
+
     loss().backward()
     opt.first_step(zero_grad=True)
     perturbed = w.detach().clone()
@@ -26,7 +29,7 @@ def fused_lesam(**kw):
 
 
 def reference(mode, **kw):
-    return lambda params, lr: PerTensorSAM(params, torch.optim.SGD, mode=mode, lr=lr, varrho=1e-12, **kw)
+    return lambda params, lr: ReferenceSAM(params, torch.optim.SGD, mode=mode, lr=lr, varrho=1e-12, **kw)
 
 
 # w0 = (3, 4), a = (1, 1): g = (3, 4), ||g|| = 5.
@@ -62,7 +65,9 @@ def test_lesam_plus_released_form_by_hand():
 @pytest.mark.parametrize("impl", ["fused", "reference"])
 def test_sam_by_hand(impl):
     # rho = 0.5: eps = 0.5 * (0.6, 0.8) = (0.3, 0.4), g_hat = (3.3, 4.4), w1 = (2.67, 3.56).
-    make = (lambda p, lr: FusedSAM(p, torch.optim.SGD, lr=lr, rho=0.5)) if impl == "fused" else reference("sam", rho=0.5)
+    make = (
+        (lambda p, lr: FusedSAM(p, torch.optim.SGD, lr=lr, rho=0.5)) if impl == "fused" else reference("sam", rho=0.5)
+    )
     perturbed, w1, _ = one_step(make, [3.0, 4.0], [1.0, 1.0])
     torch.testing.assert_close(perturbed, torch.tensor([3.3, 4.4]))
     torch.testing.assert_close(w1, torch.tensor([2.67, 3.56]))
@@ -73,7 +78,11 @@ def test_adaptive_lesam_by_hand(impl):
     # w0 = (1, 2), a = (3, 1): g = (3, 2), T g = |w| g = (3, 4), ||T g|| = 5, sigma = 1: rho = 0.2.
     # eps = rho * w^2 g / 5 = 0.2 * (3, 8) / 5 = (0.12, 0.32); g.eps = 0.36 + 0.64 = 1 = sigma.
     # g_hat = a * (w + eps) = (3.36, 2.32); w1 = (1 - 0.336, 2 - 0.232).
-    make = fused_lesam(sigma=1.0, rho_max=10.0, adaptive=True) if impl == "fused" else reference("lesam", sigma=1.0, rho_max=10.0, adaptive=True)
+    make = (
+        fused_lesam(sigma=1.0, rho_max=10.0, adaptive=True)
+        if impl == "fused"
+        else reference("lesam", sigma=1.0, rho_max=10.0, adaptive=True)
+    )
     perturbed, w1, _ = one_step(make, [1.0, 2.0], [3.0, 1.0])
     torch.testing.assert_close(perturbed, torch.tensor([1.12, 2.32]))
     torch.testing.assert_close(w1, torch.tensor([0.664, 1.768]))

@@ -8,7 +8,6 @@ a GPU (capture is CUDA's) and runs in the `cuda`-marked test, with the warm-up i
 After each block the test checks that the optimizer stepped and the parameters moved, finitely.
 """
 
-import copy
 import re
 import textwrap
 from pathlib import Path
@@ -16,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from conftest import SmallConvNet, make_batches
+from helpers.models import SmallConvNet, make_batches
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -38,6 +36,7 @@ def namespace(device: torch.device) -> dict:
     model = SmallConvNet().to(device)
     batches = [(x.to(device), y.to(device)) for x, y in make_batches(3)]
     from fused_lesam import FusedLESAM
+
     opt = FusedLESAM(model.parameters(), lr=0.05, momentum=0.9)
     x, y = batches[0]
 
@@ -47,9 +46,24 @@ def namespace(device: torch.device) -> dict:
         return loss
 
     from fused_lesam import frozen_bn_stats  # imported by the first block, used by later ones
-    return dict(torch=torch, frozen_bn_stats=frozen_bn_stats, DEVICE=device, DEVICE_TYPE=device.type, make_model=lambda: SmallConvNet(),
-                model=model, opt=opt, loader=batches, criterion=F.cross_entropy, x=x, y=y, k=2, closure=closure,
-                scaler=torch.amp.GradScaler(device.type, init_scale=2.0**8), steps=10)
+
+    return dict(
+        torch=torch,
+        frozen_bn_stats=frozen_bn_stats,
+        DEVICE=device,
+        DEVICE_TYPE=device.type,
+        make_model=lambda: SmallConvNet(),
+        model=model,
+        opt=opt,
+        loader=batches,
+        criterion=F.cross_entropy,
+        x=x,
+        y=y,
+        k=2,
+        closure=closure,
+        scaler=torch.amp.GradScaler(device.type, init_scale=2.0**8),
+        steps=10,
+    )
 
 
 def snapshot(ns: dict) -> list[torch.Tensor]:
@@ -71,7 +85,9 @@ def test_the_readme_has_the_blocks_this_test_knows():
     assert "CUDAGraph" in blocks[3] and "accumulate" in blocks[4] and "local_first_pass" in blocks[5]
 
 
-@pytest.mark.parametrize("index, steps", [(0, 3), (1, 3), (2, 1), (4, 1)], ids=["usage", "xsam", "grad-scaler", "accumulation"])
+@pytest.mark.parametrize(
+    "index, steps", [(0, 3), (1, 3), (2, 1), (4, 1)], ids=["usage", "xsam", "grad-scaler", "accumulation"]
+)
 def test_readme_block_runs(index, steps):
     device = torch.device("cpu")
     ns = namespace(device)
@@ -92,7 +108,9 @@ def test_readme_ddp_block_runs():
     backward; tests/test_distributed.py checks the maths with two processes)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+
     from fused_lesam import FusedLESAM
+
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         ns = namespace(torch.device("cpu"))

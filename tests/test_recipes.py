@@ -27,7 +27,9 @@ if os.environ.get("FUSED_LESAM_PYTHON"):
 import lightning_lesam as lightning_recipe  # noqa: E402
 
 STEPS = 4
-pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")  # Lightning's, on torch 2.14
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"
+)  # Lightning's, on torch 2.14
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +47,9 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
     for name in sa:
-        assert torch.equal(sa[name], sb[name]), f"{name}: max difference {(sa[name].float() - sb[name].float()).abs().max()}"
+        assert torch.equal(sa[name], sb[name]), (
+            f"{name}: max difference {(sa[name].float() - sb[name].float()).abs().max()}"
+        )
 
 
 def assert_trained(model: torch.nn.Module, init: torch.nn.Module) -> None:
@@ -65,7 +69,7 @@ def lightning_plain_loop(model, loader, steps, bf16=False, max_grad_norm=None, f
         loss.backward()
 
         def closure():
-            with autocast(), (frozen_bn_stats(model) if frozen_bn else contextlib.nullcontext()):
+            with autocast(), frozen_bn_stats(model) if frozen_bn else contextlib.nullcontext():
                 loss = F.cross_entropy(model(x), y)
             loss.backward()
 
@@ -87,8 +91,9 @@ def test_lightning_automatic_optimization(precision, max_grad_norm):
     assert trainer.global_step == STEPS
     opt = trainer.optimizers[0]
     assert opt._progress.count == STEPS and float(opt.last_rho[0]) > 0  # perturbed: a real LE-SAM step
-    reference = lightning_plain_loop(copy.deepcopy(init), loader, STEPS, bf16=precision == "bf16-mixed",
-                                     max_grad_norm=max_grad_norm)
+    reference = lightning_plain_loop(
+        copy.deepcopy(init), loader, STEPS, bf16=precision == "bf16-mixed", max_grad_norm=max_grad_norm
+    )
     assert_same_state(module.model, reference)
     assert_trained(module.model, init)
     if max_grad_norm is not None:  # the clipping took part: the unclipped run differs
@@ -125,10 +130,12 @@ def test_lightning_what_the_recipe_says_of_clipping_and_fp16():
     the CPU) runs the closure itself and calls scaler.step(optimizer) without it: refused, with the
     parameters left as they were. On a CPU, precision="16-mixed" becomes "bf16-mixed"."""
     from lightning.pytorch.plugins.precision import MixedPrecision
+
     module = lightning_recipe.LESAMClassifier(lightning_recipe.small_cnn(batchnorm=False))
     with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
-        lightning_recipe.train(module, lightning_recipe.synthetic_loader(), STEPS, precision="bf16-mixed",
-                               gradient_clip_val=1.0)
+        lightning_recipe.train(
+            module, lightning_recipe.synthetic_loader(), STEPS, precision="bf16-mixed", gradient_clip_val=1.0
+        )
     init = lightning_recipe.small_cnn(batchnorm=False)
     module = lightning_recipe.LESAMClassifier(copy.deepcopy(init))
     fp16 = MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
@@ -136,6 +143,7 @@ def test_lightning_what_the_recipe_says_of_clipping_and_fp16():
         lightning_recipe.train(module, lightning_recipe.synthetic_loader(), STEPS, precision=None, plugins=[fp16])
     assert_same_state(module.model, init)
     import lightning as L
+
     assert L.Trainer(accelerator="cpu", precision="16-mixed", logger=False).precision == "bf16-mixed"
 
 
@@ -146,8 +154,9 @@ import hf_trainer_lesam as hf_recipe  # noqa: E402
 def record_inputs(model):
     """Every forward's inputs, in order (the Trainer's sampler shuffles: the plain loop replays its batches)."""
     seen = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append((kwargs["x"].clone(), kwargs["labels"].clone())),
-                                    with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((kwargs["x"].clone(), kwargs["labels"].clone())), with_kwargs=True
+    )
     return seen
 
 
@@ -157,13 +166,18 @@ def test_hf_trainer(tmp_path, accumulation, max_grad_norm):
     its linear LR schedule with warm-up, AdamW (fused) as the base: the plain loop's steps on the
     batches the Trainer drew, bit for bit."""
     from transformers import get_scheduler
+
     from fused_lesam import FusedLESAM
+
     init = hf_recipe.TinyClassifier()
     model = copy.deepcopy(init)
     seen = record_inputs(model)
-    args = hf_recipe.arguments(str(tmp_path), STEPS, gradient_accumulation_steps=accumulation, max_grad_norm=max_grad_norm)
-    trainer = hf_recipe.LESAMTrainer(model=model, args=args, train_dataset=hf_recipe.synthetic_dataset(),
-                                     lesam=hf_recipe.LESAM)
+    args = hf_recipe.arguments(
+        str(tmp_path), STEPS, gradient_accumulation_steps=accumulation, max_grad_norm=max_grad_norm
+    )
+    trainer = hf_recipe.LESAMTrainer(
+        model=model, args=args, train_dataset=hf_recipe.synthetic_dataset(), lesam=hf_recipe.LESAM
+    )
     trainer.train()
     opt = trainer.optimizer.optimizer
     assert isinstance(opt, FusedLESAM) and isinstance(opt.base, torch.optim.AdamW)
@@ -172,7 +186,7 @@ def test_hf_trainer(tmp_path, accumulation, max_grad_norm):
     # Each step: the window's micro-batches at w, then the same ones again at w + eps.
     k = accumulation
     assert len(seen) == STEPS * 2 * k
-    windows = [seen[s * 2 * k:(s + 1) * 2 * k] for s in range(STEPS)]
+    windows = [seen[s * 2 * k : (s + 1) * 2 * k] for s in range(STEPS)]
     for window in windows:
         for (x1, y1), (x2, y2) in zip(window[:k], window[k:]):
             assert torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -187,11 +201,18 @@ def test_hf_trainer(tmp_path, accumulation, max_grad_norm):
     decay = [net[0].weight, net[3].weight]
     no_decay = [net[0].bias, net[1].weight, net[1].bias, net[3].bias]
     assert [len(g["params"]) for g in opt.param_groups] == [2, 4]
-    ref_opt = FusedLESAM([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                         base=torch.optim.AdamW, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True,
-                         **hf_recipe.LESAM)
+    ref_opt = FusedLESAM(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        base=torch.optim.AdamW,
+        lr=args.learning_rate,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        fused=True,
+        **hf_recipe.LESAM,
+    )
     sched = get_scheduler("linear", ref_opt, num_warmup_steps=args.warmup_steps, num_training_steps=STEPS)
     for window in windows:
+
         def accumulate(clip=False):
             for x, y in window[:k]:
                 (reference(x=x, labels=y)["loss"] / k).backward()
@@ -215,6 +236,7 @@ def fresh_accelerate_state():
     """accelerate keeps one process-wide state, fixed by the first Accelerator (the HF Trainer makes
     one too): each test starts from none, as a new process would."""
     from accelerate.state import AcceleratorState
+
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -227,6 +249,7 @@ def test_accelerate_with_a_timm_model_and_scheduler(mixed_precision):
     second pass) and its cosine scheduler with warm-up: the plain loop's steps bit for bit.
     accelerate's bf16 is autocast around the model's forward with the outputs cast to fp32."""
     from fused_lesam import FusedLESAM
+
     init = accelerate_recipe.make_model()
     loader = accelerate_recipe.synthetic_loader()
     model = accelerate_recipe.train(copy.deepcopy(init), loader, STEPS, mixed_precision=mixed_precision)
@@ -234,9 +257,12 @@ def test_accelerate_with_a_timm_model_and_scheduler(mixed_precision):
     reference = copy.deepcopy(init)
     opt = FusedLESAM(reference.parameters(), **accelerate_recipe.OPTIMIZER)
     sched = accelerate_recipe.make_scheduler(opt, STEPS)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if mixed_precision == "bf16" else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if mixed_precision == "bf16" else contextlib.nullcontext
+    )
     reference.train()
     for step, (x, y) in zip(range(STEPS), loader):
+
         def loss_at():
             with autocast():
                 logits = reference(x)
@@ -263,7 +289,9 @@ def test_accelerate_fp16_wrapper_is_refused_and_the_recipe_workaround_steps():
     optimizer itself with grad_scaler= steps."""
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
+
     from fused_lesam import FusedLESAM
+
     Accelerator(cpu=True)  # the process-wide state the wrapper reads
     model = accelerate_recipe.make_model()
     before = copy.deepcopy(model)

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
+from helpers.models import SmallConvNet, make_batches, sam_step
 
-from conftest import make_batches, sam_step, SmallConvNet
 from fused_lesam import FusedLESAM, SigmaAnnealing, sigma_at
 
 # total = 10, anneal = 5: held at sigma0 for t = 0..5, cosine over t = 5..9, 0 from t = 9 on.
@@ -45,8 +45,9 @@ def test_optimizer_anneals_per_step():
 
 def test_scheduler_writes_group_sigma_per_epoch_and_round_trips():
     model = SmallConvNet()
-    opt = FusedLESAM([{"params": model.head.parameters(), "sigma": 2.0},
-                      {"params": model.conv1.parameters()}], sigma=1.0, lr=0.01)
+    opt = FusedLESAM(
+        [{"params": model.head.parameters(), "sigma": 2.0}, {"params": model.conv1.parameters()}], sigma=1.0, lr=0.01
+    )
     sched = SigmaAnnealing(opt, total=10, anneal=5)
     got = []
     for _ in range(10):
@@ -61,13 +62,16 @@ def test_scheduler_writes_group_sigma_per_epoch_and_round_trips():
     assert again.last_epoch == 11 and again.get_last_sigma() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(total=10, anneal=11), "anneal"),
-    (dict(total=0, anneal=5), "total"),
-    (dict(total=10, anneal=-1), "anneal"),
-    (dict(total=10, anneal=5, warmup=6), "warmup"),
-    (dict(total=10, anneal=5, sigma_min=-1.0), "sigma_min"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(total=10, anneal=11), "anneal"),
+        (dict(total=0, anneal=5), "total"),
+        (dict(total=10, anneal=-1), "anneal"),
+        (dict(total=10, anneal=5, warmup=6), "warmup"),
+        (dict(total=10, anneal=5, sigma_min=-1.0), "sigma_min"),
+    ],
+)
 def test_scheduler_rejects_bad_lengths(kwargs, name):
     opt = FusedLESAM(SmallConvNet().parameters(), lr=0.01)
     with pytest.raises(ValueError, match=name):

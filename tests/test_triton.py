@@ -34,8 +34,13 @@ def test_narrow_rounds_like_torch(dtype):
     base = torch.randn(500, generator=gen).bfloat16().float()
     ulp = base.abs() * 2.0**-8  # bf16 spacing near each value (within a factor 2)
     ties = torch.cat([base + ulp / 2, base - ulp / 2])  # exactly or nearly half-way between neighbours
-    x = torch.cat([torch.randn(1000, generator=gen), ties,
-                   torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.4e38, 1e-40])]).to(DEVICE)
+    x = torch.cat(
+        [
+            torch.randn(1000, generator=gen),
+            ties,
+            torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.4e38, 1e-40]),
+        ]
+    ).to(DEVICE)
     out = torch.empty_like(x, dtype=dtype)
     _narrow_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
     expected = x.to(dtype)
@@ -58,8 +63,9 @@ def launch_every_op(device):
     triton_backend.xsam_probe_(w, w0, g, torch.empty_like(w), coefs, True)
     zero, t = torch.zeros((), device=device), torch.ones((), device=device)
     triton_backend.sgd_step_(w, w0, g, buf, None, zero, 0.1, 0.9, 0.0, 0.0, False, False, False, 1.0, 0.0)
-    triton_backend.adam_step_(w, w0, g, m, v.square(), None, None, t, zero, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False,
-                              False, 1.0, 0.0)
+    triton_backend.adam_step_(
+        w, w0, g, m, v.square(), None, None, t, zero, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, 1.0, 0.0
+    )
 
 
 def test_every_launch_runs_under_its_buckets_device_guard(monkeypatch):
@@ -102,14 +108,48 @@ def test_device_guard_selects_the_cuda_device():
 COMPILED_KERNELS = [
     ("_perturb_kernel", dict(ADAPTIVE=True, SAVE_BACKUP=True, SAVE_CENTER=True, SIGMA_ON_DEVICE=False, BLOCK=1024)),
     ("_restore_kernel", dict(COMBINE=True, BLOCK=1024)),
-    ("_sgd_step_kernel", dict(MOMENTUM=True, WEIGHT_DECAY=True, NESTEROV=True, MAXIMIZE=False, INIT_BUFFER=False,
-                              COMBINE=True, BLOCK=1024)),
-    ("_sgd_step_kernel", dict(MOMENTUM=True, WEIGHT_DECAY=False, NESTEROV=False, MAXIMIZE=True, INIT_BUFFER=True,
-                              COMBINE=False, BLOCK=2048)),
-    ("_adam_step_kernel", dict(WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=True, MAXIMIZE=False, LERP_SMALL_WEIGHT=True,
-                               COMBINE=True, BLOCK=1024)),
-    ("_adam_step_kernel", dict(WEIGHT_DECAY=True, DECOUPLED=False, AMSGRAD=False, MAXIMIZE=True,
-                               LERP_SMALL_WEIGHT=False, COMBINE=False, BLOCK=2048)),
+    (
+        "_sgd_step_kernel",
+        dict(
+            MOMENTUM=True, WEIGHT_DECAY=True, NESTEROV=True, MAXIMIZE=False, INIT_BUFFER=False, COMBINE=True, BLOCK=1024
+        ),
+    ),
+    (
+        "_sgd_step_kernel",
+        dict(
+            MOMENTUM=True,
+            WEIGHT_DECAY=False,
+            NESTEROV=False,
+            MAXIMIZE=True,
+            INIT_BUFFER=True,
+            COMBINE=False,
+            BLOCK=2048,
+        ),
+    ),
+    (
+        "_adam_step_kernel",
+        dict(
+            WEIGHT_DECAY=True,
+            DECOUPLED=True,
+            AMSGRAD=True,
+            MAXIMIZE=False,
+            LERP_SMALL_WEIGHT=True,
+            COMBINE=True,
+            BLOCK=1024,
+        ),
+    ),
+    (
+        "_adam_step_kernel",
+        dict(
+            WEIGHT_DECAY=True,
+            DECOUPLED=False,
+            AMSGRAD=False,
+            MAXIMIZE=True,
+            LERP_SMALL_WEIGHT=False,
+            COMBINE=False,
+            BLOCK=2048,
+        ),
+    ),
 ]
 DIVIDING = {"_perturb_kernel", "_adam_step_kernel"}
 
@@ -142,8 +182,14 @@ def test_kernels_compile_for_sm90_with_correctly_rounded_division_and_sqrt():
     but Triton's compiler rejects."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, json.dumps(COMPILED_KERNELS)], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM90, json.dumps(COMPILED_KERNELS)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(found) == len(COMPILED_KERNELS)

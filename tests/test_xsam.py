@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from helpers.asserts import assert_close
+from helpers.models import SmallConvNet, groups_of, loss_fn, make_batches, sam_step, through_bytes
+from reference.xsam_loop import ReferenceXSAM
 
-from conftest import SmallConvNet, assert_close, groups_of, loss_fn, make_batches, sam_step, through_bytes
-from fused_lesam import FusedSAM, FusedXSAM, available_backends, frozen_bn_stats
-from fused_lesam.backends import reference
-from reference.xsam_loop import PerTensorXSAM
+from fused_lesam import FusedSAM, FusedXSAM, available_backends, frozen_bn_stats, maths
 
 BACKENDS = [name for name, why in available_backends().items() if not why]
 STEPS = 8
@@ -38,7 +38,7 @@ def xsam_step(model, opt, x, y, search=False):
 
 def loop_step(model, loop, x, y, search=None):
     loss_fn(model, x, y).backward()
-    for i in range(loop.steps):
+    for _ in range(loop.steps):
         loop.ascend()
         with frozen_bn_stats(model):
             loss_fn(model, x, y).backward()
@@ -74,7 +74,7 @@ def test_fused_xsam_equals_the_per_tensor_loop(case, backend):
     model = SmallConvNet(dtype)
     loop_model = copy.deepcopy(model)
     opt = FusedXSAM(groups_of(model, split), backend=backend, **kwargs, **BASE)
-    loop = PerTensorXSAM(groups_of(loop_model, split), torch.optim.SGD, **kwargs, **BASE)
+    loop = ReferenceXSAM(groups_of(loop_model, split), torch.optim.SGD, **kwargs, **BASE)
     for x, y in make_batches(STEPS, dtype):
         xsam_step(model, opt, x, y)
         loop_step(loop_model, loop, x, y)
@@ -91,8 +91,12 @@ def test_dynamic_alpha_chooses_what_the_loop_chooses(backend, steps):
     loop_model = copy.deepcopy(model)
     kwargs = dict(rho=0.15, steps=steps, alpha=1.0, rho_max=0.3, alpha_max=2.0, alpha_delta=0.25)
     opt = FusedXSAM(model.parameters(), backend=backend, dynamic=True, **kwargs, **BASE)
-    loop = PerTensorXSAM(model_params := list(loop_model.parameters()), torch.optim.SGD,
-                         **{k: kwargs[k] for k in ("rho", "steps", "alpha")}, **BASE)
+    loop = ReferenceXSAM(
+        model_params := list(loop_model.parameters()),
+        torch.optim.SGD,
+        **{k: kwargs[k] for k in ("rho", "steps", "alpha")},
+        **BASE,
+    )
     grid = [i * 0.25 for i in range(9)]
     chosen = []
     for i, (x, y) in enumerate(make_batches(4)):
@@ -126,7 +130,7 @@ def test_telemetry_is_the_step_s_geometry():
     torch.manual_seed(0)
     model = SmallConvNet()
     opt = FusedXSAM(model.parameters(), rho=0.2, steps=1, alpha=0.5, backend="torch", **BASE)
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     w0 = [p.detach().clone() for p in model.parameters()]
     loss_fn(model, x, y).backward()
     opt.first_step(zero_grad=True)
@@ -145,7 +149,7 @@ def test_telemetry_is_the_step_s_geometry():
 
 # ---------------------------------------------------------------------- the slerp's guards
 def coefs(d_sq, g_sq, dot, alpha=0.5, length=1.0):
-    return reference.slerp_coefficients(torch.tensor([d_sq, g_sq, dot]), alpha, length, 1e-12)
+    return maths.slerp_coefficients(torch.tensor([d_sq, g_sq, dot]), alpha, length, 1e-12)
 
 
 def test_cosine_is_clamped_before_arccos():
@@ -220,7 +224,7 @@ def test_an_exception_mid_step_restores_w_exactly(where):
     torch.manual_seed(0)
     model = SmallConvNet()
     opt = FusedXSAM(model.parameters(), rho=0.15, steps=3, dynamic=True, backend="torch", **BASE)
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     before = [p.detach().clone() for p in model.parameters()]
     calls = 0
 
@@ -294,7 +298,7 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="search_alpha is for dynamic=True"):
         model = SmallConvNet()
         opt = FusedXSAM(model.parameters(), lr=0.1)
-        (x, y), = make_batches(1)
+        ((x, y),) = make_batches(1)
         loss_fn(model, x, y).backward()
         opt.step(lambda: loss_fn(model, x, y).backward(), search_alpha=lambda: 0.0)
     assert not opt._progress.perturbed

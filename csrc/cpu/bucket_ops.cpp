@@ -83,20 +83,12 @@ at::Tensor sq_norm_cpu(at::TensorList grads, const c10::List<std::optional<at::T
   return out;
 }
 
-template <typename scalar_t, typename acc_t, bool adaptive, bool save_backup, bool save_center>
-void perturb_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ g, scalar_t* __restrict__ backup,
-                   scalar_t* __restrict__ center, acc_t scale, int64_t begin, int64_t end) {
+template <typename scalar_t, typename acc_t, bool adaptive>
+void perturb_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ g, acc_t scale, int64_t begin,
+                   int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
-    const scalar_t wi = w[i];
-    const scalar_t gi = g[i];
-    if constexpr (save_backup) {
-      backup[i] = wi;
-    }
-    if constexpr (save_center) {
-      center[i] = gi;
-    }
     w[i] = static_cast<scalar_t>(
-        math::perturbed(static_cast<acc_t>(wi), static_cast<acc_t>(gi), scale, adaptive));
+        math::perturbed(static_cast<acc_t>(w[i]), static_cast<acc_t>(g[i]), scale, adaptive));
   }
 }
 
@@ -124,31 +116,22 @@ at::Tensor perturb_cpu(at::Tensor& param, const at::Tensor& grad, const std::opt
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* bak = backup.has_value() ? backup->data_ptr<scalar_t>() : nullptr;
     scalar_t* ctr = center.has_value() ? center->data_ptr<scalar_t>() : nullptr;
-    // One loop per combination of the three switches, chosen once per task, not per element.
-    auto range = [&](int64_t begin, int64_t end, auto adaptive_tag, auto backup_tag, auto center_tag) {
-      perturb_range<scalar_t, acc_t, decltype(adaptive_tag)::value, decltype(backup_tag)::value,
-                    decltype(center_tag)::value>(w, g, bak, ctr, r.scale, begin, end);
-    };
-    using yes = std::true_type;
-    using no = std::false_type;
-    auto with_center = [&](int64_t begin, int64_t end, auto adaptive_tag, auto backup_tag) {
-      ctr ? range(begin, end, adaptive_tag, backup_tag, yes{}) : range(begin, end, adaptive_tag, backup_tag, no{});
-    };
-    auto with_backup = [&](int64_t begin, int64_t end, auto adaptive_tag) {
-      bak ? with_center(begin, end, adaptive_tag, yes{}) : with_center(begin, end, adaptive_tag, no{});
-    };
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      if (!r.finite) {  // no perturbation; the backup and the center are still written
-        if (bak) {
-          copy_range(w, bak, begin, end);
-        }
-        if (ctr) {
-          copy_range(g, ctr, begin, end);
-        }
-      } else if (adaptive) {
-        with_backup(begin, end, yes{});
+      // The backup and the center are plain copies of the task's range, made while it is in cache;
+      // they are written whether or not the norm is finite.
+      if (bak) {
+        copy_range(w, bak, begin, end);
+      }
+      if (ctr) {
+        copy_range(g, ctr, begin, end);
+      }
+      if (!r.finite) {  // no perturbation
+        return;
+      }
+      if (adaptive) {
+        perturb_range<scalar_t, acc_t, true>(w, g, r.scale, begin, end);
       } else {
-        with_backup(begin, end, no{});
+        perturb_range<scalar_t, acc_t, false>(w, g, r.scale, begin, end);
       }
     });
   });

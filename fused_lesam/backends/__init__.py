@@ -1,8 +1,9 @@
 """Backends: who runs the bucket ops (``sq_norm``, ``perturb_``, ``restore_``, and XSAM's
 ``xsam_dots``, ``xsam_restore_``, ``xsam_probe_``).
 
-Every backend is a module exposing those functions with the signatures of
-``fused_lesam.backends.reference`` (the "torch" backend, the specification). A backend knows
+Every backend is a module (or, for the compiled extension's "cpp" and "cuda", a namespace made by
+``compiled.backend``) exposing ``NAME`` and those functions with the signatures of
+``fused_lesam.backends.spec`` (the "torch" backend, the specification). A backend knows
 nothing of optimizers; the optimizer knows nothing of kernels. ``backend="auto"`` tries, in order,
 cuda -> triton -> torch on CUDA tensors and cpp -> torch on CPU tensors (docs/design.md §2).
 """
@@ -11,18 +12,18 @@ from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType
-from typing import Optional
+from typing import Any
 
 import torch
 
 from .. import build_info
 
-# name -> (module that implements the ops, device types it runs on; None: any device)
-_MODULES: dict[str, tuple[str, Optional[frozenset[str]]]] = {
-    "torch": ("fused_lesam.backends.reference", None),
-    "cpp": ("fused_lesam.backends.cpp", frozenset({"cpu"})),
-    "cuda": ("fused_lesam.backends.cuda", frozenset({"cuda"})),
+# name -> (module that implements the ops, device types it runs on; None: any device). The compiled
+# module serves two backends: it makes each with `backend(name)`.
+_MODULES: dict[str, tuple[str, frozenset[str] | None]] = {
+    "torch": ("fused_lesam.backends.spec", None),
+    "cpp": ("fused_lesam.backends.compiled", frozenset({"cpu"})),
+    "cuda": ("fused_lesam.backends.compiled", frozenset({"cuda"})),
     "triton": ("fused_lesam.backends.triton", frozenset({"cuda"})),
 }
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
@@ -30,13 +31,15 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 NAMES = tuple(_MODULES)
 
 EXTENSION = "fused_lesam._C"
+_COMPILED = "fused_lesam.backends.compiled"
 
 
-def _load(name: str) -> tuple[Optional[ModuleType], str]:
-    """(module, "") when the backend can be used, else (None, why not)."""
+def _load(name: str) -> tuple[Any | None, str]:
+    """(backend, "") when the backend can be used, else (None, why not)."""
     module_name, _ = _MODULES[name]
     try:
-        return importlib.import_module(module_name), ""
+        module = importlib.import_module(module_name)
+        return (module.backend(name) if module_name == _COMPILED else module), ""
     except ModuleNotFoundError as err:
         if err.name == module_name:
             return None, f"{module_name} is not part of this build of fused_lesam"
@@ -44,7 +47,7 @@ def _load(name: str) -> tuple[Optional[ModuleType], str]:
             return None, f"the compiled extension {EXTENSION} is not installed ({build_info.NO_RECORD})"
         return None, f"{module_name} could not be imported: {err}"
     except ImportError as err:
-        if err.name == EXTENSION:  # compiled.py's check: says why and how to fix it
+        if err.name == EXTENSION:  # compiled.py's checks: say why and how to fix it
             return None, str(err)
         return None, f"{module_name} could not be loaded: {err}"
     except (OSError, RuntimeError) as err:
@@ -52,7 +55,7 @@ def _load(name: str) -> tuple[Optional[ModuleType], str]:
 
 
 def extension_error() -> str:
-    """"" when the compiled extension (C++/CUDA kernels) loads, else why it does not."""
+    """ "" when the compiled extension (C++/CUDA kernels) loads, else why it does not."""
     problem = build_info.extension_problem()
     if problem:
         return f"{EXTENSION} is not usable: {problem}"
@@ -67,7 +70,7 @@ def extension_error() -> str:
     return ""
 
 
-def _device_types(name: str) -> Optional[frozenset[str]]:
+def _device_types(name: str) -> frozenset[str] | None:
     devices = _MODULES[name][1]
     if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
         return devices | {"cpu"}  # Triton's interpreter runs the kernels on CPU tensors (the tests do)
@@ -79,14 +82,15 @@ def available_backends() -> dict[str, str]:
     return {name: _load(name)[1] for name in NAMES}
 
 
-def resolve(name: str, device: torch.device) -> ModuleType:
-    """The backend module for ``name`` ("auto" or one of `NAMES`) on ``device``; a clear error if unusable."""
+def resolve(name: str, device: torch.device) -> Any:
+    """The backend (its ops as attributes) for ``name`` ("auto" or one of `NAMES`) on ``device``; a
+    clear error if unusable."""
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             module, _ = _load(candidate)
             if module is not None:
                 return module
-        raise RuntimeError("no backend could be loaded, not even the torch reference")
+        raise RuntimeError("no backend could be loaded, not even the torch one")
     if name not in _MODULES:
         raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
     devices = _device_types(name)

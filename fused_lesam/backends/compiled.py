@@ -2,19 +2,21 @@
 
 Importing ``fused_lesam._C`` registers the ``torch.ops.fused_lesam`` ops with their CPU and,
 when built with CUDA, CUDA kernels. This module adds the fake (meta) kernels ``torch.compile``
-traces with, and exposes the ops with the signatures of the reference backend, so the "cpp" and
-"cuda" backends are this module plus a check that their device's kernels are built.
+traces with, and makes the "cpp" and "cuda" backends (`backend`): the ops, with the signatures of
+the spec backend, once their device's kernels are known to be built.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+import types
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .. import build_info
-from . import reference
+from ..maths import acc_dtype, sum_dtype
 
 _problem = build_info.extension_problem()
 if _problem:  # checked before loading: an extension built for another torch must not be loaded
@@ -33,18 +35,17 @@ def has_kernels(dispatch_key: str) -> bool:
 def require_kernels(dispatch_key: str) -> None:
     """Raise ImportError (the backend is then reported unavailable) when the kernels are not built."""
     if not has_kernels(dispatch_key):
-        raise ImportError(f"the compiled extension was built without its {dispatch_key} kernels")
+        raise ImportError(f"the compiled extension was built without its {dispatch_key} kernels", name="fused_lesam._C")
 
 
 @torch.library.register_fake("fused_lesam::sq_norm")
-def _sq_norm_fake(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) -> Tensor:
-    out_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    return grads[0].new_empty((), dtype=out_dtype)
+def _sq_norm_fake(grads: Sequence[Tensor], weights: Sequence[Tensor | None]) -> Tensor:
+    return grads[0].new_empty((), dtype=sum_dtype(grads))
 
 
 @torch.library.register_fake("fused_lesam::perturb_")
 def _perturb_fake(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center=None, sigma_t=None) -> Tensor:
-    return param.new_empty((), dtype=reference.acc_dtype(param.dtype))
+    return param.new_empty((), dtype=acc_dtype(param.dtype))
 
 
 @torch.library.register_fake("fused_lesam::restore_")
@@ -54,8 +55,7 @@ def _restore_fake(param, backup, grad, center, ghat_coef, center_coef) -> None:
 
 @torch.library.register_fake("fused_lesam::xsam_dots")
 def _xsam_dots_fake(params: Sequence[Tensor], backups: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
-    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    return params[0].new_empty((3,), dtype=out_dtype)
+    return params[0].new_empty((3,), dtype=sum_dtype(params))
 
 
 @torch.library.register_fake("fused_lesam::xsam_restore_")
@@ -69,24 +69,61 @@ def _xsam_probe_fake(param, backup, grad, delta, coefs, save_delta) -> None:
 
 
 @torch.library.register_fake("fused_lesam::sgd_step_")
-def _sgd_step_fake(param, backup, grad, momentum_buffer, center, found_inf, lr, momentum, dampening, weight_decay,
-                   nesterov, maximize, init_buffer, ghat_coef, center_coef) -> None:
+def _sgd_step_fake(
+    param,
+    backup,
+    grad,
+    momentum_buffer,
+    center,
+    found_inf,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    init_buffer,
+    ghat_coef,
+    center_coef,
+) -> None:
     return None
 
 
 @torch.library.register_fake("fused_lesam::adam_step_")
-def _adam_step_fake(param, backup, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, center, step, found_inf, lr, beta1,
-                    beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, ghat_coef,
-                    center_coef) -> None:
+def _adam_step_fake(
+    param,
+    backup,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    center,
+    step,
+    found_inf,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decoupled_weight_decay,
+    amsgrad,
+    maximize,
+    ghat_coef,
+    center_coef,
+) -> None:
     return None
 
 
-# The ops take the arguments of the reference backend's functions, in the same order.
-sq_norm = torch.ops.fused_lesam.sq_norm
-perturb_ = torch.ops.fused_lesam.perturb_
-restore_ = torch.ops.fused_lesam.restore_
-xsam_dots = torch.ops.fused_lesam.xsam_dots
-xsam_restore_ = torch.ops.fused_lesam.xsam_restore_
-xsam_probe_ = torch.ops.fused_lesam.xsam_probe_
-sgd_step_ = torch.ops.fused_lesam.sgd_step_
-adam_step_ = torch.ops.fused_lesam.adam_step_
+# The device each backend runs on, by the dispatch key its kernels are registered under.
+_DISPATCH_KEYS = {"cpp": "CPU", "cuda": "CUDA"}
+
+
+@functools.cache
+def backend(name: str) -> types.SimpleNamespace:
+    """The "cpp" or "cuda" backend: ``NAME`` and the ops, which take the arguments of the spec
+    backend's functions. ImportError (the backend is then reported unavailable, saying why) when
+    its kernels are not built or, for "cuda", no CUDA device is visible."""
+    require_kernels(_DISPATCH_KEYS[name])
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ImportError("the CUDA kernels are built, but no CUDA device is visible", name="fused_lesam._C")
+    return types.SimpleNamespace(NAME=name, **{op: getattr(torch.ops.fused_lesam, op) for op in _OPS})

@@ -1,6 +1,6 @@
 """The "triton" backend: the bucket ops as Triton kernels, registered as PyTorch custom ops.
 
-The same maths as the reference backend (reference.py, the specification) and the C++/CUDA
+The same maths as the spec backend (spec.py, the specification) and the C++/CUDA
 kernels, over flat buckets:
 
 - ``sq_norm``: one program per ``CHUNK`` elements writes a partial sum, then one program adds
@@ -15,11 +15,11 @@ kernels, over flat buckets:
   from device memory, the bias corrections computed in fp64 by every program).
 
 Arithmetic is fp32 for fp32/bf16/fp16 buckets (loaded, converted, computed, converted back once),
-with correctly rounded divisions and square roots (``div_rn``, ``sqrt_rn``) where the reference
+with correctly rounded divisions and square roots (``div_rn``, ``sqrt_rn``) where the spec
 divides or takes a root: plain ``/`` and ``sqrt`` are approximate on the GPU.
 Float arguments are not specialised by Triton, so one compiled kernel serves every sigma_t of an
 annealing. Triton passes float scalars as fp32, which would cost fp64 buckets precision: those
-take the reference ops. The ops are ``torch.library.triton_op``s (namespace ``fused_lesam_triton``),
+take the spec ops. The ops are ``torch.library.triton_op``s (namespace ``fused_lesam_triton``),
 so ``torch.compile`` traces into them. Every launch goes through `_launch`: ``wrap_triton``
 under a guard of the buckets' device (Triton launches on the current device).
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from typing import Optional
 
 import torch
 import triton
@@ -41,7 +40,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import reference
+from ..maths import BUCKET_DTYPES, NORM_EPS, REDUCE_CHUNK, sum_dtype
+from . import spec
 
 NAME = "triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -53,7 +53,8 @@ if INTERPRETED:
     def wrap_triton(kernel):
         return kernel
 
-CHUNK = 16384  # elements per partial sum of the norm, as in the C++/CUDA kernels
+
+CHUNK = REDUCE_CHUNK  # elements per partial sum of the norm, as in the C++/CUDA kernels
 REDUCE_BLOCK = 1024  # elements loaded at a time by the norm programs
 ELEMENTWISE_BLOCK = {torch.float32: 1024, torch.float16: 2048, torch.bfloat16: 2048}  # 4 KB per program
 NUM_WARPS = 4
@@ -74,8 +75,9 @@ def _narrow(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _sq_partials_kernel(g_ptr, w_ptr, n, partials_ptr, WEIGHTED: tl.constexpr, CHUNK: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _sq_partials_kernel(
+    g_ptr, w_ptr, n, partials_ptr, WEIGHTED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr
+):
     """partials[pid] = sum of g^2 (or (w g)^2) over chunk pid, accumulated in the partials' dtype."""
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * CHUNK
@@ -102,11 +104,27 @@ def _sum_kernel(partials_ptr, count, out_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _perturb_kernel(w_ptr, g_ptr, backup_ptr, center_ptr, sq_ptr, sigma_ptr, rho_ptr, n, sigma, rho_max, varrho,
-                    ADAPTIVE: tl.constexpr, SAVE_BACKUP: tl.constexpr, SAVE_CENTER: tl.constexpr,
-                    SIGMA_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):
-    # The radius back-solve (reference.radius_and_scale): rho_t = min(sigma / (n + varrho), rho_max),
-    # scale = rho_t / (n + 1e-12); both 0 for a non-finite norm, the scale 0 for a zero norm.
+def _perturb_kernel(
+    w_ptr,
+    g_ptr,
+    backup_ptr,
+    center_ptr,
+    sq_ptr,
+    sigma_ptr,
+    rho_ptr,
+    n,
+    sigma,
+    rho_max,
+    varrho,
+    ADAPTIVE: tl.constexpr,
+    SAVE_BACKUP: tl.constexpr,
+    SAVE_CENTER: tl.constexpr,
+    SIGMA_ON_DEVICE: tl.constexpr,
+    NORM_EPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # The radius back-solve (maths.radius_and_scale): rho_t = min(sigma / (n + varrho), rho_max),
+    # scale = rho_t / (n + NORM_EPS); both 0 for a non-finite norm, the scale 0 for a zero norm.
     if SIGMA_ON_DEVICE:
         sigma = tl.load(sigma_ptr).to(tl.float32)
     # sqrt_rn and div_rn: correctly rounded, as torch computes them (plain sqrt and / are approximate
@@ -114,7 +132,7 @@ def _perturb_kernel(w_ptr, g_ptr, backup_ptr, center_ptr, sq_ptr, sigma_ptr, rho
     norm = tl.sqrt_rn(tl.load(sq_ptr).to(tl.float32))
     finite = norm - norm == 0.0  # false for inf and NaN
     rho = tl.where(finite, tl.minimum(tl.div_rn(sigma, norm + varrho), rho_max), 0.0)
-    scale = tl.where(finite & (norm > 0.0), tl.div_rn(rho, norm + 1e-12), 0.0)
+    scale = tl.where(finite & (norm > 0.0), tl.div_rn(rho, norm + NORM_EPS), 0.0)
     pid = tl.program_id(0)
     if pid == 0:
         tl.store(rho_ptr, rho)
@@ -135,8 +153,9 @@ def _perturb_kernel(w_ptr, g_ptr, backup_ptr, center_ptr, sq_ptr, sigma_ptr, rho
 
 
 @triton.jit
-def _restore_kernel(w_ptr, backup_ptr, g_ptr, center_ptr, n, ghat_coef, center_coef, COMBINE: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _restore_kernel(
+    w_ptr, backup_ptr, g_ptr, center_ptr, n, ghat_coef, center_coef, COMBINE: tl.constexpr, BLOCK: tl.constexpr
+):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     tl.store(w_ptr + offsets, tl.load(backup_ptr + offsets, mask=mask), mask=mask)
@@ -147,10 +166,10 @@ def _restore_kernel(w_ptr, backup_ptr, g_ptr, center_ptr, n, ghat_coef, center_c
         tl.store(g_ptr + offsets, _narrow(combined, ghat.dtype), mask=mask)
 
 
-def _check(op: str, name: str, t: Tensor, like: Optional[Tensor] = None, like_name: str = "") -> None:
+def _check(op: str, name: str, t: Tensor, like: Tensor | None = None, like_name: str = "") -> None:
     """The checks of the C++ ops (csrc/bucket_args.h), with the same messages."""
     where = f"fused_lesam_triton::{op}: {name}"
-    if t.dtype not in reference.BUCKET_DTYPES:
+    if t.dtype not in BUCKET_DTYPES:
         raise RuntimeError(f"{where} has dtype {t.dtype}; buckets must be float32, float64, float16 or bfloat16")
     if not t.is_contiguous():
         raise RuntimeError(f"{where} must be contiguous (a flat bucket), got strides {t.stride()}")
@@ -162,6 +181,19 @@ def _check(op: str, name: str, t: Tensor, like: Optional[Tensor] = None, like_na
         raise RuntimeError(f"{where} has {t.numel()} elements but {like_name} has {like.numel()}")
     if t.device != like.device:
         raise RuntimeError(f"{where} is on {t.device} but {like_name} is on {like.device}")
+
+
+def _check_buckets(op: str, param: Tensor, flat: bool = False, **others: Tensor | None) -> None:
+    """The prologue of every element-wise op: ``param`` and its other buckets (None: not given),
+    each like ``param``; with ``flat``, 1-D as well (the base-update ops slice them)."""
+    for name, t in {"param": param, **others}.items():
+        if t is None:
+            continue
+        _check(op, name, t, None if t is param else param, "param")
+        if flat and t.dim() != 1:
+            raise RuntimeError(
+                f"fused_lesam_triton::{op}: {name} must be a flat (1-D) bucket, got shape {tuple(t.shape)}"
+            )
 
 
 def _device_guard(device: torch.device):
@@ -188,21 +220,31 @@ def _launch_elementwise(kernel, bucket: Tensor, *args, min_programs: int = 0, **
 
 
 @triton_op("fused_lesam_triton::sq_norm", mutates_args=())
-def sq_norm(grads: list[Tensor], weights: list[Optional[Tensor]]) -> Tensor:
+def sq_norm(grads: list[Tensor], weights: list[Tensor | None]) -> Tensor:
     if len(grads) != len(weights):
         raise RuntimeError(f"fused_lesam_triton::sq_norm: got {len(grads)} grad buckets but {len(weights)} weights")
     for i, (grad, weight) in enumerate(zip(grads, weights)):
         _check("sq_norm", f"grads[{i}]", grad)
         if weight is not None:
             _check("sq_norm", f"weights[{i}]", weight, grad, f"grads[{i}]")
-    out_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    out_dtype = sum_dtype(grads)
     chunks = [triton.cdiv(g.numel(), CHUNK) for g in grads]
     partials = torch.empty(sum(chunks), dtype=out_dtype, device=grads[0].device)
     first = 0
     for grad, weight, count in zip(grads, weights, chunks):
         if count:
-            _launch(_sq_partials_kernel, (count,), grad.device, grad, grad if weight is None else weight, grad.numel(),
-                    partials[first:], WEIGHTED=weight is not None, CHUNK=CHUNK, BLOCK=REDUCE_BLOCK)
+            _launch(
+                _sq_partials_kernel,
+                (count,),
+                grad.device,
+                grad,
+                grad if weight is None else weight,
+                grad.numel(),
+                partials[first:],
+                WEIGHTED=weight is not None,
+                CHUNK=CHUNK,
+                BLOCK=REDUCE_BLOCK,
+            )
         first += count
     out = torch.empty((), dtype=out_dtype, device=grads[0].device)
     _launch(_sum_kernel, (1,), out.device, partials, partials.numel(), out, BLOCK=REDUCE_BLOCK)
@@ -210,30 +252,68 @@ def sq_norm(grads: list[Tensor], weights: list[Optional[Tensor]]) -> Tensor:
 
 
 @triton_op("fused_lesam_triton::perturb_", mutates_args=("param", "backup", "center"))
-def perturb_(param: Tensor, grad: Tensor, backup: Optional[Tensor], sq: Tensor, sigma: float, rho_max: float,
-             varrho: float, adaptive: bool, center: Optional[Tensor] = None, sigma_t: Optional[Tensor] = None) -> Tensor:
-    _check("perturb_", "param", param)
-    _check("perturb_", "grad", grad, param, "param")
-    if backup is not None:
-        _check("perturb_", "backup", backup, param, "param")
-    if center is not None:
-        _check("perturb_", "center", center, param, "param")
+def perturb_(
+    param: Tensor,
+    grad: Tensor,
+    backup: Tensor | None,
+    sq: Tensor,
+    sigma: float,
+    rho_max: float,
+    varrho: float,
+    adaptive: bool,
+    center: Tensor | None = None,
+    sigma_t: Tensor | None = None,
+) -> Tensor:
+    _check_buckets("perturb_", param, grad=grad, backup=backup, center=center)
     if sq.dim() != 0 or sq.dtype not in (torch.float32, torch.float64) or sq.device != param.device:
-        raise RuntimeError(f"fused_lesam_triton::perturb_: sq must be the 0-d float32/float64 tensor sq_norm returns "
-                           f"on param's device, got a {sq.dtype} tensor of shape {tuple(sq.shape)} on {sq.device}")
+        raise RuntimeError(
+            f"fused_lesam_triton::perturb_: sq must be the 0-d float32/float64 tensor sq_norm returns "
+            f"on param's device, got a {sq.dtype} tensor of shape {tuple(sq.shape)} on {sq.device}"
+        )
     if sigma_t is not None and (sigma_t.dim() != 0 or sigma_t.dtype != torch.float64):
-        raise RuntimeError(f"fused_lesam_triton::perturb_: sigma_t must be a 0-d float64 tensor, got a {sigma_t.dtype} "
-                           f"tensor of shape {tuple(sigma_t.shape)}")
+        raise RuntimeError(
+            f"fused_lesam_triton::perturb_: sigma_t must be a 0-d float64 tensor, got a {sigma_t.dtype} "
+            f"tensor of shape {tuple(sigma_t.shape)}"
+        )
     if sigma_t is not None and sigma_t.device != param.device:
-        raise RuntimeError(f"fused_lesam_triton::perturb_: sigma_t is on {sigma_t.device} but param is on {param.device}")
+        raise RuntimeError(
+            f"fused_lesam_triton::perturb_: sigma_t is on {sigma_t.device} but param is on {param.device}"
+        )
     if param.dtype == torch.float64:
-        return reference.perturb_(param, grad, backup, sq, sigma, rho_max, varrho, adaptive, center, sigma_t)
+        return spec.perturb_(
+            param=param,
+            grad=grad,
+            backup=backup,
+            sq=sq,
+            sigma=sigma,
+            rho_max=rho_max,
+            varrho=varrho,
+            adaptive=adaptive,
+            center=center,
+            sigma_t=sigma_t,
+        )
     rho = torch.empty((), dtype=torch.float32, device=param.device)
     _launch_elementwise(
-        _perturb_kernel, param, param, grad, param if backup is None else backup, param if center is None else center,
-        sq, sq if sigma_t is None else sigma_t, rho, param.numel(), sigma, rho_max, varrho, ADAPTIVE=adaptive,
-        SAVE_BACKUP=backup is not None, SAVE_CENTER=center is not None, SIGMA_ON_DEVICE=sigma_t is not None,
-        min_programs=1)  # one program at least: it stores rho_t
+        _perturb_kernel,
+        param,
+        param,
+        grad,
+        param if backup is None else backup,
+        param if center is None else center,
+        sq,
+        sq if sigma_t is None else sigma_t,
+        rho,
+        param.numel(),
+        sigma,
+        rho_max,
+        varrho,
+        ADAPTIVE=adaptive,
+        SAVE_BACKUP=backup is not None,
+        SAVE_CENTER=center is not None,
+        SIGMA_ON_DEVICE=sigma_t is not None,
+        NORM_EPS=NORM_EPS,
+        min_programs=1,
+    )  # one program at least: it stores rho_t
     return rho
 
 
@@ -252,18 +332,27 @@ if torch.__version__ < (2, 14):
 
 
 @triton_op("fused_lesam_triton::restore_", mutates_args=("param", "grad"))
-def restore_(param: Tensor, backup: Tensor, grad: Tensor, center: Optional[Tensor], ghat_coef: float,
-             center_coef: float) -> None:
-    _check("restore_", "param", param)
-    _check("restore_", "backup", backup, param, "param")
-    _check("restore_", "grad", grad, param, "param")
-    if center is not None:
-        _check("restore_", "center", center, param, "param")
+def restore_(
+    param: Tensor, backup: Tensor, grad: Tensor, center: Tensor | None, ghat_coef: float, center_coef: float
+) -> None:
+    _check_buckets("restore_", param, backup=backup, grad=grad, center=center)
     if param.dtype == torch.float64:
-        reference.restore_(param, backup, grad, center, ghat_coef, center_coef)
+        spec.restore_(
+            param=param, backup=backup, grad=grad, center=center, ghat_coef=ghat_coef, center_coef=center_coef
+        )
         return
-    _launch_elementwise(_restore_kernel, param, param, backup, grad, grad if center is None else center,
-                        param.numel(), ghat_coef, center_coef, COMBINE=center is not None)
+    _launch_elementwise(
+        _restore_kernel,
+        param,
+        param,
+        backup,
+        grad,
+        grad if center is None else center,
+        param.numel(),
+        ghat_coef,
+        center_coef,
+        COMBINE=center is not None,
+    )
 
 
 # ---------------------------------------------------------------------------------------- XSAM
@@ -279,7 +368,9 @@ def _dots_partials_kernel(w_ptr, b_ptr, g_ptr, n, partials_ptr, total, CHUNK: tl
     for i in tl.static_range(0, CHUNK, BLOCK):
         offsets = start + i + tl.arange(0, BLOCK)
         mask = offsets < n
-        d = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(acc_type) - tl.load(b_ptr + offsets, mask=mask, other=0.0).to(acc_type)
+        d = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(acc_type) - tl.load(
+            b_ptr + offsets, mask=mask, other=0.0
+        ).to(acc_type)
         g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(acc_type)
         dd += d * d
         gg += g * g
@@ -297,8 +388,9 @@ def _block_and_coefs(coefs_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _xsam_restore_kernel(w_ptr, backup_ptr, g_ptr, delta_ptr, coefs_ptr, n, HAS_DELTA: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _xsam_restore_kernel(
+    w_ptr, backup_ptr, g_ptr, delta_ptr, coefs_ptr, n, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr
+):
     offsets, mask, c0, c1 = _block_and_coefs(coefs_ptr, n, BLOCK)
     b = tl.load(backup_ptr + offsets, mask=mask)
     g = tl.load(g_ptr + offsets, mask=mask)
@@ -311,8 +403,9 @@ def _xsam_restore_kernel(w_ptr, backup_ptr, g_ptr, delta_ptr, coefs_ptr, n, HAS_
 
 
 @triton.jit
-def _xsam_probe_kernel(w_ptr, backup_ptr, g_ptr, delta_ptr, coefs_ptr, n, SAVE_DELTA: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def _xsam_probe_kernel(
+    w_ptr, backup_ptr, g_ptr, delta_ptr, coefs_ptr, n, SAVE_DELTA: tl.constexpr, BLOCK: tl.constexpr
+):
     offsets, mask, c0, c1 = _block_and_coefs(coefs_ptr, n, BLOCK)
     w = tl.load(w_ptr + offsets, mask=mask)
     b = tl.load(backup_ptr + offsets, mask=mask).to(tl.float32)
@@ -327,8 +420,10 @@ def _xsam_probe_kernel(w_ptr, backup_ptr, g_ptr, delta_ptr, coefs_ptr, n, SAVE_D
 
 def _check_coefs(op: str, coefs: Tensor, param: Tensor) -> None:
     if coefs.dim() != 1 or coefs.numel() != 2 or coefs.dtype not in (torch.float32, torch.float64):
-        raise RuntimeError(f"fused_lesam_triton::{op}: coefs must be a (2,) float32/float64 tensor, got a {coefs.dtype} "
-                           f"tensor of shape {tuple(coefs.shape)}")
+        raise RuntimeError(
+            f"fused_lesam_triton::{op}: coefs must be a (2,) float32/float64 tensor, got a {coefs.dtype} "
+            f"tensor of shape {tuple(coefs.shape)}"
+        )
     if coefs.device != param.device:
         raise RuntimeError(f"fused_lesam_triton::{op}: coefs is on {coefs.device} but param is on {param.device}")
 
@@ -336,68 +431,85 @@ def _check_coefs(op: str, coefs: Tensor, param: Tensor) -> None:
 @triton_op("fused_lesam_triton::xsam_dots", mutates_args=())
 def xsam_dots(params: list[Tensor], backups: list[Tensor], grads: list[Tensor]) -> Tensor:
     if not (len(params) == len(backups) == len(grads)):
-        raise RuntimeError(f"fused_lesam_triton::xsam_dots: got {len(params)} param, {len(backups)} backup and "
-                           f"{len(grads)} grad buckets; they must match one to one")
+        raise RuntimeError(
+            f"fused_lesam_triton::xsam_dots: got {len(params)} param, {len(backups)} backup and "
+            f"{len(grads)} grad buckets; they must match one to one"
+        )
     if not params:
         raise RuntimeError("fused_lesam_triton::xsam_dots: needs at least one bucket")
     for i, (param, backup, grad) in enumerate(zip(params, backups, grads)):
         _check("xsam_dots", f"params[{i}]", param)
         _check("xsam_dots", f"backups[{i}]", backup, param, f"params[{i}]")
         _check("xsam_dots", f"grads[{i}]", grad, param, f"params[{i}]")
-    out_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    out_dtype = sum_dtype(params)
     chunks = [triton.cdiv(p.numel(), CHUNK) for p in params]
     total = sum(chunks)
     partials = torch.zeros(3 * max(total, 1), dtype=out_dtype, device=params[0].device)
     first = 0
     for param, backup, grad, count in zip(params, backups, grads, chunks):
         if count:
-            _launch(_dots_partials_kernel, (count,), param.device, param, backup, grad, param.numel(),
-                    partials[first:], total, CHUNK=CHUNK, BLOCK=REDUCE_BLOCK)
+            _launch(
+                _dots_partials_kernel,
+                (count,),
+                param.device,
+                param,
+                backup,
+                grad,
+                param.numel(),
+                partials[first:],
+                total,
+                CHUNK=CHUNK,
+                BLOCK=REDUCE_BLOCK,
+            )
         first += count
     out = torch.empty(3, dtype=out_dtype, device=params[0].device)
     for j in range(3):
-        _launch(_sum_kernel, (1,), out.device, partials[j * total:], total, out[j:], BLOCK=REDUCE_BLOCK)
+        _launch(_sum_kernel, (1,), out.device, partials[j * total :], total, out[j:], BLOCK=REDUCE_BLOCK)
     return out
 
 
 @triton_op("fused_lesam_triton::xsam_restore_", mutates_args=("param", "grad"))
-def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Optional[Tensor], coefs: Tensor) -> None:
-    _check("xsam_restore_", "param", param)
-    _check("xsam_restore_", "backup", backup, param, "param")
-    _check("xsam_restore_", "grad", grad, param, "param")
-    if delta is not None:
-        _check("xsam_restore_", "delta", delta, param, "param")
+def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor | None, coefs: Tensor) -> None:
+    _check_buckets("xsam_restore_", param, backup=backup, grad=grad, delta=delta)
     _check_coefs("xsam_restore_", coefs, param)
     if param.dtype == torch.float64:
-        reference.xsam_restore_(param, backup, grad, delta, coefs)
+        spec.xsam_restore_(param=param, backup=backup, grad=grad, delta=delta, coefs=coefs)
         return
-    _launch_elementwise(_xsam_restore_kernel, param, param, backup, grad, param if delta is None else delta, coefs,
-                        param.numel(), HAS_DELTA=delta is not None)
+    _launch_elementwise(
+        _xsam_restore_kernel,
+        param,
+        param,
+        backup,
+        grad,
+        param if delta is None else delta,
+        coefs,
+        param.numel(),
+        HAS_DELTA=delta is not None,
+    )
 
 
 @triton_op("fused_lesam_triton::xsam_probe_", mutates_args=("param", "delta"))
 def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coefs: Tensor, save_delta: bool) -> None:
-    _check("xsam_probe_", "param", param)
-    _check("xsam_probe_", "backup", backup, param, "param")
-    _check("xsam_probe_", "grad", grad, param, "param")
-    _check("xsam_probe_", "delta", delta, param, "param")
+    _check_buckets("xsam_probe_", param, backup=backup, grad=grad, delta=delta)
     _check_coefs("xsam_probe_", coefs, param)
     if param.dtype == torch.float64:
-        reference.xsam_probe_(param, backup, grad, delta, coefs, save_delta)
+        spec.xsam_probe_(param=param, backup=backup, grad=grad, delta=delta, coefs=coefs, save_delta=save_delta)
         return
-    _launch_elementwise(_xsam_probe_kernel, param, param, backup, grad, delta, coefs, param.numel(),
-                        SAVE_DELTA=save_delta)
+    _launch_elementwise(
+        _xsam_probe_kernel, param, param, backup, grad, delta, coefs, param.numel(), SAVE_DELTA=save_delta
+    )
 
 
 # ------------------------------------------------------------------ the base update, fused into the restore
 # One pass ends a step: read w0 (backup), the final gradient and the optimizer state, write the
-# weights and the state (reference.sgd_step_ / adam_step_, torch.optim's SGD and Adam/AdamW).
+# weights and the state (spec.sgd_step_ / adam_step_, torch.optim's SGD and Adam/AdamW).
 # Each stored state value is rounded once to the bucket's dtype and the stored value is what the
 # rest of the step uses, as torch's reads of its state do. found_inf is read here: a skipped step
 # stores w0 bit-exactly and writes no state (the state stores are masked off, not rewritten).
 @triton.jit
-def _final_grad(g_ptr, center_ptr, offsets, mask, ghat_coef, center_coef, COMBINE: tl.constexpr,
-                MAXIMIZE: tl.constexpr):
+def _final_grad(
+    g_ptr, center_ptr, offsets, mask, ghat_coef, center_coef, COMBINE: tl.constexpr, MAXIMIZE: tl.constexpr
+):
     """The gradient the base optimizer steps with (fp32): the LE-SAM+ combine, then maximize's sign."""
     g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
     if COMBINE:
@@ -423,10 +535,28 @@ def _and_taken(mask, taken):
 
 
 @triton.jit
-def _sgd_step_kernel(w_ptr, backup_ptr, g_ptr, buf_ptr, center_ptr, found_inf_ptr, n, lr, momentum, keep,
-                     weight_decay, ghat_coef, center_coef, MOMENTUM: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                     NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, INIT_BUFFER: tl.constexpr,
-                     COMBINE: tl.constexpr, BLOCK: tl.constexpr):
+def _sgd_step_kernel(
+    w_ptr,
+    backup_ptr,
+    g_ptr,
+    buf_ptr,
+    center_ptr,
+    found_inf_ptr,
+    n,
+    lr,
+    momentum,
+    keep,
+    weight_decay,
+    ghat_coef,
+    center_coef,
+    MOMENTUM: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    INIT_BUFFER: tl.constexpr,
+    COMBINE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # keep = 1 - dampening
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
@@ -457,11 +587,39 @@ def _from_halves(hi, lo):
 
 
 @triton.jit
-def _adam_step_kernel(w_ptr, backup_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, center_ptr, step_ptr, found_inf_ptr, n,
-                      lr_hi, lr_lo, beta1_hi, beta1_lo, beta2_hi, beta2_lo, lerp_weight, lerp_rest, one_minus_beta2,
-                      eps, weight_decay, decay_keep, ghat_coef, center_coef, WEIGHT_DECAY: tl.constexpr,
-                      DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                      LERP_SMALL_WEIGHT: tl.constexpr, COMBINE: tl.constexpr, BLOCK: tl.constexpr):
+def _adam_step_kernel(
+    w_ptr,
+    backup_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    vmax_ptr,
+    center_ptr,
+    step_ptr,
+    found_inf_ptr,
+    n,
+    lr_hi,
+    lr_lo,
+    beta1_hi,
+    beta1_lo,
+    beta2_hi,
+    beta2_lo,
+    lerp_weight,
+    lerp_rest,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    decay_keep,
+    ghat_coef,
+    center_coef,
+    WEIGHT_DECAY: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    LERP_SMALL_WEIGHT: tl.constexpr,
+    COMBINE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # lerp_weight = 1 - beta1 and lerp_rest = 1 - lerp_weight (in fp32, as torch's lerp takes them);
     # decay_keep = 1 - lr * weight_decay (AdamW).
     # The bias corrections in fp64 from t (beta^t = 2^(t log2 beta)); fp32 would lose them for large t.
@@ -511,73 +669,183 @@ def _halves(x: float) -> tuple[float, float]:
     return hi, _fp32(x - hi)
 
 
-def _check_step_buckets(op: str, param: Tensor, **buckets: Optional[Tensor]) -> None:
-    """param and the other buckets of a step op (None: not given): flat buckets like param."""
-    for name, t in {"param": param, **buckets}.items():
-        if t is None:
-            continue
-        _check(op, name, t, None if t is param else param, "param")
-        if t.dim() != 1:
-            raise RuntimeError(f"fused_lesam_triton::{op}: {name} must be a flat (1-D) bucket, "
-                               f"got shape {tuple(t.shape)}")
-
-
-def _check_given(op: str, name: str, t: Optional[Tensor], wanted: bool, when: str) -> None:
+def _check_given(op: str, name: str, t: Tensor | None, wanted: bool, when: str) -> None:
     """An optional state bucket is given exactly when its option is on (``when`` says which)."""
     if (t is not None) != wanted:
-        raise RuntimeError(f"fused_lesam_triton::{op}: {name} must be given exactly when {when} "
-                           f"({'it is' if wanted else 'it is not'}), but it was {'None' if t is None else 'given'}")
+        raise RuntimeError(
+            f"fused_lesam_triton::{op}: {name} must be given exactly when {when} "
+            f"({'it is' if wanted else 'it is not'}), but it was {'None' if t is None else 'given'}"
+        )
 
 
 def _check_device_scalar(op: str, name: str, t: Tensor, param: Tensor) -> None:
     """found_inf and step: a 0-d float32 tensor on param's device, read by the kernel itself."""
     if t.dim() != 0 or t.dtype != torch.float32:
-        raise RuntimeError(f"fused_lesam_triton::{op}: {name} must be a 0-d float32 tensor, got a {t.dtype} tensor "
-                           f"of shape {tuple(t.shape)}")
+        raise RuntimeError(
+            f"fused_lesam_triton::{op}: {name} must be a 0-d float32 tensor, got a {t.dtype} tensor "
+            f"of shape {tuple(t.shape)}"
+        )
     if t.device != param.device:
         raise RuntimeError(f"fused_lesam_triton::{op}: {name} is on {t.device} but param is on {param.device}")
 
 
 @triton_op("fused_lesam_triton::sgd_step_", mutates_args=("param", "momentum_buffer"))
-def sgd_step_(param: Tensor, backup: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], center: Optional[Tensor],
-              found_inf: Tensor, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-              maximize: bool, init_buffer: bool, ghat_coef: float, center_coef: float) -> None:
-    _check_step_buckets("sgd_step_", param, backup=backup, grad=grad, momentum_buffer=momentum_buffer, center=center)
+def sgd_step_(
+    param: Tensor,
+    backup: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    center: Tensor | None,
+    found_inf: Tensor,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    init_buffer: bool,
+    ghat_coef: float,
+    center_coef: float,
+) -> None:
+    _check_buckets(
+        "sgd_step_", param, flat=True, backup=backup, grad=grad, momentum_buffer=momentum_buffer, center=center
+    )
     _check_given("sgd_step_", "momentum_buffer", momentum_buffer, momentum != 0, "momentum != 0")
     _check_device_scalar("sgd_step_", "found_inf", found_inf, param)
     if param.dtype == torch.float64:
-        reference.sgd_step_(param, backup, grad, momentum_buffer, center, found_inf, lr, momentum, dampening,
-                            weight_decay, nesterov, maximize, init_buffer, ghat_coef, center_coef)
+        spec.sgd_step_(
+            param=param,
+            backup=backup,
+            grad=grad,
+            momentum_buffer=momentum_buffer,
+            center=center,
+            found_inf=found_inf,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            init_buffer=init_buffer,
+            ghat_coef=ghat_coef,
+            center_coef=center_coef,
+        )
         return
     _launch_elementwise(
-        _sgd_step_kernel, param, param, backup, grad, param if momentum_buffer is None else momentum_buffer,
-        grad if center is None else center, found_inf, param.numel(), lr, momentum, 1 - dampening, weight_decay,
-        ghat_coef, center_coef, MOMENTUM=momentum != 0, WEIGHT_DECAY=weight_decay != 0, NESTEROV=nesterov,
-        MAXIMIZE=maximize, INIT_BUFFER=init_buffer, COMBINE=center is not None)
+        _sgd_step_kernel,
+        param,
+        param,
+        backup,
+        grad,
+        param if momentum_buffer is None else momentum_buffer,
+        grad if center is None else center,
+        found_inf,
+        param.numel(),
+        lr,
+        momentum,
+        1 - dampening,
+        weight_decay,
+        ghat_coef,
+        center_coef,
+        MOMENTUM=momentum != 0,
+        WEIGHT_DECAY=weight_decay != 0,
+        NESTEROV=nesterov,
+        MAXIMIZE=maximize,
+        INIT_BUFFER=init_buffer,
+        COMBINE=center is not None,
+    )
 
 
 @triton_op("fused_lesam_triton::adam_step_", mutates_args=("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
-def adam_step_(param: Tensor, backup: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-               max_exp_avg_sq: Optional[Tensor], center: Optional[Tensor], step: Tensor, found_inf: Tensor, lr: float,
-               beta1: float, beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool,
-               maximize: bool, ghat_coef: float, center_coef: float) -> None:
-    _check_step_buckets("adam_step_", param, backup=backup, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                        max_exp_avg_sq=max_exp_avg_sq, center=center)
+def adam_step_(
+    param: Tensor,
+    backup: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    center: Tensor | None,
+    step: Tensor,
+    found_inf: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+    ghat_coef: float,
+    center_coef: float,
+) -> None:
+    _check_buckets(
+        "adam_step_",
+        param,
+        flat=True,
+        backup=backup,
+        grad=grad,
+        exp_avg=exp_avg,
+        exp_avg_sq=exp_avg_sq,
+        max_exp_avg_sq=max_exp_avg_sq,
+        center=center,
+    )
     _check_given("adam_step_", "max_exp_avg_sq", max_exp_avg_sq, amsgrad, "amsgrad")
     _check_device_scalar("adam_step_", "step", step, param)
     _check_device_scalar("adam_step_", "found_inf", found_inf, param)
     if param.dtype == torch.float64:
-        reference.adam_step_(param, backup, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, center, step, found_inf, lr,
-                             beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, ghat_coef,
-                             center_coef)
+        spec.adam_step_(
+            param=param,
+            backup=backup,
+            grad=grad,
+            exp_avg=exp_avg,
+            exp_avg_sq=exp_avg_sq,
+            max_exp_avg_sq=max_exp_avg_sq,
+            center=center,
+            step=step,
+            found_inf=found_inf,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            ghat_coef=ghat_coef,
+            center_coef=center_coef,
+        )
         return
     # The scalars the kernel combines with each other are rounded here, as torch rounds them: fp32
     # for the element-wise maths, fp32 halves of the fp64 values behind the bias corrections.
     lerp_weight = _fp32(1 - beta1)
     _launch_elementwise(
-        _adam_step_kernel, param, param, backup, grad, exp_avg, exp_avg_sq,
-        exp_avg if max_exp_avg_sq is None else max_exp_avg_sq, grad if center is None else center, step, found_inf,
-        param.numel(), *_halves(lr), *_halves(beta1), *_halves(beta2), lerp_weight, 1 - lerp_weight, 1 - beta2, eps,
-        weight_decay, 1 - lr * weight_decay, ghat_coef, center_coef, WEIGHT_DECAY=weight_decay != 0,
-        DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize, LERP_SMALL_WEIGHT=abs(lerp_weight) < 0.5,
-        COMBINE=center is not None)
+        _adam_step_kernel,
+        param,
+        param,
+        backup,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        exp_avg if max_exp_avg_sq is None else max_exp_avg_sq,
+        grad if center is None else center,
+        step,
+        found_inf,
+        param.numel(),
+        *_halves(lr),
+        *_halves(beta1),
+        *_halves(beta2),
+        lerp_weight,
+        1 - lerp_weight,
+        1 - beta2,
+        eps,
+        weight_decay,
+        1 - lr * weight_decay,
+        ghat_coef,
+        center_coef,
+        WEIGHT_DECAY=weight_decay != 0,
+        DECOUPLED=decoupled_weight_decay,
+        AMSGRAD=amsgrad,
+        MAXIMIZE=maximize,
+        LERP_SMALL_WEIGHT=abs(lerp_weight) < 0.5,
+        COMBINE=center is not None,
+    )

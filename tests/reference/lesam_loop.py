@@ -25,11 +25,25 @@ def cosine_sigma(t, sigma0, total, anneal):
     return 0.5 * sigma0 * (1 + math.cos(math.pi * (t - start) / (total - 1 - start)))
 
 
-class PerTensorSAM:
+class ReferenceSAM:
     """mode="lesam": rho_t = min(sigma_t / (||g|| + varrho), rho_max); mode="sam": rho_t = rho."""
 
-    def __init__(self, params, base_cls, *, mode, sigma=0.35, rho_max=0.4, varrho=1e-12, alpha=0.0,
-                 rho=0.05, adaptive=False, total_steps=None, anneal_steps=0, **base_kwargs):
+    def __init__(
+        self,
+        params,
+        base_cls,
+        *,
+        mode,
+        sigma=0.35,
+        rho_max=0.4,
+        varrho=1e-12,
+        alpha=0.0,
+        rho=0.05,
+        adaptive=False,
+        total_steps=None,
+        anneal_steps=0,
+        **base_kwargs,
+    ):
         defaults = dict(sigma=sigma, rho_max=rho_max, varrho=varrho, alpha=alpha, rho=rho, adaptive=adaptive)
         groups = list(params)
         if not isinstance(groups[0], dict):
@@ -43,6 +57,7 @@ class PerTensorSAM:
     @torch.no_grad()
     def first_step(self, zero_grad=True):
         assert zero_grad, "the reference always starts the second backward from zero"
+
         def scaled(p, g):
             return (p.abs() if g_adaptive[p] else 1.0) * g
 

@@ -21,7 +21,7 @@ def slerp_weights(cos, alpha):
     return math.sin((1.0 - alpha) * theta) / s, math.sin(alpha * theta) / s, theta
 
 
-class PerTensorXSAM:
+class ReferenceXSAM:
     """k ascent steps of length rho / k, then the base step with ||g_hat|| d(alpha) at w_0."""
 
     def __init__(self, params, base_cls, *, rho=0.15, steps=1, alpha=1.0, eps=1e-12, **base_kwargs):

@@ -8,39 +8,30 @@ Each op works on flat 1-D buckets (see ``fused_lesam.buckets``). Arithmetic is d
 accumulation dtype (fp32, or fp64 for fp64 buckets) and rounded to the bucket's dtype once.
 
 SAM and LE-SAM use ``sq_norm``, ``perturb_`` and ``restore_``. XSAM (docs/design.md §1) ascends with
-``sq_norm`` and ``perturb_`` too, then uses ``xsam_dots`` (three reductions in one pass),
-``slerp_coefficients`` (a few scalar ops on the device, shared by every backend) and
-``xsam_restore_`` / ``xsam_probe_`` (one element-wise pass each).
+``sq_norm`` and ``perturb_`` too, then uses ``xsam_dots`` (three reductions in one pass) and
+``xsam_restore_`` / ``xsam_probe_`` (one element-wise pass each). The scalars between the ops (the
+radius, XSAM's slerp coefficients) are computed by ``fused_lesam.maths``, for every backend.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from ..maths import acc_dtype, radius_and_scale, sum_dtype
+
 NAME = "torch"
 
-# The dtypes a bucket may have (every backend takes these).
-BUCKET_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-# Added to the norm before dividing by it; the paper's eps = rho_t * g / ||g|| (docs/design.md §1).
-NORM_EPS = 1e-12
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the arithmetic of a bucket of ``dtype`` is done in."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def sq_norm(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) -> Tensor:
+def sq_norm(grads: Sequence[Tensor], weights: Sequence[Tensor | None]) -> Tensor:
     """Sum over buckets of sum((|w| * g)^2), or of sum(g^2) where the weight is None.
 
     ``weights[i]`` is the parameter bucket of an adaptive (ASAM) group, else None. Returns a 0-d
     tensor on the buckets' device, fp32 (fp64 if any bucket is fp64).
     """
-    out_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    out_dtype = sum_dtype(grads)
     partials = []
     for grad, weight in zip(grads, weights):
         x = grad.to(acc_dtype(grad.dtype))
@@ -50,34 +41,17 @@ def sq_norm(grads: Sequence[Tensor], weights: Sequence[Optional[Tensor]]) -> Ten
     return torch.stack(partials).sum()
 
 
-def radius_and_scale(sq: Tensor, sigma: float | Tensor, rho_max: float, varrho: float) -> tuple[Tensor, Tensor]:
-    """rho_t = min(sigma / (n + varrho), rho_max) and the scale rho_t / (n + 1e-12) applied to g.
-
-    ``sigma`` is a number or a 0-d tensor on the device (rounded to ``sq``'s dtype first);
-    ``sigma = inf`` means a fixed radius ``rho_max`` (classic SAM). A zero norm gives scale 0 (so
-    eps = 0 exactly, whatever varrho); a non-finite norm gives rho_t = 0 and scale 0: no perturbation.
-    """
-    norm = sq.sqrt()
-    usable = torch.isfinite(norm)
-    # A tensor either way (a fill, not a host-to-device copy), so that both forms divide alike.
-    sigma = sigma.to(norm.dtype) if isinstance(sigma, Tensor) else torch.full_like(norm, sigma)
-    rho = torch.clamp(sigma / (norm + varrho), max=rho_max)
-    rho = torch.where(usable, rho, 0.0)
-    scale = torch.where(usable & (norm > 0), rho / (norm + NORM_EPS), 0.0)
-    return rho, scale
-
-
 def perturb_(
     param: Tensor,
     grad: Tensor,
-    backup: Optional[Tensor],
+    backup: Tensor | None,
     sq: Tensor,
     sigma: float,
     rho_max: float,
     varrho: float,
     adaptive: bool,
-    center: Optional[Tensor] = None,
-    sigma_t: Optional[Tensor] = None,
+    center: Tensor | None = None,
+    sigma_t: Tensor | None = None,
 ) -> Tensor:
     """backup <- w (if given); w <- w + eps with eps = s*g (s*w*w*g if adaptive); center <- g if given.
 
@@ -108,7 +82,7 @@ def restore_(
     param: Tensor,
     backup: Tensor,
     grad: Tensor,
-    center: Optional[Tensor],
+    center: Tensor | None,
     ghat_coef: float,
     center_coef: float,
 ) -> None:
@@ -127,16 +101,10 @@ def restore_(
 
 
 # ---------------------------------------------------------------------------------------- XSAM
-# Below this sine of the angle between the ascent and the last gradient, the slerp's division is
-# replaced by its limit, the linear interpolation (docs/design.md §1 writes (v0 + v1) / 2 there, which
-# is the limit only at alpha = 0.5: the limit keeps alpha = 1 exactly SAM).
-SLERP_MIN_SIN = 1e-8
-
-
 def xsam_dots(params: Sequence[Tensor], backups: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
     """[||D||^2, ||g||^2, D . g] summed over buckets, D = param - backup (w_k - w_0), g the last
     gradient: a (3,) tensor on the buckets' device, fp32 (fp64 if any bucket is fp64)."""
-    out_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    out_dtype = sum_dtype(params)
     sums = []
     for param, backup, grad in zip(params, backups, grads):
         dtype = acc_dtype(param.dtype)
@@ -146,37 +114,7 @@ def xsam_dots(params: Sequence[Tensor], backups: Sequence[Tensor], grads: Sequen
     return torch.stack(sums).sum(0)
 
 
-def slerp_coefficients(dots: Tensor, alpha: float | Tensor, length: float | Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(c0, c1) with c0 * D + c1 * g = length * d(alpha), from ``xsam_dots``'s dots.
-
-    v0 = D / (||D|| + eps), v1 = g / (||g|| + eps), theta = arccos(clamp(v0 . v1, -1, 1)) and
-    d(alpha) = sin((1 - alpha) theta) / sin theta * v0 + sin(alpha theta) / sin theta * v1 (slerp).
-    Guards: sin theta < 1e-8 takes the slerp's limit (1 - alpha) v0 + alpha v1; a zero ascent
-    (D = 0) has no direction to turn from, so d = v1; non-finite dots give c0 = c1 = 0. Also
-    returns theta. Everything stays on the device.
-    """
-    dots = dots.to(torch.float64 if dots.dtype == torch.float64 else torch.float32)
-    norm_d, norm_g = dots[0].sqrt(), dots[1].sqrt()
-    cos = (dots[2] / ((norm_d + eps) * (norm_g + eps))).clamp(-1.0, 1.0)
-    theta = torch.arccos(cos)
-    sin = torch.sin(theta)
-    if isinstance(alpha, Tensor):  # a Python alpha stays a Python number: no host-to-device copy
-        alpha = alpha.to(dots.dtype)
-    straight = sin < SLERP_MIN_SIN
-    safe_sin = torch.where(straight, 1.0, sin)
-    a = torch.where(straight, 1.0 - alpha, torch.sin((1.0 - alpha) * theta) / safe_sin)
-    b = torch.where(straight, alpha, torch.sin(alpha * theta) / safe_sin)
-    no_ascent = norm_d == 0
-    a = torch.where(no_ascent, 0.0, a)
-    b = torch.where(no_ascent, 1.0, b)
-    c0 = length * a / (norm_d + eps)
-    c1 = length * b / (norm_g + eps)
-    finite = torch.isfinite(dots).all()
-    coefs = torch.where(finite, torch.stack([c0, c1]), 0.0)
-    return coefs, theta
-
-
-def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Optional[Tensor], coefs: Tensor) -> None:
+def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor | None, coefs: Tensor) -> None:
     """g <- c0 * D + c1 * g with D = delta if given, else param - backup; then w <- backup (bit-exact).
 
     ``coefs`` is the (2,) tensor of `slerp_coefficients` (length ||g||: XSAM's update gradient)."""
@@ -207,8 +145,9 @@ def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coef
 # a skipped step restores w0 bit-exactly and writes no state.
 
 
-def _final_grad(grad: Tensor, center: Optional[Tensor], ghat_coef: float, center_coef: float,
-                maximize: bool, dtype: torch.dtype) -> Tensor:
+def _final_grad(
+    grad: Tensor, center: Tensor | None, ghat_coef: float, center_coef: float, maximize: bool, dtype: torch.dtype
+) -> Tensor:
     """The gradient the base optimizer steps with: the LE-SAM+ combine, then maximize's sign."""
     g = grad.to(dtype)
     if center is not None:
@@ -232,8 +171,8 @@ def sgd_step_(
     param: Tensor,
     backup: Tensor,
     grad: Tensor,
-    momentum_buffer: Optional[Tensor],
-    center: Optional[Tensor],
+    momentum_buffer: Tensor | None,
+    center: Tensor | None,
     found_inf: Tensor,
     lr: float,
     momentum: float,
@@ -275,8 +214,8 @@ def adam_step_(
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    max_exp_avg_sq: Optional[Tensor],
-    center: Optional[Tensor],
+    max_exp_avg_sq: Tensor | None,
+    center: Tensor | None,
     step: Tensor,
     found_inf: Tensor,
     lr: float,
@@ -305,8 +244,8 @@ def adam_step_(
     """
     dtype = acc_dtype(param.dtype)
     t = step.to(torch.float64)
-    step_size = (lr / (1 - beta1 ** t)).to(dtype)
-    bias2_sqrt = (1 - beta2 ** t).sqrt().to(dtype)
+    step_size = (lr / (1 - beta1**t)).to(dtype)
+    bias2_sqrt = (1 - beta2**t).sqrt().to(dtype)
     w0 = backup.to(dtype)
     g = _final_grad(grad, center, ghat_coef, center_coef, maximize, dtype)
     if weight_decay != 0:
