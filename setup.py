@@ -19,7 +19,12 @@ Environment switches (set to 1):
   FUSED_LESAM_REQUIRE_EXTENSION  fail instead of installing without the extension
   FUSED_LESAM_REQUIRE_CUDA       fail instead of leaving the CUDA kernels out (implies the above)
 and the usual ones of torch.utils.cpp_extension: TORCH_CUDA_ARCH_LIST (default here, when no GPU
-is visible: 8.0;9.0+PTX), MAX_JOBS, CUDA_HOME, CXX.
+is visible: every architecture users train on that the toolkit can compile for, see default_archs),
+MAX_JOBS, CUDA_HOME, CXX.
+
+The CUDA kernels are compiled with --fmad=false: each multiply and add is rounded on its own, as in
+the C++ kernels and in the torch backend's separate ops, so the GPU results follow the same
+rounding sequence (the kernels are memory-bound: contraction would buy no time).
 """
 
 import glob
@@ -36,7 +41,27 @@ import tempfile
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-DEFAULT_ARCHS = "8.0;9.0+PTX"  # A100, H100, and PTX that newer GPUs compile at load time
+# Machine code for the GPUs users train on, (arch, the first CUDA release that compiles for it):
+# T4 / RTX 20xx, A100, RTX 30xx / A10, RTX 40xx / L4 / L40, H100 / H200, B200, RTX 50xx.
+# CUDA 13 dropped the architectures before 7.5.
+GPU_ARCHS = (
+    ("7.5", (10, 0)),
+    ("8.0", (11, 0)),
+    ("8.6", (11, 1)),
+    ("8.9", (11, 8)),
+    ("9.0", (11, 8)),
+    ("10.0", (12, 8)),
+    ("12.0", (12, 8)),
+)
+
+
+def default_archs(nvcc_version):
+    """TORCH_CUDA_ARCH_LIST for a build without a GPU to ask: every arch of GPU_ARCHS that this
+    nvcc compiles for, and PTX of the newest, which later GPUs compile when the extension loads."""
+    usable = [arch for arch, since in GPU_ARCHS if nvcc_version is None or nvcc_version >= since]
+    return ";".join(usable) + "+PTX"
+
+
 CPU_SOURCES = ["csrc/fused_lesam.cpp", "csrc/bucket_checks.cpp", "csrc/cpu/bucket_ops.cpp"]
 CUDA_SOURCES = ["csrc/cuda/bucket_ops.cu"]
 # Every source includes some of these: an edit to one rebuilds the extension.
@@ -168,6 +193,7 @@ class BuildKernels(build_ext):
             "torch": None,
             "torch_cuda": None,
             "cuda_toolkit": None,
+            "cuda_archs": None,
             "missing": {},
             "failed": [],
             "fix": REBUILD,
@@ -203,6 +229,7 @@ class BuildKernels(build_ext):
             try:
                 self._build(cpp_extension.BuildExtension, self._cuda_extension(cpp_extension, cuda_home))
                 self.record["kernels"] = ["cpu", "cuda"]
+                self.record["cuda_archs"] = os.environ.get("TORCH_CUDA_ARCH_LIST")  # None: the visible GPUs'
                 return self._write_record()
             except Exception as err:  # noqa: BLE001 (whatever stopped the CUDA part: fall back, say why)
                 if _flag("FUSED_LESAM_REQUIRE_CUDA"):
@@ -274,8 +301,8 @@ class BuildKernels(build_ext):
         import torch
 
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            # Without a GPU to ask, torch would build for every arch nvcc knows: far too slow.
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+            # Without a GPU to ask, torch would build for every arch nvcc knows, old ones included.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_archs(_nvcc_version(cuda_home))
         _say(
             f"building the CPU and CUDA kernels (torch {torch.__version__} with CUDA {torch.version.cuda}, "
             f"toolkit {cuda_home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPUs')})"
@@ -288,7 +315,7 @@ class BuildKernels(build_ext):
             CPU_SOURCES + CUDA_SOURCES,
             depends=HEADERS,
             include_dirs=[headers] if headers else [],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--fmad=false"]},
             extra_link_args=link,
         )
 

@@ -62,8 +62,10 @@ def summary() -> str:
     rec = record()
     if rec is None:
         return f"build: {NO_RECORD}"
-    return f"built against torch {rec.get('torch')}: kernels {', '.join(rec.get('kernels')) or 'none'}" + (
-        f", CUDA toolkit {rec['cuda_toolkit']}" if rec.get("cuda_toolkit") else ""
+    return (
+        f"built against torch {rec.get('torch')}: kernels {', '.join(rec.get('kernels')) or 'none'}"
+        + (f", CUDA toolkit {rec['cuda_toolkit']}" if rec.get("cuda_toolkit") else "")
+        + (f" (archs {rec['cuda_archs']})" if rec.get("cuda_archs") else "")
     )
 
 

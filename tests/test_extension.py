@@ -4,11 +4,13 @@ package still works on the torch backend and says so once at import."""
 import os
 import subprocess
 import sys
+import types
+import warnings
 
 import pytest
 import torch
 
-from fused_lesam import FusedLESAM, available_backends
+from fused_lesam import FusedLESAM, available_backends, backends
 from fused_lesam.backends import compiled, resolve
 
 
@@ -63,3 +65,35 @@ def test_triton_kernels_run_here():
     assert available_backends()["triton"] == ""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve("triton", device).NAME == "triton"
+
+
+def _kernels_that_do_not_run(backend, device):
+    # What a build without machine code for the GPU's architecture raises at its first launch.
+    raise torch.AcceleratorError("CUDA error: no kernel image is available for execution on the device")
+
+
+def test_auto_passes_over_kernels_that_do_not_run_here_and_says_why_once(monkeypatch):
+    """`auto` takes a kernel backend only after its probe op ran on the device; otherwise the next
+    backend, with one warning that names the cause and the fix. The same logic guards the GPU
+    backends (a wheel built for other archs): here it is driven on the CPU through the cpp backend."""
+    monkeypatch.setattr(backends, "_PROBED", {})
+    monkeypatch.setattr(backends, "_probe_op", _kernels_that_do_not_run)
+    cpu = torch.device("cpu")
+    with pytest.warns(RuntimeWarning, match=r"passes over 'cpp'.*no kernel image.*TORCH_CUDA_ARCH_LIST"):
+        assert resolve("auto", cpu).NAME == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process and device: no second warning, no second probe
+        opt = FusedLESAM(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    assert opt.backend_names == {"cpu": "torch"}
+    refused = r"backend 'cpp' is loaded but its kernels do not run on cpu: .*no kernel image"
+    with pytest.raises(RuntimeError, match=refused):
+        FusedLESAM(torch.nn.Linear(2, 2).parameters(), lr=0.1, backend="cpp")
+
+
+def test_the_probe_runs_the_real_kernels(monkeypatch):
+    monkeypatch.setattr(backends, "_PROBED", {})
+    cpu = torch.device("cpu")
+    assert backends.probe("cpp", resolve("cpp", cpu), cpu) == ""
+    assert backends._PROBED == {("cpp", cpu): ""}
+    wrong = types.SimpleNamespace(sq_norm=lambda grads, weights: torch.zeros(()))  # kernels that compute nonsense
+    assert backends.probe("broken", wrong, cpu) == "RuntimeError: its sq_norm of 16 ones gave 0.0"

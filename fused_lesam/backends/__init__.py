@@ -5,13 +5,15 @@ Every backend is a module (or, for the compiled extension's "cpp" and "cuda", a 
 ``compiled.backend``) exposing ``NAME`` and those functions with the signatures of
 ``fused_lesam.backends.spec`` (the "torch" backend, the specification). A backend knows
 nothing of optimizers; the optimizer knows nothing of kernels. ``backend="auto"`` tries, in order,
-cuda -> triton -> torch on CUDA tensors and cpp -> torch on CPU tensors (docs/design.md §2).
+cuda -> triton -> torch on CUDA tensors and cpp -> torch on CPU tensors (docs/design.md §2), and
+takes a kernel backend only after one tiny op of it ran on that device (`probe`).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -77,6 +79,38 @@ def _device_types(name: str) -> frozenset[str] | None:
     return devices
 
 
+# (backend name, device) -> "" when the backend's probe op ran there, else why it did not. Once per
+# process and device: the probe reads its result on the host.
+_PROBED: dict[tuple[str, torch.device], str] = {}
+
+
+def _probe_op(backend: Any, device: torch.device) -> None:
+    """One tiny op of ``backend`` on ``device``, checked: an extension built without machine code
+    for this GPU's architecture (and no PTX it can take) loads and registers its ops, and fails
+    only at its first launch ("no kernel image is available for execution on the device")."""
+    ones = torch.ones(16, device=device)
+    got = float(backend.sq_norm([ones], [None]))
+    if got != 16.0:
+        raise RuntimeError(f"its sq_norm of 16 ones gave {got}")
+
+
+def probe(name: str, backend: Any, device: torch.device) -> str:
+    """ "" when ``backend`` (loaded as ``name``) runs on ``device``, else why not; tried once per
+    process and device. The torch backend is torch's own ops and is not probed."""
+    if name == "torch":
+        return ""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (name, device)
+    if key not in _PROBED:
+        try:
+            _probe_op(backend, device)
+            _PROBED[key] = ""
+        except RuntimeError as err:  # torch.AcceleratorError is one
+            _PROBED[key] = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+    return _PROBED[key]
+
+
 def available_backends() -> dict[str, str]:
     """Every backend name mapped to "" when it is usable here, else the reason it is not."""
     return {name: _load(name)[1] for name in NAMES}
@@ -88,8 +122,20 @@ def resolve(name: str, device: torch.device) -> Any:
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             module, _ = _load(candidate)
-            if module is not None:
+            if module is None:
+                continue
+            first_time = (candidate, device) not in _PROBED
+            why = probe(candidate, module, device)
+            if not why:
                 return module
+            if first_time:
+                warnings.warn(
+                    f"fused_lesam: backend 'auto' passes over {candidate!r} on {device}: its kernels do not run "
+                    f"there ({why}); the next backend is used. A build for this GPU's architecture "
+                    f"(TORCH_CUDA_ARCH_LIST, see README 'Install') brings them back.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         raise RuntimeError("no backend could be loaded, not even the torch one")
     if name not in _MODULES:
         raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
@@ -99,4 +145,10 @@ def resolve(name: str, device: torch.device) -> Any:
     module, why = _load(name)
     if module is None:
         raise RuntimeError(f"backend {name!r} is not available: {why}")
+    why = probe(name, module, device)
+    if why:
+        raise RuntimeError(
+            f"backend {name!r} is loaded but its kernels do not run on {device}: {why}. Rebuild with "
+            f"TORCH_CUDA_ARCH_LIST naming this GPU's architecture (README 'Install'), or use backend='auto'"
+        )
     return module
