@@ -66,7 +66,9 @@ FL_HOST_DEVICE Radius<acc_t> radius(acc_t sq, acc_t sigma, acc_t rho_max, acc_t 
     return r;
   }
   const acc_t rho = sigma / (norm + varrho);
-  r.rho = rho < rho_max ? rho : rho_max;  // inf / finite = inf, so sigma = inf gives rho_max
+  // inf / finite = inf, so sigma = inf gives rho_max. A NaN rho stays NaN, as torch.clamp(max=)
+  // keeps it in the torch backend (`rho < rho_max ? rho : rho_max` would turn it into rho_max).
+  r.rho = rho > rho_max ? rho_max : rho;
   r.scale = norm > acc_t(0) ? r.rho / (norm + acc_t(kNormEps)) : acc_t(0);
   return r;
 }

@@ -206,6 +206,31 @@ def test_perturb_radius(backend, device, radius, adaptive):
 
 
 @pytest.mark.parametrize("backend,device", targets())
+@pytest.mark.parametrize("case", ["nan-sigma", "zero-over-zero"])
+def test_a_nan_radius_is_the_specs_on_every_backend(backend, device, case):
+    """A NaN radius (reachable through the ops only: the optimizers refuse a NaN sigma and a
+    varrho of 0) propagates as torch.clamp propagates it in the spec, on every backend: a NaN sigma
+    gives rho_t = NaN and a NaN perturbation; 0 / (0 + 0) at a zero gradient gives rho_t = NaN and
+    leaves w as it was (the scale of a zero norm is 0). The kernels once clipped NaN to rho_max."""
+    ops = resolve(backend, torch.device(device))
+    w = random_bucket(1000, torch.float32, device, seed=18)
+    if case == "nan-sigma":
+        g, radius = random_bucket(1000, torch.float32, device, seed=19), (math.nan, 0.5, 1e-12)
+    else:
+        g, radius = torch.zeros_like(w), (0.0, 0.5, 0.0)
+    sq = spec.sq_norm([g], [None])
+    got, want = (
+        run_perturb(ops, w, g, sq, radius, False, False, offset=0),
+        run_perturb(spec, w, g, sq, radius, False, False, offset=0),
+    )
+    assert math.isnan(want[3].item())
+    assert math.isnan(got[3].item()), f"rho_t = {got[3].item()}, the spec's is NaN"
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
+    if case == "zero-over-zero":
+        assert_bits_equal(got[0], w, "a zero gradient must leave w as it was")
+
+
+@pytest.mark.parametrize("backend,device", targets())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("radius", list(RADII))
 def test_perturb_reads_sigma_from_the_device(backend, device, dtype, radius):

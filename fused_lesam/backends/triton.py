@@ -131,7 +131,9 @@ def _perturb_kernel(
     # on the GPU).
     norm = tl.sqrt_rn(tl.load(sq_ptr).to(tl.float32))
     finite = norm - norm == 0.0  # false for inf and NaN
-    rho = tl.where(finite, tl.minimum(tl.div_rn(sigma, norm + varrho), rho_max), 0.0)
+    # min(., rho_max) that keeps a NaN, as torch.clamp(max=) does in the torch backend.
+    unclipped = tl.div_rn(sigma, norm + varrho)
+    rho = tl.where(finite, tl.where(unclipped > rho_max, rho_max, unclipped), 0.0)
     scale = tl.where(finite & (norm > 0.0), tl.div_rn(rho, norm + NORM_EPS), 0.0)
     pid = tl.program_id(0)
     if pid == 0:
