@@ -30,8 +30,9 @@ REDUCE_CHUNK = 16384
 CLIP_EPS = 1e-6
 
 # Below this sine of the angle between the ascent and the last gradient, the slerp's division is
-# replaced by its limit, the linear interpolation (docs/design.md §1 writes (v0 + v1) / 2 there, which
-# is the limit only at alpha = 0.5: the limit keeps alpha = 1 exactly SAM).
+# replaced by the linear interpolation, its limit as the angle goes to 0 (the XSAM reference code
+# uses (v0 + v1) / 2 there, docs/design.md §4, which is that only at alpha = 0.5; the interpolation
+# keeps alpha = 1 exactly SAM). Near an angle of pi there is no limit: the same form is a choice.
 SLERP_MIN_SIN = 1e-8
 
 
