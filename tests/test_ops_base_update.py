@@ -28,126 +28,48 @@ def targets_and_sizes():
 
 LESAM_PLUS = (1.5, 0.5)  # (ghat_coef, center_coef) = (1 + alpha, alpha)
 
-# The float and bool arguments of sgd_step_ (all but ghat_coef/center_coef), per case.
+# The float and bool arguments of sgd_step_ (all but ghat_coef/center_coef), per case: what each
+# case changes from plain SGD.
+SGD_PLAIN = dict(
+    lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, init_buffer=False
+)
 SGD_OPTIONS = {
-    "plain": dict(
-        lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, init_buffer=False
-    ),
-    "momentum": dict(
-        lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, init_buffer=False
-    ),
+    "plain": SGD_PLAIN,
+    "momentum": dict(SGD_PLAIN, momentum=0.9),
     # torch's first step: the buffer becomes a copy of g, dampening not applied.
-    "first-step": dict(
-        lr=0.1, momentum=0.9, dampening=0.3, weight_decay=1e-2, nesterov=False, maximize=False, init_buffer=True
-    ),
-    "dampening": dict(
-        lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.0, nesterov=False, maximize=False, init_buffer=False
-    ),
-    "nesterov-decay": dict(
-        lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False, init_buffer=False
-    ),
-    "weight-decay": dict(
-        lr=0.1, momentum=0.0, dampening=0.0, weight_decay=5e-2, nesterov=False, maximize=False, init_buffer=False
-    ),
-    "maximize": dict(
-        lr=0.1, momentum=0.5, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=True, init_buffer=False
-    ),
+    "first-step": dict(SGD_PLAIN, momentum=0.9, dampening=0.3, weight_decay=1e-2, init_buffer=True),
+    "dampening": dict(SGD_PLAIN, lr=0.05, momentum=0.9, dampening=0.3),
+    "nesterov-decay": dict(SGD_PLAIN, momentum=0.9, weight_decay=1e-2, nesterov=True),
+    "weight-decay": dict(SGD_PLAIN, weight_decay=5e-2),
+    "maximize": dict(SGD_PLAIN, momentum=0.5, weight_decay=1e-2, nesterov=True, maximize=True),
 }
 
-# (step t, the float and bool arguments of adam_step_), per case.
+# (step t, the float and bool arguments of adam_step_), per case: what each case changes from
+# plain Adam.
+ADAM_PLAIN = dict(
+    lr=1e-2,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    amsgrad=False,
+    maximize=False,
+)
 ADAM_OPTIONS = {
-    "adam": (
-        1,
-        dict(
-            lr=1e-2,
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            decoupled_weight_decay=False,
-            amsgrad=False,
-            maximize=False,
-        ),
-    ),
-    "adam-l2": (
-        3,
-        dict(
-            lr=1e-2,
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            weight_decay=1e-2,
-            decoupled_weight_decay=False,
-            amsgrad=False,
-            maximize=False,
-        ),
-    ),
-    "adamw": (
-        10,
-        dict(
-            lr=1e-2,
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            weight_decay=1e-2,
-            decoupled_weight_decay=True,
-            amsgrad=False,
-            maximize=False,
-        ),
-    ),
-    "amsgrad": (
-        5,
-        dict(
-            lr=1e-3,
-            beta1=0.9,
-            beta2=0.99,
-            eps=1e-8,
-            weight_decay=0.0,
-            decoupled_weight_decay=False,
-            amsgrad=True,
-            maximize=False,
-        ),
-    ),
+    "adam": (1, ADAM_PLAIN),
+    "adam-l2": (3, dict(ADAM_PLAIN, weight_decay=1e-2)),
+    "adamw": (10, dict(ADAM_PLAIN, weight_decay=1e-2, decoupled_weight_decay=True)),
+    "amsgrad": (5, dict(ADAM_PLAIN, lr=1e-3, beta2=0.99, amsgrad=True)),
     "adamw-amsgrad-maximize": (
         2,
         dict(
-            lr=1e-2,
-            beta1=0.8,
-            beta2=0.999,
-            eps=1e-6,
-            weight_decay=0.1,
-            decoupled_weight_decay=True,
-            amsgrad=True,
-            maximize=True,
+            ADAM_PLAIN, beta1=0.8, eps=1e-6, weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True, maximize=True
         ),
     ),
     # 1 - beta1 = 0.7: the second branch of the two-branch lerp.
-    "large-lerp-weight": (
-        4,
-        dict(
-            lr=1e-2,
-            beta1=0.3,
-            beta2=0.5,
-            eps=1e-3,
-            weight_decay=1e-2,
-            decoupled_weight_decay=False,
-            amsgrad=True,
-            maximize=False,
-        ),
-    ),
-    "late-step": (
-        1000,
-        dict(
-            lr=1e-3,
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            weight_decay=1e-2,
-            decoupled_weight_decay=True,
-            amsgrad=False,
-            maximize=False,
-        ),
-    ),
+    "large-lerp-weight": (4, dict(ADAM_PLAIN, beta1=0.3, beta2=0.5, eps=1e-3, weight_decay=1e-2, amsgrad=True)),
+    "late-step": (1000, dict(ADAM_PLAIN, lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True)),
 }
 
 # What each op writes besides param (the rest of its tensors it must leave alone).
