@@ -221,6 +221,43 @@ def test_the_perturb_op_takes_a_signed_radius(backend, device, dtype):
         assert_close(param, w.double() - 0.7 * v.double() / v.double().norm(), dtype)
 
 
+def test_a_gradient_present_at_first_step_is_not_used():
+    """first_step() without zero_grad: a gradient left at w (a first backward out of habit) is zeroed,
+    else the pass's backward would add to it."""
+    model, opt = trained()
+    other, ref = trained()
+    x, y = batches()[3]
+    loss_at(model, x, y, 3).backward()
+    opt.first_step()
+    loss_at(model, x, y, 3).backward()
+    opt.second_step()
+    ref.step(lambda: loss_at(other, x, y, 3).backward())
+    assert_snapshot_equal(snapshot(model, opt), snapshot(other, ref), "the same step")
+
+
+def test_a_step_of_torch_s_own_is_taken_into_the_momentum():
+    """A tensor lr given between first_step and second_step: that step is torch's own (the fused
+    update's fallback), which starts ``sometimes``' momentum outside the flat buffers; the next
+    perturbation must read it."""
+    model = make_net()
+    opt = msam(model, "momentum", "cpp")
+    want_points, want_after = reference_run(model, "momentum", "none")
+    got_points, got_after = [], []
+    for t, (x, y) in enumerate(batches(n=4)):
+        opt.first_step()
+        got_points.append([p.detach().clone() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+        loss_at(model, x, y, t).backward()
+        if t == 1:
+            opt.param_groups[0]["lr"] = torch.tensor(0.05, dtype=torch.float64)
+        opt.second_step()
+        opt.param_groups[0]["lr"] = 0.05
+        got_after.append([p.detach().clone() for p in model.parameters()])
+    assert opt.base_update == "fused"
+    assert_runs_close(got_points, want_points[:4], torch.float64)
+    assert_runs_close(got_after, want_after[:4], torch.float64)
+
+
 # ---------------------------------------------------------------------- the step's protocols
 def trained(config="momentum", steps=3, backend="cpp", dtype=torch.float64, **extra):
     """A model and its Momentum-SAM optimizer after ``steps`` steps: the momentum is not zero."""
