@@ -70,9 +70,10 @@ class SharpnessAware(torch.optim.Optimizer):
     Telemetry, all device tensors updated without a host sync (read them with ``.item()`` when
     you log, which syncs then and there):
 
-    - ``last_grad_norm``: ||g|| (or ||T g|| in adaptive groups) of the last first step, 0-d;
+    - ``last_grad_norm``: ||g|| (or ||T g|| in adaptive groups, ||v|| for Momentum-SAM) of the
+      last first step, 0-d;
     - ``last_rho``, ``last_sigma``: rho_t and sigma_t of the last first step, one entry per param
-      group (sigma_t is inf for FusedSAM, whose radius is fixed);
+      group (sigma_t is inf for FusedSAM, whose radius is fixed; rho_t is -rho for Momentum-SAM);
     - ``skipped_steps``: how many steps were skipped because a gradient was not finite, 0-d int64.
 
     ``capturable=True`` keeps every scalar of the step on the device (the step count, sigma_t of

@@ -278,6 +278,17 @@ def assert_snapshot_equal(got, want, what):
         assert_bits_equal(a, b, what)
 
 
+def test_telemetry_reports_the_norm_of_v_and_the_signed_radius():
+    model, opt = trained("adam")
+    v = [state["exp_avg"].double() for state in opt.state.values()]
+    exact = math.sqrt(math.fsum(float((m * m).sum()) for m in v))
+    opt.first_step()
+    assert opt.last_grad_norm.item() == pytest.approx(exact, rel=1e-6)
+    assert opt.last_rho.tolist() == [pytest.approx(-RHO)]
+    loss_at(model, *batches()[3], 3).backward()
+    opt.second_step()
+
+
 def test_an_exception_in_the_pass_restores_w_bit_exactly():
     model, opt = trained()
     before = snapshot(model, opt)
