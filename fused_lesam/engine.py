@@ -306,7 +306,7 @@ class SharpnessAware(torch.optim.Optimizer):
             )
         self._progress.perturbed = True
         self._progress.ascents = 1
-        self._progress.first_sq = None if self.momentum_sam else sq  # ||v|| is no gradient's to check
+        self._progress.first_sq = None if self.momentum_sam else sq  # Momentum-SAM: no first gradient to check
         self.last_grad_norm.copy_(sq.sqrt())
         for index, rho in rho_of_group.items():
             self.last_rho[index].copy_(rho)

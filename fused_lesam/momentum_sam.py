@@ -38,15 +38,15 @@ def check_available(opt) -> None:
             f"momentum_sam=True needs the fused base update, and this optimizer takes torch's own step "
             f"({opt.base_update_reason}). {_USE_INSTEAD}"
         )
-    why = _no_momentum(opt)
-    if why:
-        raise ValueError(why)
     why = opt._fused_update.why_not()
     if why:
         raise ValueError(
             f"momentum_sam=True needs the fused base update at every step, and it is not possible with "
             f"these param groups: {why}; give the base's hyperparameters as Python numbers"
         )
+    why = _no_momentum(opt)
+    if why:
+        raise ValueError(why)
 
 
 def check_step(opt) -> None:
@@ -77,7 +77,7 @@ def _no_momentum(opt) -> str:
         if group["momentum"] == 0:
             return (
                 f"momentum_sam=True perturbs along SGD's momentum buffer, and param group {index} has "
-                f"momentum=0 (no buffer): give torch.optim.SGD momentum > 0 (the paper uses 0.9)"
+                f"momentum=0 (no buffer): give torch.optim.SGD momentum > 0 (the authors' code defaults to 0.9)"
             )
     return ""
 
