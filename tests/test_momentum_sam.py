@@ -15,11 +15,14 @@ import math
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import ddp_cases
 from helpers.asserts import assert_bits_equal, assert_close
 from helpers.models import through_bytes
 from helpers.op_cases import random_bucket, targets
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fused_lesam import FusedLESAM, FusedSAM, FusedXSAM, available_backends
 from fused_lesam.backends import resolve, spec
@@ -417,6 +420,38 @@ def test_hooks_and_schedulers_see_one_step_per_step(api):
         schedule.step()
     assert fired == ["pre", "post"] * 3
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05 / 8)
+
+
+def ddp_train(model, opt, rank=0, world=1):
+    """Momentum-SAM steps on the DDP cases' data, each rank on its slice of every batch; w after each."""
+    history = []
+    for x, y in ddp_cases.batches():
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.step(lambda: F.cross_entropy(model(xs), ys).backward())
+        history.append([p.detach().clone() for p in model.parameters()])
+    return history
+
+
+def _ddp_rank(rank, out):
+    from test_distributed import WORLD, process_group
+
+    with process_group(rank, out):
+        model = DistributedDataParallel(ddp_cases.mlp())
+        opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=RHO, momentum_sam=True)
+        torch.save(dict(history=ddp_train(model, opt, rank, WORLD), norm=opt.last_grad_norm), f"{out}/rank{rank}.pt")
+
+
+def test_ddp_ranks_take_the_whole_batch_step(tmp_path):
+    """Two ranks (gloo) with half a batch each: every rank holds the same v, so ||v|| is the global
+    norm, and the run equals the single process on the whole batch."""
+    mp.spawn(_ddp_rank, args=(str(tmp_path),), nprocs=2, join=True)
+    model = ddp_cases.mlp()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=RHO, momentum_sam=True)
+    expected = ddp_train(model, opt)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert_runs_close(got["history"], expected, torch.float32)
+        assert_close(got["norm"], opt.last_grad_norm)
 
 
 # ---------------------------------------------------------------------- refusals
