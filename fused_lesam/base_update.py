@@ -169,6 +169,13 @@ class FusedBaseUpdate:
                     state["max_exp_avg_sq"] = self._view(flat, "max_exp_avg_sq", i)
             flat.mark_started(i)
 
+    def flat_buffers(self, name: str) -> list[Tensor]:
+        """The flat state buffer ``name`` of every bucket, in the buckets' order (zero where a
+        parameter has no state yet): what Momentum-SAM perturbs along."""
+        if self.stale:
+            self.adopt([s.bucket for s in self._states])
+        return [flat.buffer(name) for flat in self._states]
+
     # ------------------------------------------------------------------ the step
     def why_not(self) -> str:
         """Why this step cannot be fused ("" when it can)."""

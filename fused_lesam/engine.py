@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from . import backends, checkpoint, distributed, skip
+from . import backends, checkpoint, distributed, momentum_sam, skip
 from .base_update import FusedBaseUpdate, fused_kind
 from .buckets import ParamBucket, ShardBucket, build_buckets
 from .checks import (
@@ -70,9 +70,10 @@ class SharpnessAware(torch.optim.Optimizer):
     Telemetry, all device tensors updated without a host sync (read them with ``.item()`` when
     you log, which syncs then and there):
 
-    - ``last_grad_norm``: ||g|| (or ||T g|| in adaptive groups) of the last first step, 0-d;
+    - ``last_grad_norm``: ||g|| (or ||T g|| in adaptive groups, ||v|| for Momentum-SAM) of the
+      last first step, 0-d;
     - ``last_rho``, ``last_sigma``: rho_t and sigma_t of the last first step, one entry per param
-      group (sigma_t is inf for FusedSAM, whose radius is fixed);
+      group (sigma_t is inf for FusedSAM, whose radius is fixed; rho_t is -rho for Momentum-SAM);
     - ``skipped_steps``: how many steps were skipped because a gradient was not finite, 0-d int64.
 
     ``capturable=True`` keeps every scalar of the step on the device (the step count, sigma_t of
@@ -87,6 +88,8 @@ class SharpnessAware(torch.optim.Optimizer):
 
     # Hyperparameter names of this kind of optimizer; they live in each param group.
     _hyper_names: tuple[str, ...] = ()
+    # Momentum-SAM (FusedSAM(momentum_sam=True), momentum_sam.py): one pass per step, perturbed along -v.
+    momentum_sam = False
     # torch.amp.GradScaler's protocol: `scaler.step(opt, closure)` then calls
     # `opt.step(closure, grad_scaler=scaler)`, so both passes are unscaled here. Without it the
     # scaler unscales the first pass only and the closure's still-scaled gradient would reach the
@@ -246,6 +249,9 @@ class SharpnessAware(torch.optim.Optimizer):
         With ``grad_scaler`` (fp16 training with ``torch.amp.GradScaler``), the first backward's
         scaled gradients are unscaled first (``grad_scaler.unscale_(opt)``, which also records
         their inf check for ``grad_scaler.update()``).
+
+        Momentum-SAM (``momentum_sam``): w - rho v / ||v|| from the base's momentum v; no gradient
+        is read, and any present is zeroed (the one backward, at the perturbed point, follows).
         """
         if self._progress.perturbed:
             raise RuntimeError(
@@ -264,23 +270,31 @@ class SharpnessAware(torch.optim.Optimizer):
             for bucket in self._buckets:
                 bucket.check_storage()
             self._check_not_replaced()
-        skip.unscale(grad_scaler, self)  # the first pass's inf check, recorded under this optimizer
+        if self.momentum_sam:  # no first pass: nothing to unscale, the ascent is along the momentum
+            momentum_sam.check_step(self)
+        else:
+            skip.unscale(grad_scaler, self)  # the first pass's inf check, recorded under this optimizer
         self._progress.local, self._progress.local_pending = self._progress.local_pending, False
         for bucket in self._buckets:
             bucket.bind_grads()
-        sq = self._global_sq_norm(adaptive_aware=True)
+        if self.momentum_sam:
+            directions = momentum_sam.directions(self)
+            sq = momentum_sam.sq_norm(self, directions)
+        else:
+            directions = [bucket.grad for bucket in self._buckets]
+            sq = self._global_sq_norm(adaptive_aware=True)
         sq_on = self._on_devices(sq)
         radius_args = [self._radius_args(group) for group in self.param_groups]
         # Decided here, once: second_step must combine with the center gradient saved now.
         self._progress.combine = [self._center_coefs(self.param_groups[b.group_index]) for b in self._buckets]
         rho_of_group: dict[int, Tensor] = {}
-        for bucket, coefs in zip(self._buckets, self._progress.combine):
+        for bucket, direction, coefs in zip(self._buckets, directions, self._progress.combine):
             sigma, rho_max, varrho = radius_args[bucket.group_index]
             sigma_t = sigma.to(bucket.device) if isinstance(sigma, Tensor) else None
             center = bucket.ensure_center() if coefs is not None else None
             rho_of_group[bucket.group_index] = self._ops[bucket.device].perturb_(
                 param=bucket.param,
-                grad=bucket.grad,
+                grad=direction,
                 backup=bucket.ensure_backup(),
                 sq=sq_on[bucket.device],
                 sigma=0.0 if sigma_t is not None else sigma,
@@ -292,7 +306,7 @@ class SharpnessAware(torch.optim.Optimizer):
             )
         self._progress.perturbed = True
         self._progress.ascents = 1
-        self._progress.first_sq = sq
+        self._progress.first_sq = None if self.momentum_sam else sq  # Momentum-SAM: no first gradient to check
         self.last_grad_norm.copy_(sq.sqrt())
         for index, rho in rho_of_group.items():
             self.last_rho[index].copy_(rho)
@@ -301,7 +315,7 @@ class SharpnessAware(torch.optim.Optimizer):
                 self.last_sigma[index].copy_(sigma)
             else:
                 self.last_sigma[index].fill_(sigma)
-        if zero_grad:
+        if zero_grad or self.momentum_sam:  # (Momentum-SAM: a gradient here would add to the pass's)
             for bucket in self._buckets:  # grads were bound above
                 bucket.zero_grad()
         if not torch.compiler.is_compiling():  # for step(closure): does the closure call backward? (not traced)
@@ -358,6 +372,8 @@ class SharpnessAware(torch.optim.Optimizer):
         ``grad_scaler.unscale_(opt.base)``, so that ``grad_scaler.update()`` sees the inf checks of
         both passes (first pass: recorded under ``opt``, second: under ``opt.base``) and backs off
         when either overflowed. Call ``grad_scaler.update()`` after this, not ``grad_scaler.step``.
+        Momentum-SAM's one pass is unscaled through ``grad_scaler.unscale_(opt)``, as a one-pass
+        torch optimizer's is, and only its gradient is checked for the skip.
         """
         if not self._progress.perturbed:
             raise RuntimeError(
@@ -365,12 +381,15 @@ class SharpnessAware(torch.optim.Optimizer):
             )
         check_max_grad_norm(max_grad_norm)  # before anything changes: a second_step(...) may follow
         self._take_final_grads(grad_scaler)
+        if self.momentum_sam:
+            momentum_sam.restore_idle(self)
         if self._progress.local:
             distributed.average_centers(self._buckets, self._progress.combine)
         # The final gradient's check reads it once more (4 B per parameter): a skip must be known
         # before the update writes anything, and the update is one pass over every bucket.
         final_sq = self._global_sq_norm(adaptive_aware=False)
-        found_inf = skip.skip_flag([self._progress.first_sq, final_sq], self._progress.device_hypers)
+        checked = [final_sq] if self._progress.first_sq is None else [self._progress.first_sq, final_sq]
+        found_inf = skip.skip_flag(checked, self._progress.device_hypers)
         if max_grad_norm is not None:
             self._clip_final_grads(final_sq, max_grad_norm)
         fused = self._fused_update
@@ -396,7 +415,9 @@ class SharpnessAware(torch.optim.Optimizer):
     def _take_final_grads(self, grad_scaler: torch.amp.GradScaler | None) -> None:
         """The last backward's gradients, unscaled (through the base optimizer, see second_step) and
         bound into the flat grad buffers."""
-        skip.unscale(grad_scaler, self.base)  # the second pass's inf check, recorded under the base
+        # The second pass's inf check, recorded under the base; Momentum-SAM's one pass under the
+        # optimizer, as for any torch optimizer (a user's scaler.unscale_(opt) before is not repeated).
+        skip.unscale(grad_scaler, self if self.momentum_sam else self.base)
         for bucket in self._buckets:
             bucket.bind_grads()
 
@@ -505,7 +526,7 @@ class SharpnessAware(torch.optim.Optimizer):
         check_max_grad_norm(max_grad_norm)
         self._progress.in_step = True  # torch's wrapper of step fires the step hooks, not first/second_step
         try:
-            first_loss = self._first_pass_by_closure(closure)
+            first_loss = NO_LOSS if self.momentum_sam else self._first_pass_by_closure(closure)
             with self.perturbed(grad_scaler, max_grad_norm):
                 loss = self._call_closure(closure)
         finally:

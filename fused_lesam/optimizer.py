@@ -14,6 +14,7 @@ from torch import Tensor
 from .checks import check_schedule, check_value, is_real, refuse_foreign_kwargs
 from .engine import SharpnessAware
 from .maths import sigma_at
+from .momentum_sam import check_available
 
 __all__ = ["SharpnessAware", "FusedLESAM", "FusedSAM"]
 
@@ -70,7 +71,9 @@ class FusedLESAM(SharpnessAware):
             {
                 "rho": "LE-SAM has no fixed radius: it back-solves rho_t = min(sigma_t / ||g||, rho_max) from the loss "
                 "budget sigma each step; give sigma= (the budget, default 0.35) and rho_max= (the cap), or use "
-                "FusedSAM(rho=...) for SAM's fixed radius (davda54/sam's rho)"
+                "FusedSAM(rho=...) for SAM's fixed radius (davda54/sam's rho)",
+                "momentum_sam": "LE-SAM's radius is back-solved from the loss budget with ||g|| at w, which "
+                "Momentum-SAM's one pass never computes; use FusedSAM(momentum_sam=True, rho=...), its fixed radius",
             },
         )
         check_schedule(total_steps, anneal_steps, suffix="_steps")
@@ -133,6 +136,10 @@ class FusedSAM(SharpnessAware):
 
     eps = rho * g / ||g|| (``adaptive=True``: ASAM, eps = rho * w^2 g / ||w g||), the numbers the
     most used PyTorch SAM implementation computes. The baseline of every comparison.
+
+    ``momentum_sam=True`` is Momentum-SAM (`fused_lesam.momentum_sam`): eps = -rho * v / ||v||, v the
+    base's momentum (SGD with momentum > 0, Adam, AdamW, on the fused base update), one forward/backward
+    per step; its useful rho is larger than SAM's (the paper's runs: 3, against SAM's 0.2).
     """
 
     _hyper_names = ("rho", "adaptive")
@@ -144,6 +151,7 @@ class FusedSAM(SharpnessAware):
         *,
         rho: float = 0.05,
         adaptive: bool = False,
+        momentum_sam: bool = False,
         backend: str = "auto",
         capturable: bool = False,
         base_update: str = "auto",
@@ -158,14 +166,24 @@ class FusedSAM(SharpnessAware):
                 for name in ("sigma", "rho_max", "varrho")
             },
         )
+        check_value("momentum_sam", momentum_sam, isinstance(momentum_sam, bool), "a bool")
+        self.momentum_sam = momentum_sam
         super().__init__(
             params, base, dict(rho=rho, adaptive=adaptive), backend, capturable, base_update, **base_kwargs
         )
+        if momentum_sam:
+            check_available(self)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         rho = group["rho"]
         check_value("rho", rho, is_real(rho) and math.isfinite(rho) and rho >= 0, "a finite number >= 0")
         check_value("adaptive", group["adaptive"], isinstance(group["adaptive"], bool), "a bool")
+        if self.momentum_sam and group["adaptive"]:
+            raise ValueError(
+                "adaptive=True with momentum_sam=True: ASAM's scaling is defined for a gradient, and "
+                "Momentum-SAM perturbs along the momentum; drop one of the two"
+            )
 
     def _radius_args(self, group: dict[str, Any]) -> tuple[float, float, float]:
-        return math.inf, group["rho"], 1.0
+        # Momentum-SAM goes along -v: a signed radius, which min(inf, -rho) keeps in every backend.
+        return math.inf, -group["rho"] if self.momentum_sam else group["rho"], 1.0

@@ -6,7 +6,7 @@ device tensor: the fused base update reads it in its kernels; torch's fused opti
 ``base.found_inf`` (GradScaler's protocol); any other base is stepped or not on the host
 (`base_step`, the one host sync). The engine unscales each pass through GradScaler itself
 (`unscale`): the first under the engine, the second under the base, so that ``scaler.update()``
-sees both inf checks.
+sees both inf checks; Momentum-SAM's one pass under the engine.
 """
 
 from __future__ import annotations

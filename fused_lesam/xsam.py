@@ -75,7 +75,11 @@ class FusedXSAM(SharpnessAware):
             "FusedXSAM",
             base,
             base_kwargs,
-            {"sigma": "XSAM ascends by the fixed length rho; LE-SAM's loss budget sigma is FusedLESAM's"},
+            {
+                "sigma": "XSAM ascends by the fixed length rho; LE-SAM's loss budget sigma is FusedLESAM's",
+                "momentum_sam": "XSAM ascends along gradients and turns towards the last one; Momentum-SAM "
+                "is FusedSAM(momentum_sam=True, rho=...)",
+            },
         )
         check_value(
             "steps", steps, isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "an int >= 1"
