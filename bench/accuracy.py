@@ -58,7 +58,7 @@ SGD = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
 # What --tune chose (mean validation accuracy, both conditions, seeds 0 and 1; see the docstring).
 CHOSEN = dict(sam_rho=0.05, lesam_sigma=0.1, lesam_alpha=0.3)
 LESAM_RHO_MAX = 0.4
-GRID = dict(sam_rho=[0.01, 0.02, 0.05, 0.1, 0.2], lesam_sigma=[0.03, 0.1, 0.3, 1.0], lesam_alpha=[0.1, 0.3, 1.0])
+GRID = dict(sam_rho=[0.01, 0.02, 0.05, 0.1, 0.2], lesam_sigma=[0.01, 0.03, 0.1, 0.3], lesam_alpha=[0.1, 0.3, 1.0])
 
 
 def optimizers(hyper: dict) -> dict[str, Callable]:

@@ -15,6 +15,7 @@ import epoch_time
 import fidelity
 import pytest
 import report
+import run as suite
 import torch
 import torch.nn.functional as F
 from common import MODES, Mode
@@ -114,9 +115,9 @@ def test_mode_rows_time_whole_cycles_and_report_against_sgd(monkeypatch, results
     argv = ["--steps", "1", "--warmup", "0", "--batch", "2", "--rows", "SGD,FusedLESAM stand-in k=2"]
     with pytest.raises(SystemExit):  # 3 steps are not whole cycles of 2
         epoch_time.main(argv + ["--cycle-steps", "3"])
-    sgd, mode = epoch_time.main(argv + ["--cycle-steps", "2"])
+    sgd, mode = epoch_time.main(argv + ["--cycle-steps", "4"])
     for r in (sgd, mode):
-        assert len(r["steps_s"]) == 2 and r["step_is"] == "mean over whole cycles"
+        assert len(r["steps_s"]) == 4 and r["step_is"] == "mean over whole cycles"
         assert r["step_s"] == pytest.approx(statistics.fmean(r["steps_s"]))
         assert r["epoch_s"] == pytest.approx(r["step_s"] * 25000)  # 50,000 images in batches of 2
     assert mode["mode"] == "interval" and mode["pass_bound"] == 1.5
@@ -255,6 +256,19 @@ def test_accuracy_smoke(accuracy, results_in_tmp):
     saved = json.loads((results_in_tmp / "accuracy.json").read_text())
     assert saved["hyperparameters"]["sam_rho"] == accuracy.CHOSEN["sam_rho"] and len(saved["runs"]) == 4
     assert (results_in_tmp / "accuracy.png").stat().st_size > 0
+
+
+def test_without_scikit_learn_the_suite_says_so_and_skips_the_accuracy_table(monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(suite.accuracy, "main", lambda argv: ran.append(argv))
+    monkeypatch.setattr(suite.importlib.util, "find_spec", lambda name: None)
+    assert suite.accuracy_table() is False and ran == []
+    assert "scikit-learn is missing" in capsys.readouterr().out
+    monkeypatch.undo()
+    monkeypatch.setattr(suite.accuracy, "main", lambda argv: ran.append(argv))
+    if os.environ.get("FUSED_LESAM_PYTHON"):
+        pytest.importorskip("sklearn", reason="scikit-learn is not in FUSED_LESAM_PYTHON's interpreter")
+    assert suite.accuracy_table() is True and ran == [[]]
 
 
 def test_accuracy_table_has_every_optimizer_and_mode(accuracy):
