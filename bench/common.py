@@ -11,6 +11,7 @@ import pickle
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,19 @@ def machine(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+@contextmanager
+def one_thread():
+    """torch on one CPU thread inside the block. For the small nets of fidelity.py and accuracy.py:
+    they gain little from a second thread, and on a shared 2-core machine two threads per process
+    oversubscribe the cores; a 200-step fidelity run took 78 s with two threads there, 8 s with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def results_dir() -> Path:

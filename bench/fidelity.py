@@ -19,7 +19,8 @@ Per step: the cosine similarity to g_hat and the relative error ||g_mode - g_hat
 printed as a summary (mean and min of the cosine, mean and max of the error over the steps), and
 charted over the steps. Data: synthetic (bench/radius_dynamics.py's: each of 10 classes a fixed
 random 3x16x16 image plus strong noise), fixed batches; the model: a small conv net without
-BatchNorm, so that every gradient here is of the same function. Seconds on a CPU.
+BatchNorm, so that every gradient here is of the same function. Seconds on a CPU (one thread,
+common.one_thread).
 
     python bench/fidelity.py [--steps 200] [--batch 64]
 
@@ -34,7 +35,7 @@ import time
 import report
 import torch
 import torch.nn.functional as F
-from common import MODES, Progress, machine, results_dir, write_json
+from common import MODES, Progress, machine, one_thread, results_dir, write_json
 from radius_dynamics import synthetic_data
 from torch import nn
 
@@ -145,7 +146,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     start = time.perf_counter()
-    per_step = run(args.steps, args.batch, device, Progress(args.steps, "fidelity"))
+    with one_thread():  # on a GPU it changes nothing that matters
+        per_step = run(args.steps, args.batch, device, Progress(args.steps, "fidelity"))
     seconds = time.perf_counter() - start
     summary = report.fidelity_summary(per_step)
     print(

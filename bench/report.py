@@ -422,7 +422,7 @@ def plot_accuracy(summary: list[dict], title: str, path) -> None:
     ax.set_ylim(max(0, math.floor(low) - 2), 100)
     ax.set_xticks(range(len(conditions)), conditions)
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    ax.legend(fontsize=7, ncol=4, loc="lower center")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
