@@ -1,5 +1,6 @@
 """What every benchmark of the suite shares: timing with device synchronisation, the machine
-description written into each JSON, a progress line, and CIFAR-100 (local files or synthetic)."""
+description written into each JSON, a progress line, CIFAR-100 (local files or synthetic), and the
+throughput modes of FusedLESAM / FusedSAM that the epoch table and the accuracy table both run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pickle
 import platform
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +22,32 @@ import fused_lesam
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
 CIFAR_TRAIN_SIZE = 50000
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A throughput mode: ``optimizer`` ("FusedLESAM" or "FusedSAM") built with ``kwargs`` on top of
+    its usual hyperparameters. Its steps repeat in cycles of ``cycle`` steps (one full two-pass step,
+    then one-pass steps); ``passes`` is its forward/backward passes per step over SGD's one, the
+    floor of its time over SGD's when the passes dominate the step. ``momentum_sam``: its one pass is
+    at the perturbed point, after first_step(), with no backward at w before it."""
+
+    label: str
+    optimizer: str
+    kwargs: dict = field(default_factory=dict)
+    cycle: int = 1
+    momentum_sam: bool = False
+
+    @property
+    def passes(self) -> float:
+        return 1.0 if self.momentum_sam else (self.cycle + 1) / self.cycle
+
+
+MODES = {
+    "interval": Mode("interval k=2", "FusedLESAM", dict(sam_interval=2), cycle=2),
+    "looksam": Mode("LookSAM k=5", "FusedLESAM", dict(look_k=5, look_alpha=0.7), cycle=5),
+    "msam": Mode("Momentum-SAM", "FusedSAM", dict(momentum_sam=True), momentum_sam=True),
+}
 
 
 def sync(device: torch.device) -> None:
@@ -51,6 +80,19 @@ def machine(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+@contextmanager
+def one_thread():
+    """torch on one CPU thread inside the block. For the small nets of fidelity.py and accuracy.py:
+    they gain little from a second thread, and on a shared 2-core machine two threads per process
+    oversubscribe the cores; a 200-step fidelity run took 78 s with two threads there, 8 s with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def results_dir() -> Path:

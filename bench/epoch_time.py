@@ -8,9 +8,18 @@ share of the step. XSAM rows take one ascent step with a fixed alpha (the per-st
 dynamic alpha search, which the paper runs once per epoch, is timed apart (one search, per
 FusedXSAM row) and printed under the table.
 
-Quick default (under a minute on a 2-core CPU): ResNet-18, batch 32, 3 timed steps after 2
-warm-up steps per row, the rows taking turns step by step; the epoch is extrapolated from the
-median step and labelled so.
+The throughput modes on the default backend (common.MODES): FusedLESAM with a full step every 2nd
+step (sam_interval=2), FusedLESAM LookSAM (look_k=5, look_alpha=0.7) and FusedSAM Momentum-SAM
+(momentum_sam=True), each driven by the uniform two-step loop (needs_perturbed_pass decides the second
+pass). Their steps differ in cost, so these rows and SGD's time ``--cycle-steps`` steps (a multiple of
+every mode's cycle) and their epoch comes from the mean step over those whole cycles. A table under
+the main one gives each mode's epoch time over SGD's in the same run, pass/short against the targets
+(interval k=2 and Momentum-SAM <= 1.15x, LookSAM k=5 <= 1.3x), and its forward/backward passes per
+step over SGD's (1.5, 1.2, 1.0): where that bound exceeds the target, the passes alone rule it out.
+
+Quick default (a few minutes on a 2-core CPU): ResNet-18, batch 32, 3 timed steps after 2
+warm-up steps per row (10 for SGD and the modes), the rows taking turns step by step; the epoch is
+extrapolated from the median step (the mean over whole cycles for SGD and the modes) and labelled so.
 The paper's protocol, on a GPU (whole epochs, the first one excluded as warm-up, the median of
 the others; the device synchronised around every timing):
 
@@ -32,7 +41,7 @@ import report
 import torch
 import torch.nn.functional as F
 from baselines import PerTensorSAM, PerTensorXSAM
-from common import Batches, Progress, machine, results_dir, sync, write_json
+from common import MODES, Batches, Mode, Progress, machine, results_dir, sync, write_json
 from models import MODELS, PAPER_NAMES
 
 import fused_lesam
@@ -56,6 +65,8 @@ HYPER = {
 SAM_RHO = 0.1
 XSAM = dict(rho=0.15, alpha=0.5)  # the XSAM reference's rho; alpha fixed mid-grid for the per-step rows
 SAM_ROW, LESAM_ROW, XSAM_ROW = "SAM (per-tensor loop)", "LE-SAM (per-tensor loop)", "XSAM (per-tensor loop)"
+# Row label -> (common.MODES key, mode): the throughput modes' rows, on the default backend.
+MODE_ROWS = {f"{mode.optimizer} {mode.label}": (key, mode) for key, mode in MODES.items()}
 
 
 def optimizer_rows(model_name: str, device: torch.device, fused_sgd: bool) -> dict[str, Callable]:
@@ -81,6 +92,13 @@ def optimizer_rows(model_name: str, device: torch.device, fused_sgd: bool) -> di
         rows[f"FusedXSAM ({name})"] = lambda ps, b=name: FusedXSAM(
             ps, torch.optim.SGD, dynamic=True, backend=b, **XSAM, **sgd
         )
+    for label, (_, mode) in MODE_ROWS.items():
+        if mode.optimizer == "FusedLESAM":
+            rows[label] = lambda ps, m=mode: FusedLESAM(
+                ps, torch.optim.SGD, sigma=h["sigma"], rho_max=h["rho_max"], **m.kwargs, **sgd
+            )
+        else:
+            rows[label] = lambda ps, m=mode: FusedSAM(ps, torch.optim.SGD, rho=SAM_RHO, **m.kwargs, **sgd)
     return rows
 
 
@@ -105,9 +123,13 @@ class Timer:
         return Block()
 
 
-def train_step(model, opt, x, y, one_pass: bool, amp: bool, timer: Timer, search: bool = False) -> None:
+def train_step(
+    model, opt, x, y, one_pass: bool, amp: bool, timer: Timer, search: bool = False, momentum_sam: bool = False
+) -> None:
     """One training step as the papers' loops do it; the optimizer's own time goes to "optimizer".
-    ``search``: FusedXSAM's dynamic alpha search in this step (forward passes, BatchNorm frozen)."""
+    ``search``: FusedXSAM's dynamic alpha search in this step (forward passes, BatchNorm frozen).
+    ``momentum_sam``: Momentum-SAM's step, first_step() before the only forward/backward, which is
+    at the perturbed point and so updates BatchNorm's statistics as SGD's one pass does."""
 
     def loss():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -117,6 +139,13 @@ def train_step(model, opt, x, y, one_pass: bool, amp: bool, timer: Timer, search
         with frozen_bn_stats(model):
             return loss()
 
+    if momentum_sam:
+        with timer("optimizer"):
+            opt.first_step(zero_grad=True)
+        loss().backward()
+        with timer("optimizer"):
+            opt.second_step(zero_grad=True)
+        return
     loss().backward()
     if one_pass:
         with timer("optimizer"):
@@ -125,8 +154,11 @@ def train_step(model, opt, x, y, one_pass: bool, amp: bool, timer: Timer, search
         return
     with timer("optimizer"):
         opt.first_step(zero_grad=True)
-    with frozen_bn_stats(model):  # the second forward must not update BatchNorm statistics again
-        loss().backward()
+    # The per-tensor loops and the modes' full steps always need the pass; the modes' one-pass
+    # steps do not (needs_perturbed_pass is False there).
+    if getattr(opt, "needs_perturbed_pass", True):
+        with frozen_bn_stats(model):  # the second forward must not update BatchNorm statistics again
+            loss().backward()
     with timer("optimizer"):
         if search:
             opt.second_step(zero_grad=True, search_alpha=loss_at)
@@ -155,14 +187,16 @@ def build(model_name, make_opt, device, channels_last):
     return model, make_opt(list(model.parameters()))
 
 
-def time_epochs(model, opt, one_pass, batches: Batches, args, progress: Progress) -> dict:
+def time_epochs(row: Row, args, progress: Progress) -> dict:
     """Whole epochs; the first one is warm-up when there are several."""
+    model, opt = row.build(args.channels_last)
+    batches = row.batches
     epoch_times, opt_times = [], []
     for _ in range(args.epochs):
         timer = Timer(batches.device)
         with timer("epoch"):
             for x, y in batches.epoch():
-                train_step(model, opt, x, y, one_pass, args.amp, timer)
+                row.step(model, opt, x, y, args, timer)
                 progress.advance()
         epoch_times.append(timer.total["epoch"])
         opt_times.append(timer.total["optimizer"])
@@ -183,38 +217,59 @@ class Row:
     batches: Batches
     label: str
     make_opt: Callable
+    mode: Mode | None = None
 
     def build(self, channels_last: bool):
         return build(self.model, self.make_opt, self.batches.device, channels_last)
 
+    @property
+    def times_cycles(self) -> bool:
+        """SGD and the modes time whole cycles (``--cycle-steps``), the others ``--steps``."""
+        return self.mode is not None or self.label == "SGD"
+
+    def timed_steps(self, args) -> int:
+        return args.cycle_steps if self.times_cycles else args.steps
+
+    def step(self, model, opt, x, y, args, timer: Timer) -> None:
+        momentum_sam = self.mode is not None and self.mode.momentum_sam
+        train_step(model, opt, x, y, self.label == "SGD", args.amp, timer, momentum_sam=momentum_sam)
+
 
 def time_steps(plan: list[Row], args, progress: Progress) -> list[dict]:
     """Steps of every row in turn (row 1 step 1, row 2 step 1, ...), so that a machine getting
-    slower or faster during the run affects every row alike; the epoch is extrapolated."""
+    slower or faster during the run affects every row alike; a row with fewer timed steps drops out
+    when it has them. The epoch is extrapolated: from the median step, or, for the rows that time
+    whole cycles (SGD, the modes), from the mean step over them, since a mode's steps differ in cost."""
     built = [row.build(args.channels_last) for row in plan]
     step_times = [[] for _ in plan]
     opt_times = [[] for _ in plan]
-    for i in range(args.warmup + args.steps):
+    for i in range(args.warmup + max(row.timed_steps(args) for row in plan)):
         for k, (row, (model, opt)) in enumerate(zip(plan, built)):
+            if i >= args.warmup + row.timed_steps(args):
+                continue
             batches = row.batches
             x, y = batches.make(torch.randint(0, batches.size, (batches.batch,), generator=batches.gen))
             timer = Timer(batches.device)
             with timer("step"):
-                train_step(model, opt, x, y, row.label == "SGD", args.amp, timer)
+                row.step(model, opt, x, y, args, timer)
             if i >= args.warmup:
                 step_times[k].append(timer.total["step"])
                 opt_times[k].append(timer.total["optimizer"])
             progress.advance()
-    return [
-        dict(
-            step_s=statistics.median(steps),
-            steps_s=steps,
-            extrapolated=True,
-            epoch_s=statistics.median(steps) * row.batches.steps_per_epoch,
-            optimizer_share=sum(opts) / sum(steps),
+    results = []
+    for steps, opts, row in zip(step_times, opt_times, plan):
+        step_s = statistics.fmean(steps) if row.times_cycles else statistics.median(steps)
+        results.append(
+            dict(
+                step_s=step_s,
+                step_is="mean over whole cycles" if row.times_cycles else "median",
+                steps_s=steps,
+                extrapolated=True,
+                epoch_s=step_s * row.batches.steps_per_epoch,
+                optimizer_share=sum(opts) / sum(steps),
+            )
         )
-        for steps, opts, row in zip(step_times, opt_times, plan)
-    ]
+    return results
 
 
 def main(argv=None) -> list[dict]:
@@ -224,6 +279,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", type=int, help="default: 32 on the CPU, else the paper's per model")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (without --epochs)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row first (without --epochs)")
+    parser.add_argument(
+        "--cycle-steps",
+        type=int,
+        default=10,
+        help="timed steps of SGD and the mode rows (without --epochs): a multiple of every mode's cycle",
+    )
     parser.add_argument("--epochs", type=int, default=0, help="time whole epochs instead (the paper: 5)")
     parser.add_argument("--rows", default="", help="comma-separated row labels to keep, e.g. 'SGD,FusedLESAM (cpp)'")
     parser.add_argument("--data", help="folder with CIFAR-100's python files (cifar-100-python/); else synthetic")
@@ -243,15 +304,17 @@ def main(argv=None) -> list[dict]:
         if unknown:
             parser.error(f"unknown rows {sorted(unknown)}; the rows here are {list(rows)}")
         keep = [r for r in rows if not wanted or r in wanted]
-        plan += [Row(name, batches, label, rows[label]) for label in keep]
+        plan += [Row(name, batches, label, rows[label], MODE_ROWS.get(label, (None, None))[1]) for label in keep]
+    uneven = [row.label for row in plan if row.mode is not None and args.cycle_steps % row.mode.cycle]
+    if args.cycle_steps < 1 or uneven:
+        parser.error(f"--cycle-steps {args.cycle_steps} is not a positive multiple of the cycle of {uneven}")
     units = sum(
-        (args.epochs * row.batches.steps_per_epoch) if args.epochs else (args.warmup + args.steps) for row in plan
+        (args.epochs * row.batches.steps_per_epoch) if args.epochs else (args.warmup + row.timed_steps(args))
+        for row in plan
     )
     progress = Progress(units, "epoch_time")
     if args.epochs:
-        results = [
-            time_epochs(*row.build(args.channels_last), row.label == "SGD", row.batches, args, progress) for row in plan
-        ]
+        results = [time_epochs(row, args, progress) for row in plan]
     else:
         results = time_steps(plan, args, progress)
     for r, row in zip(results, plan):
@@ -261,6 +324,8 @@ def main(argv=None) -> list[dict]:
             r["alpha_search_points"] = len(opt.alpha_grid)
     for r, row in zip(results, plan):
         r.update(model=row.model, row=row.label, batch=row.batches.batch, data=row.batches.source)
+        if row.mode is not None:
+            r.update(mode=MODE_ROWS[row.label][0], pass_bound=row.mode.passes)
     for r in results:
         sam = (
             next(s for s in results if s["model"] == r["model"] and s["row"] == SAM_ROW)
@@ -279,6 +344,10 @@ def main(argv=None) -> list[dict]:
         f"batch {', '.join(sorted({str(r['batch']) for r in results}))}"
     )
     print(report.epoch_table(results))
+    modes = report.mode_verdicts(results)
+    if modes:
+        print("\nThe throughput modes (default backend): time per epoch over SGD's in this run, against the targets")
+        print(report.mode_table(modes))
     for r in results:
         if "alpha_search_s" in r:
             print(
@@ -292,6 +361,7 @@ def main(argv=None) -> list[dict]:
             machine=info,
             config=vars(args),
             results=results,
+            modes=modes,
             paper_table6={f"{m}/{o}": s for (m, o), s in PAPER_TABLE6.items()},
         ),
     )

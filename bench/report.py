@@ -3,8 +3,10 @@ so the tests can feed it made-up figures. The JSON files are written by common.w
 
 The step microbenchmark (bench/test_step_overhead.py): from the per-round times of its rows to the
 byte-limit fraction, the speed-ups, the pass/short decisions against issue 14's targets, and the
-printed tables. The time per epoch (bench/epoch_time.py): its table and chart. The radius
-dynamics (bench/radius_dynamics.py): its chart.
+printed tables. The time per epoch (bench/epoch_time.py): its table and chart, and the throughput
+modes' epoch time over SGD's against their targets. The radius dynamics (bench/radius_dynamics.py):
+its chart. The fidelity of the modes (bench/fidelity.py) and the accuracy table (bench/accuracy.py):
+their summaries, tables and charts.
 
 Byte model (fp32, per parameter and step; README "byte model", docs/design.md §3): the ideal whole step
 reads g for the norm (4), reads w, g and writes w, w_bak to perturb (16), and in one pass reads
@@ -16,6 +18,7 @@ machine's bandwidth, and (ideal bytes / copy bandwidth) / measured time is the f
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from models import PAPER_NAMES
@@ -248,6 +251,179 @@ def plot_epoch_times(results: list[dict], title: str, path) -> None:
         ax.set_title(PAPER_NAMES[model])
         ax.set_xlabel("seconds per epoch" + (" (extrapolated from steps)" if extrapolated else ""))
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# The throughput modes' targets: epoch time over SGD's in the same run (common.MODES' keys).
+TARGET_MODE_VS_SGD = {"interval": 1.15, "looksam": 1.3, "msam": 1.15}
+
+
+def mode_verdicts(results: list[dict]) -> list[dict]:
+    """Per mode row (one with a "mode" key) of each model: its epoch time over the SGD row's of the
+    same model and run, the target, pass/short, and the pass-count bound (passes per step over SGD's):
+    a bound above the target means the passes alone rule the target out."""
+    sgd = {r["model"]: r["epoch_s"] for r in results if r["row"] == "SGD"}
+    verdicts = []
+    for r in results:
+        if "mode" not in r or r["model"] not in sgd:
+            continue
+        target = TARGET_MODE_VS_SGD[r["mode"]]
+        vs_sgd = r["epoch_s"] / sgd[r["model"]]
+        verdicts.append(
+            dict(
+                model=r["model"],
+                row=r["row"],
+                mode=r["mode"],
+                vs_sgd=vs_sgd,
+                target=target,
+                ok=vs_sgd <= target,
+                pass_bound=r["pass_bound"],
+                bound_rules_out=r["pass_bound"] > target,
+            )
+        )
+    return verdicts
+
+
+def mode_table(verdicts: list[dict]) -> str:
+    lines = [
+        "| Architecture | Mode | passes / step vs SGD | Time / Epoch vs SGD | target | |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for v in verdicts:
+        ruled_out = " (the pass count alone exceeds it)" if v["bound_rules_out"] else ""
+        lines.append(
+            f"| {PAPER_NAMES[v['model']]} | {v['row']} | {v['pass_bound']:.2f}x | {v['vs_sgd']:.3f}x "
+            f"| <= {v['target']:.2f}x |{verdict(v['ok'])}{ruled_out} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- fidelity (fidelity.py)
+def fidelity_summary(per_step: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Mode -> mean and min over the steps of the cosine to g_hat, mean and max of the relative error."""
+    return {
+        mode: dict(
+            cosine_mean=statistics.fmean(figures["cosine"]),
+            cosine_min=min(figures["cosine"]),
+            rel_error_mean=statistics.fmean(figures["rel_error"]),
+            rel_error_max=max(figures["rel_error"]),
+        )
+        for mode, figures in per_step.items()
+    }
+
+
+def fidelity_table(summary: dict[str, dict[str, float]]) -> str:
+    lines = [
+        "| Mode | cosine to g_hat, mean | min | ‖g_mode − g_hat‖ / ‖g_hat‖, mean | max |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for mode, s in summary.items():
+        lines.append(
+            f"| {mode} | {s['cosine_mean']:.4f} | {s['cosine_min']:.4f} | {s['rel_error_mean']:.4f} "
+            f"| {s['rel_error_max']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_fidelity(per_step: dict[str, dict[str, list[float]]], title: str, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    for mode, figures in per_step.items():
+        axes[0].plot(figures["cosine"], label=mode, lw=1)
+        axes[1].plot(figures["rel_error"], label=mode, lw=1)
+    axes[0].set_title("cosine(g_mode, g_hat)", fontsize=10)
+    axes[1].set_title("||g_mode - g_hat|| / ||g_hat||", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- accuracy table (accuracy.py)
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def accuracy_summary(runs: list[dict]) -> list[dict]:
+    """Per (condition, optimizer), in the order first run: test accuracy mean and std over the seeds,
+    the mean wall time of a run, and the number of seeds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["condition"], run["optimizer"]), []).append(run)
+    summary = []
+    for (condition, optimizer), group in groups.items():
+        mean, std = mean_std([run["test_accuracy"] for run in group])
+        summary.append(
+            dict(
+                condition=condition,
+                optimizer=optimizer,
+                seeds=len(group),
+                accuracy_mean=mean,
+                accuracy_std=std,
+                wall_s_mean=statistics.fmean(run["wall_s"] for run in group),
+            )
+        )
+    return summary
+
+
+def accuracy_table(summary: list[dict]) -> str:
+    conditions = list(dict.fromkeys(s["condition"] for s in summary))
+    optimizers = list(dict.fromkeys(s["optimizer"] for s in summary))
+    cell = {(s["condition"], s["optimizer"]): s for s in summary}
+    lines = [
+        "| Optimizer | " + " | ".join(f"{c}: test acc. (%) | s / run" for c in conditions) + " |",
+        "| --- |" + " ---: | ---: |" * len(conditions),
+    ]
+    for optimizer in optimizers:
+        cells = []
+        for condition in conditions:
+            s = cell.get((condition, optimizer))
+            cells += (
+                ["-", "-"]
+                if s is None
+                else [f"{100 * s['accuracy_mean']:.2f} ± {100 * s['accuracy_std']:.2f}", f"{s['wall_s_mean']:.1f}"]
+            )
+        lines.append(f"| {optimizer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_accuracy(summary: list[dict], title: str, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conditions = list(dict.fromkeys(s["condition"] for s in summary))
+    optimizers = list(dict.fromkeys(s["optimizer"] for s in summary))
+    cell = {(s["condition"], s["optimizer"]): s for s in summary}
+    width = 0.8 / len(optimizers)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(optimizers) * len(conditions)), 4))
+    for i, optimizer in enumerate(optimizers):
+        xs, means, stds = [], [], []
+        for c, condition in enumerate(conditions):
+            s = cell.get((condition, optimizer))
+            if s is not None:
+                xs.append(c + (i - (len(optimizers) - 1) / 2) * width)
+                means.append(100 * s["accuracy_mean"])
+                stds.append(100 * s["accuracy_std"])
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=optimizer)
+    low = min(100 * (s["accuracy_mean"] - s["accuracy_std"]) for s in summary)
+    ax.set_ylim(max(0, math.floor(low) - 2), 100)
+    ax.set_xticks(range(len(conditions)), conditions)
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

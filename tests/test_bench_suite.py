@@ -71,7 +71,8 @@ def test_without_cifar_files_the_data_are_synthetic_and_say_so(tmp_path):
 
 def test_epoch_table(results_in_tmp, capsys):
     results = epoch_time.main(
-        ["--steps", "2", "--warmup", "0", "--batch", "4", "--rows", "SGD,SAM (per-tensor loop),FusedLESAM (cpp)"]
+        ["--steps", "2", "--cycle-steps", "2", "--warmup", "0", "--batch", "4"]
+        + ["--rows", "SGD,SAM (per-tensor loop),FusedLESAM (cpp)"]
     )
     assert [r["row"] for r in results] == ["SGD", "SAM (per-tensor loop)", "FusedLESAM (cpp)"]
     for r in results:
