@@ -14,6 +14,7 @@ from torch import Tensor
 from .checks import check_schedule, check_value, is_real, refuse_foreign_kwargs
 from .engine import SharpnessAware
 from .maths import sigma_at
+from .throughput import Modes
 
 __all__ = ["SharpnessAware", "FusedLESAM", "FusedSAM"]
 
@@ -41,6 +42,12 @@ class FusedLESAM(SharpnessAware):
             graph for the whole annealing); needs the fused base update or a base with ``fused=True``.
         base_update: "auto" (fuse torch.optim.SGD/Adam/AdamW's step into the restore when the base
             is one of them), "fused" (require it) or "generic" (restore, then ``base.step()``).
+        sam_interval, sam_start, look_k, look_alpha: the throughput modes (README "Throughput
+            modes"): the full LE-SAM step at step t iff t >= sam_start and (t - sam_start) is a
+            multiple of sam_interval (or of look_k); the other steps take one pass, a plain base step
+            or (look_k > 1, LookSAM) the gradient plus look_alpha * ||g|| / ||g_v|| * g_v. With
+            alpha > 0 the full steps are LE-SAM+ steps and g_v comes from g_hat before the combine.
+            ``opt.needs_perturbed_pass`` says whether the coming step needs the second pass.
     """
 
     _hyper_names = ("sigma", "rho_max", "varrho", "alpha", "alpha_form", "adaptive")
@@ -61,8 +68,13 @@ class FusedLESAM(SharpnessAware):
         backend: str = "auto",
         capturable: bool = False,
         base_update: str = "auto",
+        sam_interval: int = 1,
+        sam_start: int = 0,
+        look_k: int = 1,
+        look_alpha: float = 0.7,
         **base_kwargs,
     ):
+        modes = Modes(sam_interval, sam_start, look_k, look_alpha)
         refuse_foreign_kwargs(
             "FusedLESAM",
             base,
@@ -85,7 +97,7 @@ class FusedLESAM(SharpnessAware):
             alpha_form=alpha_form,
             adaptive=adaptive,
         )
-        super().__init__(params, base, hyper, backend, capturable, base_update, **base_kwargs)
+        super().__init__(params, base, hyper, backend, capturable, base_update, modes=modes, **base_kwargs)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         sigma, rho_max, varrho, alpha = group["sigma"], group["rho_max"], group["varrho"], group["alpha"]
@@ -133,6 +145,8 @@ class FusedSAM(SharpnessAware):
 
     eps = rho * g / ||g|| (``adaptive=True``: ASAM, eps = rho * w^2 g / ||w g||), the numbers the
     most used PyTorch SAM implementation computes. The baseline of every comparison.
+    ``sam_interval``, ``sam_start``, ``look_k``, ``look_alpha``: the throughput modes, as for
+    `FusedLESAM` (LookSAM refuses ``adaptive=True``).
     """
 
     _hyper_names = ("rho", "adaptive")
@@ -147,8 +161,13 @@ class FusedSAM(SharpnessAware):
         backend: str = "auto",
         capturable: bool = False,
         base_update: str = "auto",
+        sam_interval: int = 1,
+        sam_start: int = 0,
+        look_k: int = 1,
+        look_alpha: float = 0.7,
         **base_kwargs,
     ):
+        modes = Modes(sam_interval, sam_start, look_k, look_alpha)
         refuse_foreign_kwargs(
             "FusedSAM",
             base,
@@ -159,7 +178,14 @@ class FusedSAM(SharpnessAware):
             },
         )
         super().__init__(
-            params, base, dict(rho=rho, adaptive=adaptive), backend, capturable, base_update, **base_kwargs
+            params,
+            base,
+            dict(rho=rho, adaptive=adaptive),
+            backend,
+            capturable,
+            base_update,
+            modes=modes,
+            **base_kwargs,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:

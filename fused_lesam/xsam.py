@@ -75,7 +75,18 @@ class FusedXSAM(SharpnessAware):
             "FusedXSAM",
             base,
             base_kwargs,
-            {"sigma": "XSAM ascends by the fixed length rho; LE-SAM's loss budget sigma is FusedLESAM's"},
+            {
+                "sigma": "XSAM ascends by the fixed length rho; LE-SAM's loss budget sigma is FusedLESAM's",
+                **{
+                    name: "LookSAM reuses SAM's direction; no reuse rule is defined for XSAM's update gradient "
+                    "(use FusedSAM or FusedLESAM with look_k)"
+                    for name in ("look_k", "look_alpha")
+                },
+                **{
+                    name: "the throughput modes are FusedSAM's and FusedLESAM's (FusedXSAM takes every step in full)"
+                    for name in ("sam_interval", "sam_start")
+                },
+            },
         )
         check_value(
             "steps", steps, isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "an int >= 1"
