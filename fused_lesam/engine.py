@@ -483,7 +483,8 @@ class SharpnessAware(torch.optim.Optimizer):
         """second_step of a one-pass step: the base step from w with the gradient at w (LookSAM's
         reuse: plus look_alpha * ||g|| / ||g_v|| * g_v), with the skip, clipping and fused update of
         a full step."""
-        if self._progress.refresh:  # perturbed()'s body recomputed the gradient at w
+        if self._progress.refresh:  # perturbed()'s body recomputed the gradient at w (all-reduced by DDP)
+            self._progress.local = False
             self._take_final_grads(grad_scaler)
             self._progress.first_sq = self._global_sq_norm(adaptive_aware=False)
             self.last_grad_norm.copy_(self._progress.first_sq.sqrt())
@@ -801,6 +802,12 @@ class SharpnessAware(torch.optim.Optimizer):
         """Zero the gradients in place (default): they stay views into the flat grad buffer, so the
         next backward writes straight into it. ``set_to_none=True`` drops them as torch does; the
         next step then copies the new gradients back into the buffer (slower, same result)."""
+        if self._progress.perturbed and not needs_pass(self._progress.kind) and not self._progress.refresh:
+            raise RuntimeError(
+                f"{type(self).__name__}.zero_grad() after first_step() on a one-pass step (sam_interval, sam_start "
+                f"or look_k): the step uses the gradient at w kept by first_step(), which this would drop. Zero the "
+                f"gradients only when opt.needs_perturbed_pass is True (or after second_step()); nothing was changed"
+            )
         for bucket in self._buckets:
             if set_to_none:
                 bucket.drop_grads()

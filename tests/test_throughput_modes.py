@@ -161,7 +161,7 @@ def test_schedule_against_fp64_reference(schedule, base_update, backend):
     assert int(opt.skipped_steps) == 0
     for got, ref in zip(model.parameters(), want):
         # fp32 model against the fp64 truth over 12 steps: the forward/backward's fp32 rounding
-        # dominates (observed < 2e-6); a wrong coefficient or step kind moves them by > 1e-3.
+        # dominates (observed < 4e-6); a wrong coefficient or step kind fails it (mutation-checked).
         torch.testing.assert_close(got.detach().double(), ref, rtol=0, atol=2e-5)
 
 
@@ -412,3 +412,67 @@ def test_looksam_refuses_an_adaptive_group_added_later():
 def test_xsam_refuses_the_throughput_modes(name):
     with pytest.raises(TypeError, match=name):
         FusedXSAM(Tiny().parameters(), torch.optim.SGD, lr=0.1, backend="torch", **{name: 2})
+
+
+def test_compiled_steps_equal_eager():
+    """torch.compile takes the step kind from the host step count as eager does (first_step as one
+    graph): the same plain, full and reuse steps. One case (compiling is slow): the extension's ops,
+    which the fused base update's path shares with the spec's."""
+    backend = "cpp" if "cpp" in BACKENDS else "torch"
+    modes = dict(look_k=3, sam_start=1)
+    torch.manual_seed(7)
+    model = Tiny()
+    eager_model = copy.deepcopy(model)
+    kw = dict(lr=0.1, momentum=0.9, rho=0.05, backend=backend, **modes)
+    opt, eager = (
+        FusedSAM(model.parameters(), torch.optim.SGD, **kw),
+        FusedSAM(eager_model.parameters(), torch.optim.SGD, **kw),
+    )
+    first = torch.compile(opt.first_step, fullgraph=True, backend="aot_eager")
+    second = torch.compile(opt.second_step, backend="aot_eager")
+    batches = data(5)
+    for x, y in batches:
+        loss_of(model, x, y).backward()
+        first(zero_grad=True)
+        if opt.needs_perturbed_pass:
+            loss_of(model, x, y).backward()
+        second(zero_grad=True)
+    passes = run(eager_model, eager, batches)
+    assert passes == [k == "full" for k in expected_kinds(modes, 5)]
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_zero_grad_on_a_begun_one_pass_step_is_refused():
+    model = Tiny()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, sam_start=1, backend="torch")
+    (x, y), *_ = data(1)
+    loss_of(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="needs_perturbed_pass"):
+        opt.zero_grad()
+    for p, g in zip(model.parameters(), grads):
+        assert_bits_equal(p.grad, g, "first_step(zero_grad=True) and the refused zero_grad() keep g")
+    opt.second_step()
+    assert opt._progress.count == 1
+
+
+@pytest.mark.parametrize("modes", [dict(sam_interval=2), dict(look_k=2)])
+def test_max_grad_norm_clips_the_gradient_a_one_pass_step_uses(modes):
+    """Plain SGD: on the one-pass step (plain, or reuse: g + coefficient * g_v) the update is lr
+    times the clipped gradient, whose norm is max_grad_norm."""
+    torch.manual_seed(8)
+    model = Tiny()
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, backend="torch", **modes)
+    batches = data(2)
+    run(model, opt, batches[:1])
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batches[1]
+    loss_of(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    assert not opt.needs_perturbed_pass
+    opt.second_step(zero_grad=True, max_grad_norm=1e-2)
+    moved = math.sqrt(sum(float(((p.detach() - w) ** 2).sum()) for p, w in zip(model.parameters(), before)))
+    assert float(opt.last_grad_norm) > 0.05  # so the clipping bites
+    assert moved / 0.1 == pytest.approx(1e-2, rel=1e-3)  # fp32 rounding of w: 3e-6 observed
