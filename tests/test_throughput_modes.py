@@ -476,3 +476,41 @@ def test_max_grad_norm_clips_the_gradient_a_one_pass_step_uses(modes):
     moved = math.sqrt(sum(float(((p.detach() - w) ** 2).sum()) for p, w in zip(model.parameters(), before)))
     assert float(opt.last_grad_norm) > 0.05  # so the clipping bites
     assert moved / 0.1 == pytest.approx(1e-2, rel=1e-3)  # fp32 rounding of w: 3e-6 observed
+
+
+def _ranks_main(rank, out):
+    """Two runs per rank: FSDP2 with LookSAM (its dots and ||g_v|| summed over the shards), and DDP
+    with every first backward local while every step is a plain one (its gradient averaged at
+    second_step, since no second pass follows to be all-reduced)."""
+    from helpers.ddp_cases import HYPER, STEPS, batches, mlp
+    from test_distributed import WORLD, process_group, train
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    with process_group(rank, out):
+        model = mlp()
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+        opt = FusedLESAM(model.parameters(), torch.optim.SGD, backend="cpp", look_k=2, **HYPER)
+        sharded = train(model, opt, batches(), rank, WORLD, snapshot=lambda p: p.full_tensor())
+        model = DistributedDataParallel(mlp())
+        opt = FusedLESAM(model.parameters(), torch.optim.SGD, sam_start=STEPS, **HYPER)
+        local = train(model, opt, batches(), rank, WORLD, local=True)
+        torch.save(dict(sharded=sharded, local=local), f"{out}/rank{rank}.pt")
+
+
+def test_distributed_runs_equal_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+    from helpers.ddp_cases import HYPER, STEPS, batches, mlp
+    from test_distributed import WORLD, train
+
+    mp.spawn(_ranks_main, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    expected = {}
+    for name, modes in (("sharded", dict(look_k=2, backend="cpp")), ("local", dict(sam_start=STEPS))):
+        model = mlp()
+        expected[name] = train(model, FusedLESAM(model.parameters(), torch.optim.SGD, **HYPER, **modes), batches())
+    for rank in (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)):
+        for name, want in expected.items():
+            for step, (got_step, want_step) in enumerate(zip(rank[name], want)):
+                for got, ref in zip(got_step, want_step):
+                    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=f"{name}, step {step}")
