@@ -408,10 +408,52 @@ def test_looksam_refuses_an_adaptive_group_added_later():
         opt.add_param_group({"params": model.b.parameters(), "adaptive": True})
 
 
-@pytest.mark.parametrize("name", ["look_k", "look_alpha", "sam_interval", "sam_start"])
-def test_xsam_refuses_the_throughput_modes(name):
+@pytest.mark.parametrize("name", ["look_k", "look_alpha"])
+def test_xsam_refuses_looksam(name):
     with pytest.raises(TypeError, match=name):
         FusedXSAM(Tiny().parameters(), torch.optim.SGD, lr=0.1, backend="torch", **{name: 2})
+
+
+@pytest.mark.parametrize("how", ["manual", "closure", "perturbed"])
+def test_xsam_with_sam_interval_takes_plain_steps_in_between(how):
+    """FusedXSAM(sam_interval=2, sam_start=1): step 0 and 2 plain (torch's SGD with the gradient at
+    w), steps 1 and 3 the XSAM steps of a FusedXSAM without the option; bit for bit, by the manual
+    API, step(closure) and perturbed()."""
+    torch.manual_seed(9)
+    model = Tiny()
+    twin = copy.deepcopy(model)
+    kw = dict(lr=0.1, rho=0.1, alpha=0.5, backend="torch")
+    opt = FusedXSAM(model.parameters(), torch.optim.SGD, sam_interval=2, sam_start=1, **kw)
+    full, plain = FusedXSAM(twin.parameters(), torch.optim.SGD, **kw), torch.optim.SGD(twin.parameters(), lr=0.1)
+    passes = []
+    for t, (x, y) in enumerate(data(4)):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        passes.append(opt.needs_perturbed_pass)
+        if how == "manual":
+            opt.first_step(zero_grad=True)
+            if opt.needs_perturbed_pass:
+                loss_of(model, x, y).backward()
+            opt.second_step()
+        elif how == "closure":
+            opt.step(lambda: loss_of(model, x, y).backward())
+        else:
+            with opt.perturbed():
+                loss_of(model, x, y).backward()
+        full.zero_grad()
+        plain.zero_grad()
+        loss_of(twin, x, y).backward()
+        if t % 2:
+            full.step(lambda: loss_of(twin, x, y).backward())
+        else:
+            plain.step()
+    assert passes == [False, True, False, True]
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert_bits_equal(p.detach(), q.detach())
+    with pytest.raises(RuntimeError, match="ascent_step\\(\\) on a one-pass step"):
+        loss_of(model, x, y).backward()
+        opt.first_step()
+        opt.ascent_step()
 
 
 def test_compiled_steps_equal_eager():
