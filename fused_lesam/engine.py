@@ -45,7 +45,7 @@ from .checks import (
     replaced_params_error,
     watch_params,
 )
-from .maths import clip_coefficient, look_projection, look_reuse_coefficient
+from .maths import clip_coefficient, look_projection, look_reuse_coefficient, sum_dtype
 from .throughput import FULL, REUSE, Modes, needs_pass
 
 __all__ = ["SharpnessAware"]
@@ -179,7 +179,8 @@ class SharpnessAware(torch.optim.Optimizer):
             old = getattr(self, "_device_count", None)
             self._device_count = torch.zeros((), dtype=torch.int64, device=main) if old is None else old.to(main)
         # LookSAM's ||g_v|| (g_v is each bucket's look_dir): new buckets (add_param_group) start afresh.
-        self._look_norm = torch.zeros((), device=main) if self._modes.looksam else None
+        look_dtype = sum_dtype([b.grad for b in self._buckets])  # fp64 when a bucket is: the norm's own dtype
+        self._look_norm = torch.zeros((), dtype=look_dtype, device=main) if self._modes.looksam else None
 
     def _choose_base_update(self) -> None:
         """Fuse the base optimizer's step into the restore where it can be (see the class docstring)."""
