@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -321,14 +322,21 @@ def test_perturbed_on_a_one_pass_step_recomputes_the_gradient():
         assert_bits_equal(p.detach(), q.detach())
 
 
-def test_hooks_fire_once_per_step_of_every_kind():
+def test_hooks_and_lr_schedulers_see_every_step_of_every_kind():
     model = Tiny()
-    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, sam_interval=3, backend="torch")
+    # step 0 is a plain one: the scheduler's check of the first optimizer step reads what it sets
+    opt = FusedSAM(model.parameters(), torch.optim.SGD, lr=0.1, sam_interval=3, sam_start=1, backend="torch")
     fired = []
     opt.register_step_pre_hook(lambda *_: fired.append("pre"))
     opt.register_step_post_hook(lambda *_: fired.append("post"))
-    run(model, opt, data(4))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for batch in data(4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns when the scheduler steps before the optimizer
+            run(model, opt, [batch])
+            scheduler.step()
     assert fired == ["pre", "post"] * 4
+    assert opt.param_groups[0]["lr"] == 0.1 * 0.5**4
 
 
 @pytest.mark.parametrize("base_update", ["fused", "generic"])
