@@ -108,14 +108,43 @@ def run_xsam_restore(ops, case: Case) -> None:
         check_restored(param, case.w, "xsam_restore_")
 
 
+def look_coef(ops, case: Case) -> torch.Tensor:
+    dots = ops.look_dots([case.put(case.ghat)], [case.put(case.g)])
+    return maths.look_projection(dots)
+
+
+def run_look_dots(ops, case: Case) -> None:
+    ops.look_dots([case.put(case.ghat), case.put(case.w)], [case.put(case.g), case.put(case.ghat)])  # two buckets
+
+
+def run_look_store(ops, case: Case) -> None:
+    coef = look_coef(ops, case)
+    for skip in (0.0, 1.0):
+        look_dir = case.put(case.w)
+        ops.look_store_(look_dir, case.put(case.ghat), case.put(case.g), coef, case.scalar(skip))
+        if skip:
+            check_restored(look_dir, case.w, "look_store_ (skipped)")
+
+
+def run_look_add(ops, case: Case) -> None:
+    ops.look_add_(case.put(case.g), case.put(case.ghat), look_coef(ops, case))
+
+
+# (momentum or amsgrad, center, found_inf, backup): the last rows step from param itself (no backup).
+SGD_ROWS = ((0.9, True, 0.0, True), (0.0, False, 0.0, True), (0.9, False, 1.0, True), (0.9, False, 0.0, False))
+SGD_ROWS += ((0.0, False, 1.0, False),)
+ADAM_ROWS = ((True, True, 0.0, True), (False, False, 0.0, True), (False, False, 1.0, True), (True, False, 0.0, False))
+ADAM_ROWS += ((False, False, 1.0, False),)
+
+
 def run_sgd_step(ops, case: Case) -> None:
-    for momentum, with_center, skip in ((0.9, True, 0.0), (0.0, False, 0.0), (0.9, False, 1.0)):
+    for momentum, with_center, skip, with_backup in SGD_ROWS:
         buffer = case.put(case.ghat) if momentum else None
         center = case.put(case.ghat) if with_center else None
-        param = case.put(case.g)
+        param = case.put(case.g if with_backup else case.w)
         ops.sgd_step_(
             param=param,
-            backup=case.put(case.w),
+            backup=case.put(case.w) if with_backup else None,
             grad=case.put(case.g),
             momentum_buffer=buffer,
             center=center,
@@ -135,11 +164,11 @@ def run_sgd_step(ops, case: Case) -> None:
 
 
 def run_adam_step(ops, case: Case) -> None:
-    for amsgrad, with_center, skip in ((True, True, 0.0), (False, False, 0.0), (False, False, 1.0)):
-        param = case.put(case.g)
+    for amsgrad, with_center, skip, with_backup in ADAM_ROWS:
+        param = case.put(case.g if with_backup else case.w)
         ops.adam_step_(
             param=param,
-            backup=case.put(case.w),
+            backup=case.put(case.w) if with_backup else None,
             grad=case.put(case.g),
             exp_avg=case.put(case.ghat),
             exp_avg_sq=case.put(case.ghat.abs()),
@@ -170,6 +199,9 @@ RUNNERS: dict[str, Callable[[object, Case], None]] = {
     "xsam_dots": run_xsam_dots,
     "xsam_probe_": run_xsam_probe,
     "xsam_restore_": run_xsam_restore,
+    "look_dots": run_look_dots,
+    "look_store_": run_look_store,
+    "look_add_": run_look_add,
     "sgd_step_": run_sgd_step,
     "adam_step_": run_adam_step,
 }

@@ -156,6 +156,49 @@ inline void check_xsam_probe_args(const at::Tensor& param, const at::Tensor& bac
   check_coefs(coefs, param, "xsam_probe_");
 }
 
+// ------------------------------------------------------------------------------------------ LookSAM
+inline void check_look_dots_args(at::TensorList grads, at::TensorList centers) {
+  TORCH_CHECK(grads.size() == centers.size(), "fused_lesam::look_dots: got ", grads.size(), " grad and ",
+              centers.size(), " center buckets; they must match one to one");
+  TORCH_CHECK(!grads.empty(), "fused_lesam::look_dots: needs at least one bucket");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const std::string index = "[" + std::to_string(i) + "]";
+    const std::string grad_name = "grads" + index;
+    check_bucket(grads[i], "look_dots", grad_name.c_str());
+    check_same_bucket(centers[i], grads[i], "look_dots", ("centers" + index).c_str(), grad_name.c_str());
+    TORCH_CHECK(grads[i].device() == grads[0].device(), "fused_lesam::look_dots: grads", index, " is on ",
+                grads[i].device(), " but grads[0] is on ", grads[0].device(), "; one call sums one device");
+  }
+}
+
+// coef: the 0-d float32/float64 coefficient, on the bucket's device, read by the kernel itself.
+inline void check_look_coef(const at::Tensor& coef, const at::Tensor& bucket, const char* op) {
+  TORCH_CHECK(coef.dim() == 0 && (coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble),
+              "fused_lesam::", op, ": coef must be a 0-d float32/float64 tensor, got a ", coef.scalar_type(),
+              " tensor of shape ", coef.sizes());
+  TORCH_CHECK(coef.device() == bucket.device(), "fused_lesam::", op, ": coef is on ", coef.device(), " but ",
+              "the buckets are on ", bucket.device());
+}
+
+inline void check_look_store_args(const at::Tensor& look_dir, const at::Tensor& grad, const at::Tensor& center,
+                                  const at::Tensor& coef, const at::Tensor& found_inf) {
+  check_bucket(look_dir, "look_store_", "look_dir");
+  check_same_bucket(grad, look_dir, "look_store_", "grad", "look_dir");
+  check_same_bucket(center, look_dir, "look_store_", "center", "look_dir");
+  check_look_coef(coef, look_dir, "look_store_");
+  TORCH_CHECK(found_inf.dim() == 0 && found_inf.scalar_type() == at::kFloat,
+              "fused_lesam::look_store_: found_inf must be a 0-d float32 tensor, got a ", found_inf.scalar_type(),
+              " tensor of shape ", found_inf.sizes());
+  TORCH_CHECK(found_inf.device() == look_dir.device(), "fused_lesam::look_store_: found_inf is on ",
+              found_inf.device(), " but look_dir is on ", look_dir.device());
+}
+
+inline void check_look_add_args(const at::Tensor& grad, const at::Tensor& look_dir, const at::Tensor& coef) {
+  check_bucket(grad, "look_add_", "grad");
+  check_same_bucket(look_dir, grad, "look_add_", "look_dir", "grad");
+  check_look_coef(coef, grad, "look_add_");
+}
+
 // ------------------------------------------------------ the base update, fused into the restore
 // The step ops also ask for flat (1-D) buckets: their state tensors are the optimizer's state of a
 // flat bucket, read and written element by element alongside param.
@@ -187,12 +230,20 @@ inline void check_state_given(const std::optional<at::Tensor>& t, bool wanted, c
   }
 }
 
-inline void check_sgd_step_args(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
+// backup: None reads w0 from param itself (a step that perturbed nothing).
+inline void check_step_backup(const std::optional<at::Tensor>& backup, const at::Tensor& param, const char* op) {
+  if (backup.has_value()) {
+    check_step_bucket(*backup, param, op, "backup");
+  }
+}
+
+inline void check_sgd_step_args(const at::Tensor& param, const std::optional<at::Tensor>& backup,
+                                const at::Tensor& grad,
                                 const std::optional<at::Tensor>& momentum_buffer,
                                 const std::optional<at::Tensor>& center, const at::Tensor& found_inf,
                                 double momentum) {
   check_flat_bucket(param, "sgd_step_", "param");
-  check_step_bucket(backup, param, "sgd_step_", "backup");
+  check_step_backup(backup, param, "sgd_step_");
   check_step_bucket(grad, param, "sgd_step_", "grad");
   check_state_given(momentum_buffer, momentum != 0, param, "sgd_step_", "momentum_buffer", "momentum != 0");
   if (center.has_value()) {
@@ -201,13 +252,14 @@ inline void check_sgd_step_args(const at::Tensor& param, const at::Tensor& backu
   check_device_scalar(found_inf, param, "sgd_step_", "found_inf");
 }
 
-inline void check_adam_step_args(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
+inline void check_adam_step_args(const at::Tensor& param, const std::optional<at::Tensor>& backup,
+                                 const at::Tensor& grad,
                                  const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                                  const std::optional<at::Tensor>& max_exp_avg_sq,
                                  const std::optional<at::Tensor>& center, const at::Tensor& step,
                                  const at::Tensor& found_inf, bool amsgrad) {
   check_flat_bucket(param, "adam_step_", "param");
-  check_step_bucket(backup, param, "adam_step_", "backup");
+  check_step_backup(backup, param, "adam_step_");
   check_step_bucket(grad, param, "adam_step_", "grad");
   check_step_bucket(exp_avg, param, "adam_step_", "exp_avg");
   check_step_bucket(exp_avg_sq, param, "adam_step_", "exp_avg_sq");

@@ -29,13 +29,23 @@ TORCH_LIBRARY(fused_lesam, m) {
   // save_delta, first delta <- w - backup (rounded to the bucket's dtype, then used).
   m.def("xsam_probe_(Tensor(a!) param, Tensor backup, Tensor grad, Tensor(b!) delta, Tensor coefs, "
         "bool save_delta) -> ()");
-  // The base update fused into the restore: w <- torch.optim.SGD's step from w0 = backup with the
+  // LookSAM. [sum g_hat g, sum g^2] over buckets (g_hat = grads, g = centers, the first
+  // gradient): a (2,) float32 tensor (float64 when a bucket is float64) on the buckets' device.
+  m.def("look_dots(Tensor[] grads, Tensor[] centers) -> Tensor");
+  // look_dir <- g_hat - coef * g (g_hat = grad, g = center) unless found_inf (0-d float32 on the
+  // device, read there) is nonzero, which leaves look_dir unchanged. coef: 0-d float32/float64 on
+  // the device (the projection coefficient, never read on the host).
+  m.def("look_store_(Tensor(a!) look_dir, Tensor grad, Tensor center, Tensor coef, Tensor found_inf) -> ()");
+  // g <- g + coef * look_dir (LookSAM's reuse step); coef as in look_store_.
+  m.def("look_add_(Tensor(a!) grad, Tensor look_dir, Tensor coef) -> ()");
+  // The base update fused into the restore: w <- torch.optim.SGD's step from w0 = backup (None: w0
+  // is param itself, a step that perturbed nothing; no aliasing of param) with the
   // final gradient (combined with center as in restore_ when given, negated with maximize), and
   // momentum_buffer (given iff momentum != 0; init_buffer: it starts as a copy of the gradient).
   // found_inf (0-d float32 on param's device, read there): nonzero skips the step, w <- backup
   // bit-exactly and no state written. The gradient is not written.
   m.def(
-      "sgd_step_(Tensor(a!) param, Tensor backup, Tensor grad, Tensor(b!)? momentum_buffer, Tensor? center, "
+      "sgd_step_(Tensor(a!) param, Tensor? backup, Tensor grad, Tensor(b!)? momentum_buffer, Tensor? center, "
       "Tensor found_inf, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool init_buffer, float ghat_coef, float center_coef) -> ()");
   // w <- torch.optim.Adam's step (AdamW's with decoupled_weight_decay) from w0 = backup, with the
@@ -43,7 +53,7 @@ TORCH_LIBRARY(fused_lesam, m) {
   // amsgrad). step: 0-d float32 on param's device holding t (already advanced), read there for the
   // bias corrections (in float64). found_inf as in sgd_step_.
   m.def(
-      "adam_step_(Tensor(a!) param, Tensor backup, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "adam_step_(Tensor(a!) param, Tensor? backup, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? max_exp_avg_sq, Tensor? center, Tensor step, Tensor found_inf, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, bool maximize, "
       "float ghat_coef, float center_coef) -> ()");

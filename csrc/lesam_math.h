@@ -104,6 +104,29 @@ FL_HOST_DEVICE acc_t slerped(acc_t delta, acc_t g, acc_t c0, acc_t c1) {
   return delta * c0 + g * c1;
 }
 
+// LookSAM: one element's terms of [g_hat g, g^2] (g_hat: the gradient at the perturbed point, g:
+// the first one); g_v = g_hat - c g, the part of g_hat orthogonal to g; the reuse step's gradient
+// g + c g_v.
+template <typename acc_t>
+struct LookDots {
+  acc_t hg, gg;
+};
+
+template <typename acc_t>
+FL_HOST_DEVICE LookDots<acc_t> look_dots_term(acc_t ghat, acc_t g) {
+  return {ghat * g, g * g};
+}
+
+template <typename acc_t>
+FL_HOST_DEVICE acc_t look_dir(acc_t ghat, acc_t g, acc_t coef) {
+  return ghat - g * coef;
+}
+
+template <typename acc_t>
+FL_HOST_DEVICE acc_t look_added(acc_t g, acc_t dir, acc_t coef) {
+  return g + dir * coef;
+}
+
 // ------------------------------------------------------ the base update, fused into the restore
 // One element of torch.optim.SGD / Adam / AdamW's step taken from the saved weights w0, with the
 // final gradient (specification: sgd_step_ / adam_step_ in spec.py). State values are rounded

@@ -186,9 +186,11 @@ class FusedBaseUpdate:
         return ""
 
     @torch.no_grad()
-    def step(self, ops_of: dict, combine: list, found_inf: dict[torch.device, Tensor]) -> None:
+    def step(self, ops_of: dict, combine: list, found_inf: dict[torch.device, Tensor], restore: bool = True) -> None:
         """The restore and the base step of every bucket. ``combine[b]`` is bucket b's LE-SAM+
-        (ghat_coef, center_coef) or None; ``found_inf`` a 0-d float32 per device (nonzero: skip)."""
+        (ghat_coef, center_coef) or None; ``found_inf`` a 0-d float32 per device (nonzero: skip).
+        ``restore=False``: the step starts from w itself (a one-pass step perturbed nothing), and
+        the ops are given no backup (reading w0 from param, not from an alias of it)."""
         if self.stale:
             self.adopt([s.bucket for s in self._states])
         init_runs = []
@@ -202,7 +204,7 @@ class FusedBaseUpdate:
             ops = ops_of[bucket.device]
             skip = found_inf[bucket.device]
             for start, stop, init in runs:
-                self._apply(ops, flat, group, start, stop, init, coefs, skip)
+                self._apply(ops, flat, group, start, stop, init, coefs, skip, restore)
         if init_runs:
             # torch's first SGD step copies g into a new buffer; a skipped one creates none. Whether it
             # was skipped is decided on the host here, once per parameter's first step only.
@@ -260,6 +262,7 @@ class FusedBaseUpdate:
         init: bool,
         coefs: tuple[float, float] | None,
         skip: Tensor,
+        restore: bool,
     ) -> None:
         bucket = flat.bucket
         span = bucket.span(start, stop)
@@ -267,7 +270,7 @@ class FusedBaseUpdate:
         ghat_coef, center_coef = coefs if coefs is not None else (1.0, 0.0)
         common = dict(
             param=bucket.param[span],
-            backup=bucket.backup[span],
+            backup=bucket.backup[span] if restore else None,
             grad=bucket.grad[span],
             center=center,
             found_inf=skip,

@@ -67,7 +67,8 @@ class _Bucket:
     """What the ops see of any bucket: ``param`` and ``grad`` (flat 1-D tensors), ``group_index``
     (which param group it belongs to), and the buffers a step allocates on first use, laid out
     like ``param``: ``backup`` (the exact copy of w the perturb op takes), ``center`` (the first
-    gradient, kept for LE-SAM+) and ``delta`` (XSAM's ascent D = w_k - w_0, kept by its search)."""
+    gradient, kept for LE-SAM+ and LookSAM), ``delta`` (XSAM's ascent D = w_k - w_0, kept by its
+    search) and ``look_dir`` (LookSAM's g_v, zeros until its first full step)."""
 
     param: Tensor
     grad: Tensor
@@ -77,6 +78,7 @@ class _Bucket:
         self.backup: Tensor | None = None
         self.center: Tensor | None = None
         self.delta: Tensor | None = None
+        self.look_dir: Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -96,6 +98,11 @@ class _Bucket:
         if self.delta is None:
             self.delta = torch.empty_like(self.param)
         return self.delta
+
+    def ensure_look_dir(self) -> Tensor:
+        if self.look_dir is None:
+            self.look_dir = torch.zeros_like(self.grad)
+        return self.look_dir
 
 
 class ParamBucket(_Bucket):

@@ -1,6 +1,8 @@
 """Checkpoints: the engine's state dict is the base optimizer's, plus its own counters.
 
 The param groups hold our hyperparameters next to the base's, so torch's state dict carries them.
+The step count resumes the schedule of the throughput modes; LookSAM's g_v (one tensor per
+bucket) and ||g_v|| are saved with it, so that a resumed run reuses the same direction.
 A state dict of a plain torch optimizer of the base's class loads too (then the hyperparameters of
 the optimizer's groups and its step counts are kept); one of another kind of fused optimizer, or
 with values the optimizer refuses, is refused before anything changes.
@@ -9,6 +11,8 @@ with values the optimizer refuses, is refused before anything changes.
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from .checks import check_base_hypers
 
@@ -23,6 +27,9 @@ def state_dict(opt) -> dict[str, Any]:
     state = opt.base.state_dict()
     count = int(opt._device_count) if opt.capturable else opt._progress.count
     state[STATE_KEY] = {"kind": type(opt).__name__, "step": count, "skipped_steps": opt.skipped_steps.clone()}
+    if opt._modes.looksam:
+        state[STATE_KEY]["look_dirs"] = [b.ensure_look_dir().clone() for b in opt._buckets]
+        state[STATE_KEY]["look_norm"] = opt._look_norm.clone()
     return state
 
 
@@ -42,6 +49,15 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
     if opt.capturable:
         opt._device_count.fill_(opt._progress.count)
     opt.skipped_steps.copy_(ours["skipped_steps"])
+    if opt._modes.looksam:  # without a saved direction (LookSAM was off), the reuse starts plain
+        dirs = ours.get("look_dirs")
+        if dirs is None:
+            dirs, norm = [torch.zeros_like(b.grad) for b in opt._buckets], torch.zeros(())
+        else:
+            norm = ours["look_norm"]
+        for bucket, saved in zip(opt._buckets, dirs):
+            bucket.ensure_look_dir().copy_(saved)
+        opt._look_norm.copy_(norm)
 
 
 def loadable(opt, state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -75,4 +91,13 @@ def loadable(opt, state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
         check_base_hypers(group, opt._hyper_names)
         groups.append(group)
     state_dict["param_groups"] = groups
+    dirs = ours.get("look_dirs") if ours is not None else None
+    if opt._modes.looksam and dirs is not None:
+        shapes = [tuple(b.grad.shape) for b in opt._buckets]
+        if [tuple(d.shape) for d in dirs] != shapes:
+            raise ValueError(
+                f"this state dict's LookSAM directions have shapes {[tuple(d.shape) for d in dirs]}, this "
+                f"optimizer's buckets {shapes}: load it into an optimizer built on the same parameters and "
+                f"groups. Nothing was changed"
+            )
     return state_dict, ours

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .buckets import ShardBucket
 
-__all__ = ["shard_group", "reduce_buckets", "unsynced_backward", "average_centers", "sum_over_ranks"]
+__all__ = ["shard_group", "reduce_buckets", "unsynced_backward", "average_over_ranks", "sum_over_ranks"]
 
 
 def shard_group(buckets: list) -> Any | None:
@@ -55,14 +55,14 @@ def unsynced_backward(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-def average_centers(buckets: list, combine: list) -> None:
-    """The first gradients (LE-SAM+'s centers) averaged over the ranks, after a local first pass:
-    every rank then combines with the same g."""
+def average_over_ranks(flats: list[Tensor]) -> None:
+    """Average these flat buffers over the ranks in place, after a local first pass: the first
+    gradients that LE-SAM+ combines with and LookSAM projects out (the centers), or the gradient of
+    a one-pass step (fused_lesam.throughput), which the local pass left un-all-reduced."""
     world = dist.get_world_size()
-    for bucket, coefs in zip(buckets, combine):
-        if coefs is not None:
-            dist.all_reduce(bucket.center)  # SUM: gloo has no AVG
-            bucket.center.div_(world)
+    for flat in flats:
+        dist.all_reduce(flat)  # SUM: gloo has no AVG
+        flat.div_(world)
 
 
 def sum_over_ranks(values: Tensor, group: Any | None) -> None:

@@ -12,6 +12,10 @@ One step (docs/design.md §1)::
     (caller)     second forward/backward at w + eps
     second_step: per bucket: w <- backup (bit-exact), LE-SAM+ combine; base.step() unless non-finite
 
+The throughput modes (throughput.py: ``sam_interval``, ``sam_start``, LookSAM) make some steps
+one-pass steps: first_step perturbs nothing and second_step steps from w with the gradient at w
+(LookSAM: plus its stored direction); ``needs_perturbed_pass`` tells the loop which kind comes.
+
 Around it, each concern in its own module: the checks of what users pass (checks.py), the skip of a
 non-finite step and GradScaler's protocol with the base (skip.py), the base update fused into the
 restore (base_update.py), the reductions over devices and ranks (distributed.py), checkpoints
@@ -41,7 +45,8 @@ from .checks import (
     replaced_params_error,
     watch_params,
 )
-from .maths import clip_coefficient
+from .maths import clip_coefficient, look_projection, look_reuse_coefficient, sum_dtype
+from .throughput import FULL, REUSE, Modes, needs_pass
 
 __all__ = ["SharpnessAware"]
 
@@ -62,6 +67,8 @@ class _Progress:
         self.local_pending = False  # set by local_first_pass, taken by the next first_step
         self.local = False
         self.in_step = False  # inside step(closure), whose hooks torch's wrapper fires
+        self.kind = FULL  # the kind of the step begun by first_step (throughput.py)
+        self.refresh = False  # perturbed() on a one-pass step: its body recomputes the gradient at w
 
 
 class SharpnessAware(torch.optim.Optimizer):
@@ -104,21 +111,31 @@ class SharpnessAware(torch.optim.Optimizer):
         backend: str,
         capturable: bool = False,
         base_update: str = "auto",
+        modes: Modes | None = None,
         **base_kwargs,
     ):
         base_optimizer = base_kwargs.pop("base_optimizer", None)  # davda54/sam's name for base
+        self._modes = Modes() if modes is None else modes
         if not isinstance(backend, str):
             raise ValueError(f"backend must be a string, got {backend!r}")
         check_value("capturable", capturable, isinstance(capturable, bool), "a bool")
         check_value(
             "base_update", base_update, base_update in ("auto", "fused", "generic"), "'auto', 'fused' or 'generic'"
         )
+        if capturable and not self._modes.default:
+            raise ValueError(
+                "capturable=True cannot take sam_interval, sam_start or look_k: the kind of each step (one "
+                "pass or two) is chosen on the host from the step count, which a captured graph would freeze; "
+                "use capturable=False with these options, or capturable=True without them"
+            )
         plain_numbers(hyper, self._hyper_names)
         self._check_group(hyper)
+        self._check_look(hyper)
         super().__init__(params, hyper)
         for group in self.param_groups:
             plain_numbers(group, self._hyper_names)
             self._check_group(group)
+            self._check_look(group)
         # The base optimizer shares our param-group dicts, so edits to opt.param_groups (an LR
         # scheduler on either optimizer, a SigmaAnnealing) reach both.
         self.base = make_base(base, base_optimizer, self.param_groups, base_kwargs)
@@ -164,6 +181,9 @@ class SharpnessAware(torch.optim.Optimizer):
         if self.capturable:  # the step count the schedule reads, advanced on the device
             old = getattr(self, "_device_count", None)
             self._device_count = torch.zeros((), dtype=torch.int64, device=main) if old is None else old.to(main)
+        # LookSAM's ||g_v|| (g_v is each bucket's look_dir): new buckets (add_param_group) start afresh.
+        look_dtype = sum_dtype([b.grad for b in self._buckets])  # fp64 when a bucket is: the norm's own dtype
+        self._look_norm = torch.zeros((), dtype=look_dtype, device=main) if self._modes.looksam else None
 
     def _choose_base_update(self) -> None:
         """Fuse the base optimizer's step into the restore where it can be (see the class docstring)."""
@@ -193,6 +213,7 @@ class SharpnessAware(torch.optim.Optimizer):
             param_group.setdefault(name, self.defaults[name])
         plain_numbers(param_group, self._hyper_names)
         self._check_group(param_group)
+        self._check_look(param_group)
         check_base_hypers(param_group, self._hyper_names)
         self.base.add_param_group(param_group)  # appends to the shared list, fills the base's defaults
         self._build()
@@ -201,6 +222,16 @@ class SharpnessAware(torch.optim.Optimizer):
     def base_optimizer(self) -> torch.optim.Optimizer:
         """``opt.base``, under davda54/sam's name."""
         return self.base
+
+    @property
+    def needs_perturbed_pass(self) -> bool:
+        """Whether the step about to be taken (or the one begun by first_step()) needs a forward and
+        backward at the perturbed point between first_step() and second_step(). False on the
+        one-pass steps of ``sam_interval``, ``sam_start`` and LookSAM (``look_k``); True on every
+        Momentum-SAM step (its one pass is at the perturbed point). Read from the host step count, no
+        device sync."""
+        kind = self._progress.kind if self._progress.perturbed else self._modes.step_kind(self._progress.count)
+        return needs_pass(kind)
 
     @property
     def backend_names(self) -> dict[str, str]:
@@ -219,6 +250,14 @@ class SharpnessAware(torch.optim.Optimizer):
     def _center_coefs(self, group: dict[str, Any]) -> tuple[float, float] | None:
         """(ghat_coef, center_coef) when the group combines with the first gradient, else None."""
         return None
+
+    def _check_look(self, group: dict[str, Any]) -> None:
+        if self._modes.looksam and group.get("adaptive", False):
+            raise ValueError(
+                "look_k > 1 (LookSAM) with adaptive=True: LookSAM's reuse rule is defined for SAM's "
+                "perturbation, not ASAM's scaled one; use adaptive=False with look_k, or sam_interval "
+                "(plain steps in between) with adaptive=True"
+            )
 
     # ------------------------------------------------------------------ the step
     def _adaptive(self, bucket: ParamBucket | ShardBucket) -> bool:
@@ -266,6 +305,7 @@ class SharpnessAware(torch.optim.Optimizer):
         if not torch.compiler.is_compiling():
             for group in self.param_groups:
                 self._check_group(group)
+                self._check_look(group)
                 check_base_hypers(group, self._hyper_names, self._progress.device_hypers)
             for bucket in self._buckets:
                 bucket.check_storage()
@@ -277,6 +317,10 @@ class SharpnessAware(torch.optim.Optimizer):
         self._progress.local, self._progress.local_pending = self._progress.local_pending, False
         for bucket in self._buckets:
             bucket.bind_grads()
+        self._progress.kind = self._modes.step_kind(self._progress.count)
+        if not needs_pass(self._progress.kind):
+            self._begin_one_pass()
+            return
         if self.momentum_sam:
             directions = momentum_sam.directions(self)
             sq = momentum_sam.sq_norm(self, directions)
@@ -291,7 +335,8 @@ class SharpnessAware(torch.optim.Optimizer):
         for bucket, direction, coefs in zip(self._buckets, directions, self._progress.combine):
             sigma, rho_max, varrho = radius_args[bucket.group_index]
             sigma_t = sigma.to(bucket.device) if isinstance(sigma, Tensor) else None
-            center = bucket.ensure_center() if coefs is not None else None
+            # LookSAM keeps g too: second_step projects it out of g_hat.
+            center = bucket.ensure_center() if coefs is not None or self._modes.looksam else None
             rho_of_group[bucket.group_index] = self._ops[bucket.device].perturb_(
                 param=bucket.param,
                 grad=direction,
@@ -321,8 +366,27 @@ class SharpnessAware(torch.optim.Optimizer):
         if not torch.compiler.is_compiling():  # for step(closure): does the closure call backward? (not traced)
             self._mark_grads()
 
+    def _begin_one_pass(self) -> None:
+        """first_step of a one-pass step: nothing is perturbed and the gradient at w is kept for
+        second_step (a zero_grad asked for is not done: no second backward follows). Its norm, for
+        the skip decision, the clipping and LookSAM's coefficient, is of g itself."""
+        sq = self._global_sq_norm(adaptive_aware=False)
+        self._progress.first_sq = sq
+        self._progress.combine = [None] * len(self._buckets)
+        self._progress.perturbed = True
+        self._progress.ascents = 0
+        self._progress.refresh = False
+        self.last_grad_norm.copy_(sq.sqrt())
+        self.last_rho.zero_()  # no perturbation this step
+        if not torch.compiler.is_compiling():  # second_step refuses a backward that comes after this
+            self._mark_grads()
+
     def _restore(self, combine: bool = False) -> None:
-        """w <- backup in every bucket, with the LE-SAM+ combine decided at first_step if ``combine``."""
+        """w <- backup in every bucket, with the LE-SAM+ combine decided at first_step if ``combine``.
+        A one-pass step changed no parameter: it is only ended."""
+        if not needs_pass(self._progress.kind):
+            self._progress.perturbed = False
+            return
         for bucket, coefs in zip(self._buckets, self._progress.combine):
             center = bucket.center if combine and coefs is not None else None
             ghat_coef, center_coef = coefs if center is not None else (1.0, 0.0)
@@ -380,16 +444,24 @@ class SharpnessAware(torch.optim.Optimizer):
                 "second_step() called before first_step(): nothing to restore; the parameters were not changed"
             )
         check_max_grad_norm(max_grad_norm)  # before anything changes: a second_step(...) may follow
+        if not needs_pass(self._progress.kind):
+            self._one_pass_step(zero_grad, grad_scaler, max_grad_norm)
+            return
         self._take_final_grads(grad_scaler)
         if self.momentum_sam:
             momentum_sam.restore_idle(self)
         if self._progress.local:
-            distributed.average_centers(self._buckets, self._progress.combine)
+            centered = zip(self._buckets, self._progress.combine)
+            distributed.average_over_ranks(
+                [b.center for b, coefs in centered if coefs is not None or self._modes.looksam]
+            )
         # The final gradient's check reads it once more (4 B per parameter): a skip must be known
         # before the update writes anything, and the update is one pass over every bucket.
         final_sq = self._global_sq_norm(adaptive_aware=False)
         checked = [final_sq] if self._progress.first_sq is None else [self._progress.first_sq, final_sq]
         found_inf = skip.skip_flag(checked, self._progress.device_hypers)
+        if self._modes.looksam:
+            self._store_look_dir(found_inf)
         if max_grad_norm is not None:
             self._clip_final_grads(final_sq, max_grad_norm)
         fused = self._fused_update
@@ -401,6 +473,74 @@ class SharpnessAware(torch.optim.Optimizer):
             self._count_step(zero_grad)
             return
         self._restore(combine=True)
+        self._finish_step(found_inf, zero_grad)
+        if fused is not None:  # torch's own step may have created state that is not in the flat buffers
+            fused.stale = True
+
+    def _store_look_dir(self, found_inf: Tensor) -> None:
+        """LookSAM, after a full step's second pass: g_v <- g_hat - (g_hat . g / ||g||^2) g in every
+        bucket (g_hat before the LE-SAM+ combine and the clipping), then ||g_v|| from the stored
+        buffers. A skipped step leaves g_v, and so its norm, as they were."""
+        dots = self._reduce_buckets(lambda ops, mine: ops.look_dots([b.grad for b in mine], [b.center for b in mine]))
+        coef_on = self._on_devices(look_projection(dots))
+        skip_on = self._on_devices(found_inf.to(torch.float32))
+        for bucket in self._buckets:
+            self._ops[bucket.device].look_store_(
+                look_dir=bucket.ensure_look_dir(),
+                grad=bucket.grad,
+                center=bucket.center,
+                coef=coef_on[bucket.device],
+                found_inf=skip_on[bucket.device],
+            )
+        self._look_norm.copy_(self._look_dir_sq().sqrt())
+
+    def _look_dir_sq(self) -> Tensor:
+        """||g_v||^2 over every bucket, from the stored buffers."""
+        return self._reduce_buckets(lambda ops, mine: ops.sq_norm([b.look_dir for b in mine], [None] * len(mine)))
+
+    def _one_pass_step(
+        self, zero_grad: bool, grad_scaler: torch.amp.GradScaler | None, max_grad_norm: float | None
+    ) -> None:
+        """second_step of a one-pass step: the base step from w with the gradient at w (LookSAM's
+        reuse: plus look_alpha * ||g|| / ||g_v|| * g_v), with the skip, clipping and fused update of
+        a full step."""
+        if self._progress.refresh:  # perturbed()'s body recomputed the gradient at w (all-reduced by DDP)
+            self._progress.local = False
+            self._take_final_grads(grad_scaler)
+            self._progress.first_sq = self._global_sq_norm(adaptive_aware=False)
+            self.last_grad_norm.copy_(self._progress.first_sq.sqrt())
+        elif not torch.compiler.is_compiling() and self._grads_written():
+            self._progress.perturbed = False
+            raise RuntimeError(
+                f"{type(self).__name__}.second_step(): a backward ran after first_step() on a one-pass step "
+                f"(sam_interval, sam_start or look_k make this step a plain or reuse step, which uses the "
+                f"gradient at w); its gradient would be mixed into the update. Run the second forward/backward "
+                f"only when opt.needs_perturbed_pass is True (check it after first_step()). This step was "
+                f"dropped; the parameters are unchanged"
+            )
+        if self._progress.local:  # the local first pass was not all-reduced, and no second pass follows
+            distributed.average_over_ranks([b.grad for b in self._buckets])
+            self._progress.first_sq = self._global_sq_norm(adaptive_aware=False)
+        final_sq = self._progress.first_sq
+        if self._progress.kind == REUSE:
+            coef = look_reuse_coefficient(final_sq, self._look_norm, self._modes.look_alpha)
+            coef_on = self._on_devices(coef)
+            for bucket in self._buckets:
+                self._ops[bucket.device].look_add_(
+                    grad=bucket.grad, look_dir=bucket.ensure_look_dir(), coef=coef_on[bucket.device]
+                )
+            final_sq = self._global_sq_norm(adaptive_aware=False)
+        found_inf = skip.skip_flag([self._progress.first_sq, final_sq], self._progress.device_hypers)
+        if max_grad_norm is not None:
+            self._clip_final_grads(final_sq, max_grad_norm)
+        self._progress.perturbed = False
+        self._progress.refresh = False
+        fused = self._fused_update
+        if fused is not None and not fused.why_not():
+            self.skipped_steps.add_(found_inf)
+            fused.step(self._ops, self._progress.combine, self._on_devices(found_inf.to(torch.float32)), restore=False)
+            self._count_step(zero_grad)
+            return
         self._finish_step(found_inf, zero_grad)
         if fused is not None:  # torch's own step may have created state that is not in the flat buffers
             fused.stale = True
@@ -483,8 +623,17 @@ class SharpnessAware(torch.optim.Optimizer):
         (second_step: restore, combine, base update), both with ``grad_scaler`` if given.
         Leaving by an exception (an OOM in the second forward, a KeyboardInterrupt) restores the
         parameters bit-exactly, skips the update and re-raises; the gradients are left as they were.
+
+        On a one-pass step (``sam_interval``, ``sam_start``, ``look_k``; ``needs_perturbed_pass`` is
+        False) the body cannot be skipped: entering zeroes the gradients without perturbing, the
+        body's backward recomputes the gradient at w, and leaving steps with it. Correct, but it
+        saves nothing: a loop that wants the saving checks ``needs_perturbed_pass`` (README).
         """
         self.first_step(zero_grad=True, grad_scaler=grad_scaler)
+        if not needs_pass(self._progress.kind):
+            for bucket in self._buckets:  # grads were bound in first_step
+                bucket.zero_grad()
+            self._progress.refresh = True
         try:
             yield self
         except BaseException:
@@ -514,7 +663,12 @@ class SharpnessAware(torch.optim.Optimizer):
 
         After ``first_step()``, ``step()`` finishes the step begun there, as ``second_step()`` does
         (see `_finish_begun_step`): what frameworks that make the ``optimizer.step()`` call themselves
-        need (the Hugging Face Trainer, Lightning's manual optimization)."""
+        need (the Hugging Face Trainer, Lightning's manual optimization).
+
+        On a one-pass step (``needs_perturbed_pass`` False) the closure is called only for the first
+        pass, in the form above (then its loss is returned), never at the perturbed point; when the
+        caller did the backward it is not called and None is returned, as torch's optimizers return
+        without a closure."""
         if self._progress.perturbed:
             check_max_grad_norm(max_grad_norm)
             return self._finish_begun_step(
@@ -527,6 +681,10 @@ class SharpnessAware(torch.optim.Optimizer):
         self._progress.in_step = True  # torch's wrapper of step fires the step hooks, not first/second_step
         try:
             first_loss = NO_LOSS if self.momentum_sam else self._first_pass_by_closure(closure)
+            if not self.needs_perturbed_pass:  # one pass: the closure is not called again
+                self.first_step(grad_scaler=grad_scaler)
+                self.second_step(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
+                return None if first_loss is NO_LOSS else first_loss
             with self.perturbed(grad_scaler, max_grad_norm):
                 loss = self._call_closure(closure)
         finally:
@@ -543,7 +701,16 @@ class SharpnessAware(torch.optim.Optimizer):
         backward before ``step()`` (the Trainer's ``optimizer.step()``, whose closure, where there is
         one, does nothing: Lightning's) or from ``closure``; then ``finish`` (second_step). The
         closure's loss is returned. A second pass with no gradient, or with two (the caller's
-        backward and the closure's), restores w and is refused before any update."""
+        backward and the closure's), restores w and is refused before any update. A one-pass step
+        begun there takes no second pass: the closure is not called, second_step refuses a backward
+        that ran, and None is returned."""
+        if not needs_pass(self._progress.kind):
+            self._progress.in_step = True
+            try:
+                finish()
+            finally:
+                self._progress.in_step = False
+            return None
         caller_did = self._grads_written()
         loss = None
         try:
@@ -658,6 +825,12 @@ class SharpnessAware(torch.optim.Optimizer):
         """Zero the gradients in place (default): they stay views into the flat grad buffer, so the
         next backward writes straight into it. ``set_to_none=True`` drops them as torch does; the
         next step then copies the new gradients back into the buffer (slower, same result)."""
+        if self._progress.perturbed and not needs_pass(self._progress.kind) and not self._progress.refresh:
+            raise RuntimeError(
+                f"{type(self).__name__}.zero_grad() after first_step() on a one-pass step (sam_interval, sam_start "
+                f"or look_k): the step uses the gradient at w kept by first_step(), which this would drop. Zero the "
+                f"gradients only when opt.needs_perturbed_pass is True (or after second_step()); nothing was changed"
+            )
         for bucket in self._buckets:
             if set_to_none:
                 bucket.drop_grads()

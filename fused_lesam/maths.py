@@ -132,3 +132,22 @@ def slerp_coefficients(
     finite = torch.isfinite(dots).all()
     coefs = torch.where(finite, torch.stack([c0, c1]), 0.0)
     return coefs, theta
+
+
+# ---------------------------------------------------------------------- LookSAM
+def look_projection(dots: Tensor) -> Tensor:
+    """c = (g_hat . g) / ||g||^2 from ``look_dots``'s [g_hat . g, ||g||^2]: g_v = g_hat - c g is the
+    part of g_hat orthogonal to g. A zero g has nothing to project out: c = 0 (g_v = g_hat)."""
+    dots = dots.to(acc_dtype(dots.dtype))
+    gg = dots[1]
+    return torch.where(gg > 0, dots[0] / torch.where(gg > 0, gg, 1.0), 0.0)
+
+
+def look_reuse_coefficient(grad_sq: Tensor, dir_norm: Tensor, look_alpha: float) -> Tensor:
+    """look_alpha * ||g|| / ||g_v||, the weight of g_v in a LookSAM reuse step's gradient; 0 when
+    ||g_v|| = 0 (no full step taken yet: a plain step)."""
+    dtype = sum_dtype([grad_sq, dir_norm])
+    grad_norm = grad_sq.to(dtype).sqrt()
+    dir_norm = dir_norm.to(dtype)
+    usable = dir_norm > 0
+    return torch.where(usable, look_alpha * grad_norm / torch.where(usable, dir_norm, 1.0), 0.0)

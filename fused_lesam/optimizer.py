@@ -15,6 +15,7 @@ from .checks import check_schedule, check_value, is_real, refuse_foreign_kwargs
 from .engine import SharpnessAware
 from .maths import sigma_at
 from .momentum_sam import check_available
+from .throughput import Modes
 
 __all__ = ["SharpnessAware", "FusedLESAM", "FusedSAM"]
 
@@ -42,6 +43,12 @@ class FusedLESAM(SharpnessAware):
             graph for the whole annealing); needs the fused base update or a base with ``fused=True``.
         base_update: "auto" (fuse torch.optim.SGD/Adam/AdamW's step into the restore when the base
             is one of them), "fused" (require it) or "generic" (restore, then ``base.step()``).
+        sam_interval, sam_start, look_k, look_alpha: the throughput modes (README "Throughput
+            modes"): the full LE-SAM step at step t iff t >= sam_start and (t - sam_start) is a
+            multiple of sam_interval (or of look_k); the other steps take one pass, a plain base step
+            or (look_k > 1, LookSAM) the gradient plus look_alpha * ||g|| / ||g_v|| * g_v. With
+            alpha > 0 the full steps are LE-SAM+ steps and g_v comes from g_hat before the combine.
+            ``opt.needs_perturbed_pass`` says whether the coming step needs the second pass.
     """
 
     _hyper_names = ("sigma", "rho_max", "varrho", "alpha", "alpha_form", "adaptive")
@@ -62,8 +69,13 @@ class FusedLESAM(SharpnessAware):
         backend: str = "auto",
         capturable: bool = False,
         base_update: str = "auto",
+        sam_interval: int = 1,
+        sam_start: int = 0,
+        look_k: int = 1,
+        look_alpha: float = 0.7,
         **base_kwargs,
     ):
+        modes = Modes(sam_interval, sam_start, look_k, look_alpha)
         refuse_foreign_kwargs(
             "FusedLESAM",
             base,
@@ -88,7 +100,7 @@ class FusedLESAM(SharpnessAware):
             alpha_form=alpha_form,
             adaptive=adaptive,
         )
-        super().__init__(params, base, hyper, backend, capturable, base_update, **base_kwargs)
+        super().__init__(params, base, hyper, backend, capturable, base_update, modes=modes, **base_kwargs)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         sigma, rho_max, varrho, alpha = group["sigma"], group["rho_max"], group["varrho"], group["alpha"]
@@ -140,6 +152,8 @@ class FusedSAM(SharpnessAware):
     ``momentum_sam=True`` is Momentum-SAM (`fused_lesam.momentum_sam`): eps = -rho * v / ||v||, v the
     base's momentum (SGD with momentum > 0, Adam, AdamW, on the fused base update), one forward/backward
     per step; its useful rho is larger than SAM's (the paper's runs: 3, against SAM's 0.2).
+    ``sam_interval``, ``sam_start``, ``look_k``, ``look_alpha``: the throughput modes, as for
+    `FusedLESAM` (LookSAM refuses ``adaptive=True``; Momentum-SAM, already one pass per step, takes none).
     """
 
     _hyper_names = ("rho", "adaptive")
@@ -155,8 +169,13 @@ class FusedSAM(SharpnessAware):
         backend: str = "auto",
         capturable: bool = False,
         base_update: str = "auto",
+        sam_interval: int = 1,
+        sam_start: int = 0,
+        look_k: int = 1,
+        look_alpha: float = 0.7,
         **base_kwargs,
     ):
+        modes = Modes(sam_interval, sam_start, look_k, look_alpha)
         refuse_foreign_kwargs(
             "FusedSAM",
             base,
@@ -167,9 +186,22 @@ class FusedSAM(SharpnessAware):
             },
         )
         check_value("momentum_sam", momentum_sam, isinstance(momentum_sam, bool), "a bool")
+        if momentum_sam and not modes.default:
+            raise ValueError(
+                "momentum_sam=True with sam_interval, sam_start or look_k: Momentum-SAM already takes one "
+                "forward/backward per step, and those options choose which steps pay SAM's second pass; "
+                "use one or the other"
+            )
         self.momentum_sam = momentum_sam
         super().__init__(
-            params, base, dict(rho=rho, adaptive=adaptive), backend, capturable, base_update, **base_kwargs
+            params,
+            base,
+            dict(rho=rho, adaptive=adaptive),
+            backend,
+            capturable,
+            base_update,
+            modes=modes,
+            **base_kwargs,
         )
         if momentum_sam:
             check_available(self)

@@ -26,6 +26,7 @@ from . import checkpoint, distributed, skip
 from .checks import check_value, is_real, refuse_foreign_kwargs
 from .engine import NO_LOSS, SharpnessAware
 from .maths import slerp_coefficients
+from .throughput import Modes, needs_pass
 
 __all__ = ["FusedXSAM"]
 
@@ -45,6 +46,9 @@ class FusedXSAM(SharpnessAware):
         eps: added to ||w_k - w_0|| and ||g_hat|| before dividing by them. The ascent steps use
             the engine's perturbation (the same guard, 1e-12, as FusedSAM), the default here.
         base_update: "generic" only: the base optimizer steps after ``xsam_restore_``.
+        sam_interval, sam_start: the throughput modes of `FusedSAM` (README "Throughput modes"):
+            the other steps are plain base steps with the gradient at w_0 (one pass; no ascent, no
+            alpha search: ``search_alpha`` is not called on them). LookSAM (``look_k``) is refused.
 
     Telemetry (device tensors, no sync until read): ``last_alpha``, ``last_theta`` (angle
     between the ascent and g_hat), ``last_ghat_norm``, ``last_ascent_norm`` (||w_k - w_0||),
@@ -69,8 +73,11 @@ class FusedXSAM(SharpnessAware):
         backend: str = "auto",
         capturable: bool = False,
         base_update: str = "generic",
+        sam_interval: int = 1,
+        sam_start: int = 0,
         **base_kwargs,
     ):
+        modes = Modes(sam_interval, sam_start)
         refuse_foreign_kwargs(
             "FusedXSAM",
             base,
@@ -79,6 +86,11 @@ class FusedXSAM(SharpnessAware):
                 "sigma": "XSAM ascends by the fixed length rho; LE-SAM's loss budget sigma is FusedLESAM's",
                 "momentum_sam": "XSAM ascends along gradients and turns towards the last one; Momentum-SAM "
                 "is FusedSAM(momentum_sam=True, rho=...)",
+                **{
+                    name: "LookSAM reuses SAM's direction; no reuse rule is defined for XSAM's update gradient "
+                    "(use FusedSAM or FusedLESAM with look_k)"
+                    for name in ("look_k", "look_alpha")
+                },
             },
         )
         check_value(
@@ -114,7 +126,14 @@ class FusedXSAM(SharpnessAware):
                 f"and the base optimizer steps after it), got {base_update!r}"
             )
         super().__init__(
-            params, base, dict(rho=rho, rho_max=rho_max, alpha=alpha), backend, capturable, base_update, **base_kwargs
+            params,
+            base,
+            dict(rho=rho, rho_max=rho_max, alpha=alpha),
+            backend,
+            capturable,
+            base_update,
+            modes=modes,
+            **base_kwargs,
         )
 
     def _build(self) -> None:
@@ -154,6 +173,11 @@ class FusedXSAM(SharpnessAware):
         """Ascent steps 2..k: w_i = w_{i-1} + (rho / k) g_i / ||g_i|| from the gradient at w_{i-1}."""
         if not self._progress.perturbed:
             raise RuntimeError("ascent_step() called before first_step(): the first ascent step writes the backup of w")
+        if not needs_pass(self._progress.kind):
+            raise RuntimeError(
+                "ascent_step() on a one-pass step (sam_interval, sam_start): no ascent is taken; call second_step() "
+                "without a backward (opt.needs_perturbed_pass says which steps ascend)"
+            )
         if self._progress.ascents >= self.steps:
             raise RuntimeError(
                 f"ascent_step() after {self._progress.ascents} of steps={self.steps} ascent steps: call second_step()"
@@ -242,12 +266,15 @@ class FusedXSAM(SharpnessAware):
             raise RuntimeError(
                 "second_step() called before first_step(): nothing to restore; the parameters were not changed"
             )
+        self._check_search(search_alpha)
+        if not needs_pass(self._progress.kind):  # a plain step: nothing to search around
+            self._one_pass_step(zero_grad, grad_scaler, None)
+            return
         if self._progress.ascents != self.steps:
             raise RuntimeError(
                 f"second_step() after {self._progress.ascents} of steps={self.steps} ascent steps: "
                 f"call ascent_step() after each backward until all are done"
             )
-        self._check_search(search_alpha)
         self._take_final_grads(grad_scaler)
         dots = self._dots()
         searched = search_alpha is not None
@@ -320,6 +347,10 @@ class FusedXSAM(SharpnessAware):
         self._progress.in_step = True  # torch's wrapper of step fires the step hooks, not first/second_step
         try:
             first_loss = self._first_pass_by_closure(closure)  # as FusedLESAM.step: the closure-only convention
+            if not self.needs_perturbed_pass:  # a plain step: the closure is not called again
+                self.first_step(grad_scaler=grad_scaler)
+                self.second_step(grad_scaler=grad_scaler)
+                return None if first_loss is NO_LOSS else first_loss
             self.first_step(zero_grad=True, grad_scaler=grad_scaler)
             try:
                 for i in range(self.steps):

@@ -208,6 +208,40 @@ ERRORS = {
         "grad has 2 elements",
         BOTH,
     ),
+    # LookSAM's ops
+    "look dots counts": (lambda ops: ops.look_dots([_bucket()], []), "they must match one to one", BOTH),
+    "look dots center size": (
+        lambda ops: ops.look_dots([_bucket()], [_bucket(5)]),
+        "centers\\[0\\] has 5 elements",
+        BOTH,
+    ),
+    "look store coef shape": (
+        lambda ops: ops.look_store_(_bucket(), _bucket(), _bucket(), torch.zeros(2), torch.zeros(())),
+        "coef must be a 0-d float32/float64 tensor",
+        BOTH,
+    ),
+    "look store center size": (
+        lambda ops: ops.look_store_(_bucket(), _bucket(), _bucket(3), torch.zeros(()), torch.zeros(())),
+        "center has 3 elements",
+        BOTH,
+    ),
+    "look store found_inf dtype": (
+        lambda ops: ops.look_store_(
+            _bucket(), _bucket(), _bucket(), torch.zeros(()), torch.zeros((), dtype=torch.float64)
+        ),
+        "found_inf must be a 0-d float32 tensor",
+        BOTH,
+    ),
+    "look add dir size": (
+        lambda ops: ops.look_add_(_bucket(), _bucket(4), torch.zeros(())),
+        "look_dir has 4 elements",
+        BOTH,
+    ),
+    "look add coef dtype": (
+        lambda ops: ops.look_add_(_bucket(), _bucket(), torch.zeros((), dtype=torch.int64)),
+        "coef must be a 0-d float32/float64 tensor",
+        BOTH,
+    ),
     # the base update: the extension's messages
     "sgd backup size": (_sgd(backup=_bucket(9)), "sgd_step_: backup has 9 elements but param has 8", CPP),
     "sgd grad dtype": (_sgd(grad=_bucket(dtype=torch.float16)), "sgd_step_: grad has dtype Half", CPP),

@@ -80,22 +80,22 @@ def assert_stepped(ns: dict, before: list[torch.Tensor], steps: int) -> None:
 
 def test_the_readme_has_the_blocks_this_test_knows():
     blocks = python_blocks()
-    assert len(blocks) == 7, "a README code block was added or removed: run it here"
-    assert "make_model()" in blocks[0] and "FusedXSAM" in blocks[1] and "momentum_sam=True" in blocks[2]
-    assert "grad_scaler=scaler" in blocks[3] and "CUDAGraph" in blocks[4] and "accumulate" in blocks[5]
-    assert "local_first_pass" in blocks[6]
+    assert len(blocks) == 8, "a README code block was added or removed: run it here"
+    assert "make_model()" in blocks[0] and "FusedXSAM" in blocks[1] and "needs_perturbed_pass" in blocks[2]
+    assert "momentum_sam=True" in blocks[3] and "grad_scaler=scaler" in blocks[4] and "CUDAGraph" in blocks[5]
+    assert "accumulate" in blocks[6] and "local_first_pass" in blocks[7]
 
 
 @pytest.mark.parametrize(
     "index, steps",
-    [(0, 3), (1, 3), (2, 3), (3, 1), (5, 1)],
-    ids=["usage", "xsam", "momentum-sam", "grad-scaler", "accumulation"],
+    [(0, 3), (1, 3), (2, 3), (3, 3), (4, 1), (6, 1)],
+    ids=["usage", "xsam", "throughput-modes", "momentum-sam", "grad-scaler", "accumulation"],
 )
 def test_readme_block_runs(index, steps):
     device = torch.device("cpu")
     ns = namespace(device)
     block = on_device(python_blocks()[index], device)
-    if index in (0, 1, 2):  # these blocks build their own optimizer: compare with the model they train
+    if index in (0, 1, 2, 3):  # these blocks build their own optimizer: step counts and parameters from it
         set_up, loop = re.split(r"^(?=for )", block, maxsplit=1, flags=re.M)
         exec(compile(set_up, f"README block {index + 1}", "exec"), ns)
         before = snapshot(ns)
@@ -123,7 +123,7 @@ def test_readme_ddp_block_runs():
         x, y = ns["x"], ns["y"]
         ns["closure"] = lambda: F.cross_entropy(ddp_model(x), y).backward()
         before = snapshot(ns)
-        exec(compile(python_blocks()[6], "README block 7", "exec"), ns)
+        exec(compile(python_blocks()[7], "README block 8", "exec"), ns)
         assert_stepped(ns, before, 1)
     finally:
         dist.destroy_process_group()
@@ -134,9 +134,9 @@ def test_readme_cuda_graph_block_runs():
     device = torch.device("cuda")
     ns = namespace(device)
     ns["static_x"], ns["static_y"] = ns["x"].clone(), ns["y"].clone()
-    block = python_blocks()[4]
+    block = python_blocks()[5]
     set_up, capture = block.split("# warm up", 1)
-    exec(compile(set_up, "README block 5", "exec"), ns)
+    exec(compile(set_up, "README block 6", "exec"), ns)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -144,7 +144,7 @@ def test_readme_cuda_graph_block_runs():
             ns["train_step"]()
     torch.cuda.current_stream().wait_stream(side)
     before = snapshot(ns)
-    exec(compile(capture.split("\n", 1)[1], "README block 5", "exec"), ns)
+    exec(compile(capture.split("\n", 1)[1], "README block 6", "exec"), ns)
     torch.cuda.synchronize()
     assert_stepped(ns, before, 3)
     assert int(ns["opt"]._device_count) == 6  # 3 eager steps and 3 replays

@@ -62,6 +62,9 @@ def launch_every_op(device):
     triton_backend.xsam_restore_(w, w0, g.clone(), None, coefs)
     triton_backend.xsam_probe_(w, w0, g, torch.empty_like(w), coefs, True)
     zero, t = torch.zeros((), device=device), torch.ones((), device=device)
+    triton_backend.look_dots([g], [center])
+    triton_backend.look_store_(torch.empty_like(w), g, center, coefs[0], zero)
+    triton_backend.look_add_(g.clone(), center, coefs[1])
     triton_backend.sgd_step_(w, w0, g, buf, None, zero, 0.1, 0.9, 0.0, 0.0, False, False, False, 1.0, 0.0)
     triton_backend.adam_step_(
         w, w0, g, m, v.square(), None, None, t, zero, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, 1.0, 0.0
@@ -92,7 +95,9 @@ def test_every_launch_runs_under_its_buckets_device_guard(monkeypatch):
     monkeypatch.setattr(triton_backend, "_device_guard", recording_guard)
     monkeypatch.setattr(triton_backend, "wrap_triton", checking_wrap)
     launch_every_op(DEVICE)
-    assert len(launches) >= 11  # sq_norm 2, perturb_, restore_, xsam_dots 4, xsam_restore_, xsam_probe_, the steps
+    # sq_norm 2, perturb_, restore_, xsam_dots 4, xsam_restore_, xsam_probe_, look_dots 3, look_store_,
+    # look_add_, the steps
+    assert len(launches) >= 16
     bucket_device = torch.empty(0, device=DEVICE).device
     assert all(guards == [bucket_device] for guards in launches), f"not each under one guard of {bucket_device}"
 

@@ -280,13 +280,112 @@ void xsam_probe_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tenso
   });
 }
 
+// ---------------------------------------------------------------------------------------- LookSAM
+template <typename scalar_t, typename acc_t>
+math::LookDots<acc_t> chunk_look_dots(const scalar_t* __restrict__ ghat, const scalar_t* __restrict__ g, int64_t n) {
+  acc_t hg[kLanes] = {}, gg[kLanes] = {};
+  auto add = [&](int64_t i, int j) {
+    const math::LookDots<acc_t> t = math::look_dots_term(static_cast<acc_t>(ghat[i]), static_cast<acc_t>(g[i]));
+    hg[j] += t.hg;
+    gg[j] += t.gg;
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      add(i + j, j);
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    add(i, j);
+  }
+  math::LookDots<acc_t> sum{0, 0};
+  for (int j = 0; j < kLanes; ++j) {
+    sum.hg += hg[j];
+    sum.gg += gg[j];
+  }
+  return sum;
+}
+
+at::Tensor look_dots_cpu(at::TensorList grads, at::TensorList centers) {
+  check_look_dots_args(grads, centers);
+  const ReduceLayout layout = reduce_layout(grads);
+  at::Tensor out = at::empty({2}, at::TensorOptions().dtype(layout.out_type));
+  AT_DISPATCH_FLOATING_TYPES(layout.out_type, "fused_lesam::look_dots", [&] {
+    using out_t = scalar_t;
+    std::vector<math::LookDots<out_t>> partials(layout.total());
+    for (size_t k = 0; k < grads.size(); ++k) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[k].scalar_type(), "fused_lesam::look_dots", [&] {
+        const scalar_t* ghat = grads[k].const_data_ptr<scalar_t>();
+        const scalar_t* g = centers[k].const_data_ptr<scalar_t>();
+        const int64_t n = grads[k].numel();
+        math::LookDots<out_t>* part = partials.data() + layout.first_chunk[k];
+        at::parallel_for(0, layout.chunks(k), 1, [&](int64_t begin, int64_t end) {
+          for (int64_t c = begin; c < end; ++c) {
+            const int64_t start = c * math::kReduceChunk;
+            const int64_t len = std::min(math::kReduceChunk, n - start);
+            part[c] = chunk_look_dots<scalar_t, out_t>(ghat + start, g + start, len);
+          }
+        });
+      });
+    }
+    math::LookDots<out_t> total{0, 0};  // second stage, in a fixed order, as in sq_norm
+    for (const auto& p : partials) {
+      total.hg += p.hg;
+      total.gg += p.gg;
+    }
+    out_t* o = out.data_ptr<out_t>();
+    o[0] = total.hg;
+    o[1] = total.gg;
+  });
+  return out;
+}
+
+void look_store_cpu(at::Tensor& look_dir, const at::Tensor& grad, const at::Tensor& center, const at::Tensor& coef,
+                    const at::Tensor& found_inf) {
+  check_look_store_args(look_dir, grad, center, coef, found_inf);
+  if (*found_inf.const_data_ptr<float>() != 0.0f) {  // a CPU tensor: reading it is no sync
+    return;
+  }
+  const at::Tensor c = coef.to(acc_scalar_type(look_dir.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, look_dir.scalar_type(), "fused_lesam::look_store_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t k = *c.const_data_ptr<acc_t>();
+    scalar_t* __restrict__ dir = look_dir.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ ghat = grad.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ g = center.const_data_ptr<scalar_t>();
+    at::parallel_for(0, look_dir.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        dir[i] = static_cast<scalar_t>(math::look_dir(static_cast<acc_t>(ghat[i]), static_cast<acc_t>(g[i]), k));
+      }
+    });
+  });
+}
+
+void look_add_cpu(at::Tensor& grad, const at::Tensor& look_dir, const at::Tensor& coef) {
+  check_look_add_args(grad, look_dir, coef);
+  const at::Tensor c = coef.to(acc_scalar_type(grad.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fused_lesam::look_add_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t k = *c.const_data_ptr<acc_t>();
+    scalar_t* __restrict__ g = grad.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ dir = look_dir.const_data_ptr<scalar_t>();
+    at::parallel_for(0, grad.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        g[i] = static_cast<scalar_t>(math::look_added(static_cast<acc_t>(g[i]), static_cast<acc_t>(dir[i]), k));
+      }
+    });
+  });
+}
+
 // ------------------------------------------------------ the base update, fused into the restore
 // One instantiation per (momentum or not, center or not) for SGD and (amsgrad or not, center or
-// not) for Adam: those decide which arrays the loop touches. The other options are loop-invariant
+// not) for Adam: those decide which arrays the loop touches. Without a backup (a step that
+// perturbed nothing) w0 is read from w itself, never through a second pointer to it: the loops'
+// pointers are __restrict__, and an alias would be undefined behaviour. The other options are loop-invariant
 // selects on plain arithmetic, which the compiler vectorises as they are. The loops are kept out
 // of line (noinline): inlined into parallel_for's lambda, GCC lost their __restrict__ and left
 // most of Adam's loops scalar (seen with -fopt-info-vec).
-template <typename scalar_t, typename acc_t, bool with_momentum, bool with_center>
+template <typename scalar_t, typename acc_t, bool with_momentum, bool with_center, bool with_backup>
 [[gnu::noinline]] void sgd_step_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0,
                                       const scalar_t* __restrict__ g, scalar_t* __restrict__ buf,
                                       const scalar_t* __restrict__ center, const math::SgdCoefs<acc_t> c,
@@ -297,26 +396,29 @@ template <typename scalar_t, typename acc_t, bool with_momentum, bool with_cente
     const acc_t gi = math::step_grad<with_center>(static_cast<acc_t>(g[i]),
                                                   with_center ? static_cast<acc_t>(center[i]) : acc_t(0), ghat_coef,
                                                   center_coef, maximize);
-    w[i] = static_cast<scalar_t>(
-        math::sgd_update<with_momentum>(static_cast<acc_t>(w0[i]), gi, with_momentum ? buf[i] : no_buf, c));
+    const acc_t start = static_cast<acc_t>(with_backup ? w0[i] : w[i]);
+    w[i] = static_cast<scalar_t>(math::sgd_update<with_momentum>(start, gi, with_momentum ? buf[i] : no_buf, c));
   }
 }
 
-// The skipped step (found_inf nonzero): w <- w0 bit-exactly, the state untouched. On the CPU the
-// flag is in host memory, so reading it is no synchronisation.
-bool skip_step(const at::Tensor& found_inf, at::Tensor& param, const at::Tensor& backup) {
+// The skipped step (found_inf nonzero): w <- w0 bit-exactly (without a backup w is w0 already),
+// the state untouched. On the CPU the flag is in host memory, so reading it is no synchronisation.
+bool skip_step(const at::Tensor& found_inf, at::Tensor& param, const std::optional<at::Tensor>& backup) {
   if (*found_inf.const_data_ptr<float>() == 0.0f) {
     return false;
   }
+  if (!backup.has_value()) {
+    return true;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::skip_step", [&] {
-    const scalar_t* bak = backup.const_data_ptr<scalar_t>();
+    const scalar_t* bak = backup->const_data_ptr<scalar_t>();
     scalar_t* w = param.data_ptr<scalar_t>();
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) { copy_range(bak, w, begin, end); });
   });
   return true;
 }
 
-void sgd_step_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
+void sgd_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& backup, const at::Tensor& grad,
                   const std::optional<at::Tensor>& momentum_buffer, const std::optional<at::Tensor>& center,
                   const at::Tensor& found_inf, double lr, double momentum, double dampening, double weight_decay,
                   bool nesterov, bool maximize, bool init_buffer, double ghat_coef, double center_coef) {
@@ -328,15 +430,18 @@ void sgd_step_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tensor&
     using acc_t = at::opmath_type<scalar_t>;
     const auto coefs = math::sgd_coefs<acc_t>(lr, momentum, dampening, weight_decay, nesterov, init_buffer);
     scalar_t* w = param.data_ptr<scalar_t>();
-    const scalar_t* bak = backup.const_data_ptr<scalar_t>();
+    const scalar_t* bak = backup.has_value() ? backup->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* buf = momentum_buffer.has_value() ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
     const scalar_t* ctr = center.has_value() ? center->const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
       auto range = [&](auto momentum_tag, auto center_tag) {
-        sgd_step_range<scalar_t, acc_t, decltype(momentum_tag)::value, decltype(center_tag)::value>(
-            w, bak, g, buf, ctr, coefs, static_cast<acc_t>(ghat_coef), static_cast<acc_t>(center_coef), maximize,
-            begin, end);
+        auto run = [&](auto backup_tag) {
+          sgd_step_range<scalar_t, acc_t, decltype(momentum_tag)::value, decltype(center_tag)::value,
+                         decltype(backup_tag)::value>(w, bak, g, buf, ctr, coefs, static_cast<acc_t>(ghat_coef),
+                                                      static_cast<acc_t>(center_coef), maximize, begin, end);
+        };
+        bak ? run(std::true_type{}) : run(std::false_type{});
       };
       if (buf) {
         ctr ? range(std::true_type{}, std::true_type{}) : range(std::true_type{}, std::false_type{});
@@ -347,7 +452,7 @@ void sgd_step_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tensor&
   });
 }
 
-template <typename scalar_t, typename acc_t, bool amsgrad, bool with_center>
+template <typename scalar_t, typename acc_t, bool amsgrad, bool with_center, bool with_backup>
 [[gnu::noinline]] void adam_step_range(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0,
                                        const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
                                        scalar_t* __restrict__ v, scalar_t* __restrict__ vmax,
@@ -365,8 +470,8 @@ template <typename scalar_t, typename acc_t, bool amsgrad, bool with_center>
       const acc_t gi = math::step_grad<with_center>(static_cast<acc_t>(g[i]),
                                                     with_center ? static_cast<acc_t>(center[i]) : acc_t(0),
                                                     ghat_coef, center_coef, maximize);
-      w[i] = static_cast<scalar_t>(
-          math::adam_update<amsgrad>(static_cast<acc_t>(w0[i]), gi, m[i], v[i], amsgrad ? vmax[i] : no_vmax, c));
+      const acc_t start = static_cast<acc_t>(with_backup ? w0[i] : w[i]);
+      w[i] = static_cast<scalar_t>(math::adam_update<amsgrad>(start, gi, m[i], v[i], amsgrad ? vmax[i] : no_vmax, c));
     }
   };
   using yes = std::true_type;
@@ -378,7 +483,8 @@ template <typename scalar_t, typename acc_t, bool amsgrad, bool with_center>
   }
 }
 
-void adam_step_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad, at::Tensor& exp_avg,
+void adam_step_cpu(at::Tensor& param, const std::optional<at::Tensor>& backup, const at::Tensor& grad,
+                   at::Tensor& exp_avg,
                    at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
                    const std::optional<at::Tensor>& center, const at::Tensor& step, const at::Tensor& found_inf,
                    double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
@@ -393,7 +499,7 @@ void adam_step_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tensor
     auto coefs = math::adam_coefs<acc_t>(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay);
     math::adam_bias_corrections(coefs, t, lr, beta1, beta2);
     scalar_t* w = param.data_ptr<scalar_t>();
-    const scalar_t* bak = backup.const_data_ptr<scalar_t>();
+    const scalar_t* bak = backup.has_value() ? backup->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* m = exp_avg.data_ptr<scalar_t>();
     scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
@@ -401,9 +507,13 @@ void adam_step_cpu(at::Tensor& param, const at::Tensor& backup, const at::Tensor
     const scalar_t* ctr = center.has_value() ? center->const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
       auto range = [&](auto amsgrad_tag, auto center_tag) {
-        adam_step_range<scalar_t, acc_t, decltype(amsgrad_tag)::value, decltype(center_tag)::value>(
-            w, bak, g, m, v, vmax, ctr, coefs, static_cast<acc_t>(ghat_coef), static_cast<acc_t>(center_coef),
-            maximize, begin, end);
+        auto run = [&](auto backup_tag) {
+          adam_step_range<scalar_t, acc_t, decltype(amsgrad_tag)::value, decltype(center_tag)::value,
+                          decltype(backup_tag)::value>(w, bak, g, m, v, vmax, ctr, coefs,
+                                                       static_cast<acc_t>(ghat_coef),
+                                                       static_cast<acc_t>(center_coef), maximize, begin, end);
+        };
+        bak ? run(std::true_type{}) : run(std::false_type{});
       };
       if (vmax) {
         ctr ? range(std::true_type{}, std::true_type{}) : range(std::true_type{}, std::false_type{});
@@ -425,6 +535,9 @@ TORCH_LIBRARY_IMPL(fused_lesam, CPU, m) {
   m.impl("xsam_probe_", &xsam_probe_cpu);
   m.impl("sgd_step_", &sgd_step_cpu);
   m.impl("adam_step_", &adam_step_cpu);
+  m.impl("look_dots", &look_dots_cpu);
+  m.impl("look_store_", &look_store_cpu);
+  m.impl("look_add_", &look_add_cpu);
 }
 
 }  // namespace fused_lesam

@@ -537,12 +537,179 @@ void xsam_probe_cuda(at::Tensor& param, const at::Tensor& backup, const at::Tens
   });
 }
 
+// ---------------------------------------------------------------------------------------- LookSAM
+// Stage 1 of LookSAM's two reductions: block c sums chunk c of one bucket into partials[j * total
+// + c] for j = g_hat g, g^2; stage 2 is sum_partials_kernel with one block per j.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    look_dots_partials_kernel(const scalar_t* __restrict__ ghat, const scalar_t* __restrict__ g, int64_t n,
+                              bool vectorized, acc_t* __restrict__ partials, int64_t total) {
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * math::kReduceChunk;
+  const int64_t len = n - start < math::kReduceChunk ? n - start : math::kReduceChunk;
+  ghat += start;
+  g += start;
+  math::LookDots<acc_t> sum{0, 0};
+  auto add = [&](scalar_t hi, scalar_t gi) {
+    const math::LookDots<acc_t> t = math::look_dots_term(static_cast<acc_t>(hi), static_cast<acc_t>(gi));
+    sum.hg += t.hg;
+    sum.gg += t.gg;
+  };
+  int64_t done = 0;
+  if (vectorized) {
+    constexpr int V = vec_len<scalar_t>();
+    for (int64_t k = threadIdx.x; k < len / V; k += kThreads) {
+      const Vec<scalar_t> hv = reinterpret_cast<const Vec<scalar_t>*>(ghat)[k];
+      const Vec<scalar_t> gv = reinterpret_cast<const Vec<scalar_t>*>(g)[k];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        add(hv.v[j], gv.v[j]);
+      }
+    }
+    done = len / V * V;
+  }
+  for (int64_t i = done + threadIdx.x; i < len; i += kThreads) {
+    add(ghat[i], g[i]);
+  }
+  const acc_t hg = block_sum(sum.hg);
+  const acc_t gg = block_sum(sum.gg);
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = hg;
+    partials[total + blockIdx.x] = gg;
+  }
+}
+
+at::Tensor look_dots_cuda(at::TensorList grads, at::TensorList centers) {
+  check_look_dots_args(grads, centers);
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const ReduceLayout layout = reduce_layout(grads);
+  const int64_t total = layout.total();
+  at::Tensor out = at::empty({2}, grads[0].options().dtype(layout.out_type));
+  at::Tensor partials = at::empty({2 * total}, grads[0].options().dtype(layout.out_type));
+  AT_DISPATCH_FLOATING_TYPES(layout.out_type, "fused_lesam::look_dots", [&] {
+    using out_t = scalar_t;
+    for (size_t k = 0; k < grads.size(); ++k) {
+      const int64_t chunks = layout.chunks(k);
+      if (chunks == 0) {
+        continue;
+      }
+      out_t* part = partials.data_ptr<out_t>() + layout.first_chunk[k];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[k].scalar_type(), "fused_lesam::look_dots", [&] {
+        const scalar_t* ghat = grads[k].const_data_ptr<scalar_t>();
+        const scalar_t* g = centers[k].const_data_ptr<scalar_t>();
+        look_dots_partials_kernel<scalar_t, out_t><<<chunks, kThreads, 0, stream>>>(
+            ghat, g, grads[k].numel(), all_aligned({ghat, g}), part, total);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    sum_partials_kernel<out_t><<<2, kThreads, 0, stream>>>(partials.const_data_ptr<out_t>(), total,
+                                                           out.data_ptr<out_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// dir <- g_hat - coef g unless *found_inf (a uniform branch, read on the device); coef read there too.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    look_store_kernel(scalar_t* __restrict__ dir, const scalar_t* __restrict__ ghat, const scalar_t* __restrict__ g,
+                      const acc_t* __restrict__ coef, const float* __restrict__ found_inf, int64_t n,
+                      bool vectorized) {
+  if (*found_inf != 0.0f) {
+    return;
+  }
+  const acc_t k = *coef;
+  auto element = [&](scalar_t hi, scalar_t gi) {
+    return static_cast<scalar_t>(math::look_dir(static_cast<acc_t>(hi), static_cast<acc_t>(gi), k));
+  };
+  using VecT = Vec<scalar_t>;
+  auto vec_op = [&](int64_t i) {
+    const VecT hv = reinterpret_cast<const VecT*>(ghat)[i];
+    const VecT gv = reinterpret_cast<const VecT*>(g)[i];
+    VecT dv;
+#pragma unroll
+    for (int j = 0; j < vec_len<scalar_t>(); ++j) {
+      dv.v[j] = element(hv.v[j], gv.v[j]);
+    }
+    reinterpret_cast<VecT*>(dir)[i] = dv;
+  };
+  auto elem_op = [&](int64_t i) { dir[i] = element(ghat[i], g[i]); };
+  grid_stride<scalar_t>(n, vectorized, vec_op, elem_op);
+}
+
+void look_store_cuda(at::Tensor& look_dir, const at::Tensor& grad, const at::Tensor& center, const at::Tensor& coef,
+                     const at::Tensor& found_inf) {
+  check_look_store_args(look_dir, grad, center, coef, found_inf);
+  const c10::cuda::CUDAGuard guard(look_dir.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor c = coef.to(acc_scalar_type(look_dir.scalar_type()));  // no copy when it has the type
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, look_dir.scalar_type(), "fused_lesam::look_store_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* dir = look_dir.data_ptr<scalar_t>();
+    const scalar_t* ghat = grad.const_data_ptr<scalar_t>();
+    const scalar_t* g = center.const_data_ptr<scalar_t>();
+    const int64_t n = look_dir.numel();
+    if (n == 0) {
+      return;
+    }
+    const bool vectorized = all_aligned({dir, ghat, g});
+    look_store_kernel<scalar_t, acc_t><<<grid_for(vectorized ? n / vec_len<scalar_t>() : n), kThreads, 0, stream>>>(
+        dir, ghat, g, c.const_data_ptr<acc_t>(), found_inf.const_data_ptr<float>(), n, vectorized);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// g <- g + coef dir, coef read on the device.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    look_add_kernel(scalar_t* __restrict__ g, const scalar_t* __restrict__ dir, const acc_t* __restrict__ coef,
+                    int64_t n, bool vectorized) {
+  const acc_t k = *coef;
+  auto element = [&](scalar_t gi, scalar_t di) {
+    return static_cast<scalar_t>(math::look_added(static_cast<acc_t>(gi), static_cast<acc_t>(di), k));
+  };
+  using VecT = Vec<scalar_t>;
+  auto vec_op = [&](int64_t i) {
+    VecT gv = reinterpret_cast<const VecT*>(g)[i];
+    const VecT dv = reinterpret_cast<const VecT*>(dir)[i];
+#pragma unroll
+    for (int j = 0; j < vec_len<scalar_t>(); ++j) {
+      gv.v[j] = element(gv.v[j], dv.v[j]);
+    }
+    reinterpret_cast<VecT*>(g)[i] = gv;
+  };
+  auto elem_op = [&](int64_t i) { g[i] = element(g[i], dir[i]); };
+  grid_stride<scalar_t>(n, vectorized, vec_op, elem_op);
+}
+
+void look_add_cuda(at::Tensor& grad, const at::Tensor& look_dir, const at::Tensor& coef) {
+  check_look_add_args(grad, look_dir, coef);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor c = coef.to(acc_scalar_type(grad.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fused_lesam::look_add_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* dir = look_dir.const_data_ptr<scalar_t>();
+    const int64_t n = grad.numel();
+    if (n == 0) {
+      return;
+    }
+    const bool vectorized = all_aligned({g, dir});
+    look_add_kernel<scalar_t, acc_t><<<grid_for(vectorized ? n / vec_len<scalar_t>() : n), kThreads, 0, stream>>>(
+        g, dir, c.const_data_ptr<acc_t>(), n, vectorized);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 // ------------------------------------------------------ the base update, fused into the restore
 // found_inf (and Adam's step) are read by every thread from device memory: nothing here waits for
 // the host, so a whole step can be captured in a CUDA graph. A skipped step (found_inf nonzero, a
 // uniform branch) copies w0 into w and writes no state. One instantiation per (momentum or not,
 // center or not) for SGD and (amsgrad or not, center or not) for Adam: those decide which arrays
-// are loaded and stored; the other options are uniform branches on kernel arguments.
+// are loaded and stored; the other options are uniform branches on kernel arguments. Without a
+// backup (with_backup false: a step that perturbed nothing) w0 is read from w itself, never
+// through a second pointer to it (the pointers are __restrict__), and a skipped step writes nothing.
 template <typename scalar_t>
 __device__ void copy_bucket(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0, int64_t n, bool vectorized) {
   using VecT = Vec<scalar_t>;
@@ -551,14 +718,16 @@ __device__ void copy_bucket(scalar_t* __restrict__ w, const scalar_t* __restrict
       [&](int64_t i) { w[i] = w0[i]; });
 }
 
-template <typename scalar_t, typename acc_t, bool with_momentum, bool with_center>
+template <typename scalar_t, typename acc_t, bool with_momentum, bool with_center, bool with_backup>
 __global__ void __launch_bounds__(kThreads)
     sgd_step_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0, const scalar_t* __restrict__ g,
                     scalar_t* __restrict__ buf, const scalar_t* __restrict__ center,
                     const float* __restrict__ found_inf, math::SgdCoefs<acc_t> c, acc_t ghat_coef, acc_t center_coef,
                     bool maximize, int64_t n, bool vectorized) {
   if (*found_inf != 0.0f) {
-    copy_bucket(w, w0, n, vectorized);
+    if constexpr (with_backup) {
+      copy_bucket(w, w0, n, vectorized);
+    }
     return;
   }
   auto element = [&](scalar_t& wi, scalar_t w0i, scalar_t gi, scalar_t& bi, scalar_t ci) {
@@ -568,7 +737,7 @@ __global__ void __launch_bounds__(kThreads)
   };
   using VecT = Vec<scalar_t>;
   auto vec_op = [&](int64_t k) {
-    const VecT w0v = reinterpret_cast<const VecT*>(w0)[k];
+    const VecT w0v = reinterpret_cast<const VecT*>(with_backup ? w0 : w)[k];
     const VecT gv = reinterpret_cast<const VecT*>(g)[k];
     VecT wv, bv, cv;
     if constexpr (with_momentum) {
@@ -588,12 +757,13 @@ __global__ void __launch_bounds__(kThreads)
   };
   auto elem_op = [&](int64_t i) {
     scalar_t no_buf;
-    element(w[i], w0[i], g[i], with_momentum ? buf[i] : no_buf, with_center ? center[i] : scalar_t(0));
+    element(w[i], with_backup ? w0[i] : w[i], g[i], with_momentum ? buf[i] : no_buf,
+            with_center ? center[i] : scalar_t(0));
   };
   grid_stride<scalar_t>(n, vectorized, vec_op, elem_op);
 }
 
-void sgd_step_cuda(at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
+void sgd_step_cuda(at::Tensor& param, const std::optional<at::Tensor>& backup, const at::Tensor& grad,
                    const std::optional<at::Tensor>& momentum_buffer, const std::optional<at::Tensor>& center,
                    const at::Tensor& found_inf, double lr, double momentum, double dampening, double weight_decay,
                    bool nesterov, bool maximize, bool init_buffer, double ghat_coef, double center_coef) {
@@ -603,7 +773,7 @@ void sgd_step_cuda(at::Tensor& param, const at::Tensor& backup, const at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::sgd_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* w = param.data_ptr<scalar_t>();
-    const scalar_t* bak = backup.const_data_ptr<scalar_t>();
+    const scalar_t* bak = backup.has_value() ? backup->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* buf = momentum_buffer.has_value() ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
     const scalar_t* ctr = center.has_value() ? center->const_data_ptr<scalar_t>() : nullptr;
@@ -615,10 +785,14 @@ void sgd_step_cuda(at::Tensor& param, const at::Tensor& backup, const at::Tensor
     const int grid = grid_for(vectorized ? n / vec_len<scalar_t>() : n);
     const auto coefs = math::sgd_coefs<acc_t>(lr, momentum, dampening, weight_decay, nesterov, init_buffer);
     auto launch = [&](auto momentum_tag, auto center_tag) {
-      sgd_step_kernel<scalar_t, acc_t, decltype(momentum_tag)::value, decltype(center_tag)::value>
-          <<<grid, kThreads, 0, stream>>>(w, bak, g, buf, ctr, found_inf.const_data_ptr<float>(), coefs,
-                                          static_cast<acc_t>(ghat_coef), static_cast<acc_t>(center_coef), maximize,
-                                          n, vectorized);
+      auto run = [&](auto backup_tag) {
+        sgd_step_kernel<scalar_t, acc_t, decltype(momentum_tag)::value, decltype(center_tag)::value,
+                        decltype(backup_tag)::value>
+            <<<grid, kThreads, 0, stream>>>(w, bak, g, buf, ctr, found_inf.const_data_ptr<float>(), coefs,
+                                            static_cast<acc_t>(ghat_coef), static_cast<acc_t>(center_coef), maximize,
+                                            n, vectorized);
+      };
+      bak ? run(std::true_type{}) : run(std::false_type{});
     };
     using yes = std::true_type;
     using no = std::false_type;
@@ -632,7 +806,7 @@ void sgd_step_cuda(at::Tensor& param, const at::Tensor& backup, const at::Tensor
 }
 
 // Every thread computes the bias corrections from *step itself (two double pows, no second kernel).
-template <typename scalar_t, typename acc_t, bool amsgrad, bool with_center>
+template <typename scalar_t, typename acc_t, bool amsgrad, bool with_center, bool with_backup>
 __global__ void __launch_bounds__(kThreads)
     adam_step_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ w0, const scalar_t* __restrict__ g,
                      scalar_t* __restrict__ m, scalar_t* __restrict__ v, scalar_t* __restrict__ vmax,
@@ -640,7 +814,9 @@ __global__ void __launch_bounds__(kThreads)
                      const float* __restrict__ found_inf, math::AdamCoefs<acc_t> c, double lr, double beta1,
                      double beta2, acc_t ghat_coef, acc_t center_coef, bool maximize, int64_t n, bool vectorized) {
   if (*found_inf != 0.0f) {
-    copy_bucket(w, w0, n, vectorized);
+    if constexpr (with_backup) {
+      copy_bucket(w, w0, n, vectorized);
+    }
     return;
   }
   math::adam_bias_corrections(c, static_cast<double>(*step), lr, beta1, beta2);
@@ -652,7 +828,7 @@ __global__ void __launch_bounds__(kThreads)
   };
   using VecT = Vec<scalar_t>;
   auto vec_op = [&](int64_t k) {
-    const VecT w0v = reinterpret_cast<const VecT*>(w0)[k];
+    const VecT w0v = reinterpret_cast<const VecT*>(with_backup ? w0 : w)[k];
     const VecT gv = reinterpret_cast<const VecT*>(g)[k];
     VecT mv = reinterpret_cast<const VecT*>(m)[k];
     VecT vv = reinterpret_cast<const VecT*>(v)[k];
@@ -676,12 +852,14 @@ __global__ void __launch_bounds__(kThreads)
   };
   auto elem_op = [&](int64_t i) {
     scalar_t no_vmax;
-    element(w[i], w0[i], g[i], m[i], v[i], amsgrad ? vmax[i] : no_vmax, with_center ? center[i] : scalar_t(0));
+    element(w[i], with_backup ? w0[i] : w[i], g[i], m[i], v[i], amsgrad ? vmax[i] : no_vmax,
+            with_center ? center[i] : scalar_t(0));
   };
   grid_stride<scalar_t>(n, vectorized, vec_op, elem_op);
 }
 
-void adam_step_cuda(at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad, at::Tensor& exp_avg,
+void adam_step_cuda(at::Tensor& param, const std::optional<at::Tensor>& backup, const at::Tensor& grad,
+                    at::Tensor& exp_avg,
                     at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
                     const std::optional<at::Tensor>& center, const at::Tensor& step, const at::Tensor& found_inf,
                     double lr, double beta1, double beta2, double eps, double weight_decay,
@@ -692,7 +870,7 @@ void adam_step_cuda(at::Tensor& param, const at::Tensor& backup, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "fused_lesam::adam_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* w = param.data_ptr<scalar_t>();
-    const scalar_t* bak = backup.const_data_ptr<scalar_t>();
+    const scalar_t* bak = backup.has_value() ? backup->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* m = exp_avg.data_ptr<scalar_t>();
     scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
@@ -706,11 +884,15 @@ void adam_step_cuda(at::Tensor& param, const at::Tensor& backup, const at::Tenso
     const int grid = grid_for(vectorized ? n / vec_len<scalar_t>() : n);
     const auto coefs = math::adam_coefs<acc_t>(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay);
     auto launch = [&](auto amsgrad_tag, auto center_tag) {
-      adam_step_kernel<scalar_t, acc_t, decltype(amsgrad_tag)::value, decltype(center_tag)::value>
-          <<<grid, kThreads, 0, stream>>>(w, bak, g, m, v, vmax, ctr, step.const_data_ptr<float>(),
-                                          found_inf.const_data_ptr<float>(), coefs, lr, beta1, beta2,
-                                          static_cast<acc_t>(ghat_coef), static_cast<acc_t>(center_coef), maximize,
-                                          n, vectorized);
+      auto run = [&](auto backup_tag) {
+        adam_step_kernel<scalar_t, acc_t, decltype(amsgrad_tag)::value, decltype(center_tag)::value,
+                         decltype(backup_tag)::value>
+            <<<grid, kThreads, 0, stream>>>(w, bak, g, m, v, vmax, ctr, step.const_data_ptr<float>(),
+                                            found_inf.const_data_ptr<float>(), coefs, lr, beta1, beta2,
+                                            static_cast<acc_t>(ghat_coef), static_cast<acc_t>(center_coef),
+                                            maximize, n, vectorized);
+      };
+      bak ? run(std::true_type{}) : run(std::false_type{});
     };
     using yes = std::true_type;
     using no = std::false_type;
@@ -734,6 +916,9 @@ TORCH_LIBRARY_IMPL(fused_lesam, CUDA, m) {
   m.impl("xsam_probe_", &xsam_probe_cuda);
   m.impl("sgd_step_", &sgd_step_cuda);
   m.impl("adam_step_", &adam_step_cuda);
+  m.impl("look_dots", &look_dots_cuda);
+  m.impl("look_store_", &look_store_cuda);
+  m.impl("look_add_", &look_add_cuda);
 }
 
 }  // namespace fused_lesam

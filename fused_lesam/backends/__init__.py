@@ -1,5 +1,6 @@
-"""Backends: who runs the bucket ops (``sq_norm``, ``perturb_``, ``restore_``, and XSAM's
-``xsam_dots``, ``xsam_restore_``, ``xsam_probe_``).
+"""Backends: who runs the bucket ops (``sq_norm``, ``perturb_``, ``restore_``, XSAM's
+``xsam_dots``, ``xsam_restore_``, ``xsam_probe_``, LookSAM's ``look_dots``, ``look_store_``,
+``look_add_``, and the fused base update's ``sgd_step_``, ``adam_step_``).
 
 Every backend is a module (or, for the compiled extension's "cpp" and "cuda", a namespace made by
 ``compiled.backend``) exposing ``NAME`` and those functions with the signatures of

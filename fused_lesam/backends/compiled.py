@@ -24,7 +24,19 @@ if _problem:  # checked before loading: an extension built for another torch mus
 
 import fused_lesam._C  # noqa: E402,F401  (registers torch.ops.fused_lesam)
 
-_OPS = ("sq_norm", "perturb_", "restore_", "xsam_dots", "xsam_restore_", "xsam_probe_", "sgd_step_", "adam_step_")
+_OPS = (
+    "sq_norm",
+    "perturb_",
+    "restore_",
+    "xsam_dots",
+    "xsam_restore_",
+    "xsam_probe_",
+    "look_dots",
+    "look_store_",
+    "look_add_",
+    "sgd_step_",
+    "adam_step_",
+)
 
 
 def has_kernels(dispatch_key: str) -> bool:
@@ -65,6 +77,21 @@ def _xsam_restore_fake(param, backup, grad, delta, coefs) -> None:
 
 @torch.library.register_fake("fused_lesam::xsam_probe_")
 def _xsam_probe_fake(param, backup, grad, delta, coefs, save_delta) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_lesam::look_dots")
+def _look_dots_fake(grads: Sequence[Tensor], centers: Sequence[Tensor]) -> Tensor:
+    return grads[0].new_empty((2,), dtype=sum_dtype(grads))
+
+
+@torch.library.register_fake("fused_lesam::look_store_")
+def _look_store_fake(look_dir, grad, center, coef, found_inf) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_lesam::look_add_")
+def _look_add_fake(grad, look_dir, coef) -> None:
     return None
 
 

@@ -9,7 +9,9 @@ accumulation dtype (fp32, or fp64 for fp64 buckets) and rounded to the bucket's 
 
 SAM and LE-SAM use ``sq_norm``, ``perturb_`` and ``restore_``. XSAM (docs/design.md §1) ascends with
 ``sq_norm`` and ``perturb_`` too, then uses ``xsam_dots`` (three reductions in one pass) and
-``xsam_restore_`` / ``xsam_probe_`` (one element-wise pass each). The scalars between the ops (the
+``xsam_restore_`` / ``xsam_probe_`` (one element-wise pass each). LookSAM (fused_lesam.throughput)
+adds ``look_dots`` (two reductions in one pass), ``look_store_`` and ``look_add_`` (one element-wise
+pass each). The scalars between the ops (the
 radius, XSAM's slerp coefficients) are computed by ``fused_lesam.maths``, for every backend.
 """
 
@@ -136,7 +138,8 @@ def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coef
 
 
 # ------------------------------------------------------------------ the base update, fused into the restore
-# One pass that ends a step: it reads the saved weights w0 (``backup``), the final gradient and the
+# One pass that ends a step: it reads the saved weights w0 (``backup``; None: w0 is param itself, the
+# one-pass steps of fused_lesam.throughput, which perturb nothing), the final gradient and the
 # base optimizer's state, and writes the weights and the state, with the LE-SAM+ combine fused in.
 # It computes what torch.optim.SGD / Adam / AdamW (``foreach=False``) compute for the step at w0,
 # in the accumulation dtype (fp32 for fp32/bf16/fp16 buckets, fp64 for fp64), rounding each stored
@@ -155,9 +158,9 @@ def _final_grad(
     return -g if maximize else g
 
 
-def _skip_or(found_inf: Tensor, param: Tensor, backup: Tensor, new: Tensor) -> None:
-    """param <- backup where the step is skipped, else ``new`` rounded to the bucket's dtype."""
-    param.copy_(torch.where(found_inf != 0, backup, new.to(param.dtype)))
+def _skip_or(found_inf: Tensor, param: Tensor, w0: Tensor, new: Tensor) -> None:
+    """param <- w0 where the step is skipped, else ``new`` rounded to the bucket's dtype."""
+    param.copy_(torch.where(found_inf != 0, w0, new.to(param.dtype)))
 
 
 def _write_state(found_inf: Tensor, state: Tensor, new: Tensor) -> Tensor:
@@ -169,7 +172,7 @@ def _write_state(found_inf: Tensor, state: Tensor, new: Tensor) -> Tensor:
 
 def sgd_step_(
     param: Tensor,
-    backup: Tensor,
+    backup: Tensor | None,
     grad: Tensor,
     momentum_buffer: Tensor | None,
     center: Tensor | None,
@@ -192,11 +195,13 @@ def sgd_step_(
         d <- g + momentum * b if nesterov else b                          (d = g without momentum)
         w <- w0 - lr * d
 
-    ``momentum_buffer`` is None exactly when momentum == 0. ``init_buffer`` is torch's first step
+    ``backup`` None: w0 is param (a step that perturbed nothing). ``momentum_buffer`` is None
+    exactly when momentum == 0. ``init_buffer`` is torch's first step
     of a parameter (its buffer is a copy of g). The gradient is not written.
     """
     dtype = acc_dtype(param.dtype)
-    w0 = backup.to(dtype)
+    start = param if backup is None else backup
+    w0 = start.to(dtype)
     g = _final_grad(grad, center, ghat_coef, center_coef, maximize, dtype)
     if weight_decay != 0:
         g = g + w0 * weight_decay
@@ -205,12 +210,12 @@ def sgd_step_(
         b = g if init_buffer else momentum_buffer.to(dtype) * momentum + g * (1 - dampening)
         b = _write_state(found_inf, momentum_buffer, b)
         d = g + b * momentum if nesterov else b
-    _skip_or(found_inf, param, backup, w0 - d * lr)
+    _skip_or(found_inf, param, start, w0 - d * lr)
 
 
 def adam_step_(
     param: Tensor,
-    backup: Tensor,
+    backup: Tensor | None,
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
@@ -239,14 +244,15 @@ def adam_step_(
         w <- w0 - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
     ``step`` (0-d float32 on the device) holds t, the step count this update is (the caller has
-    already advanced it); the bias corrections are computed from it in fp64 on the device.
+    already advanced it); ``backup`` as in `sgd_step_`; the bias corrections are computed from it in fp64 on the device.
     ``max_exp_avg_sq`` is None exactly when not amsgrad. The gradient is not written.
     """
     dtype = acc_dtype(param.dtype)
     t = step.to(torch.float64)
     step_size = (lr / (1 - beta1**t)).to(dtype)
     bias2_sqrt = (1 - beta2**t).sqrt().to(dtype)
-    w0 = backup.to(dtype)
+    start = param if backup is None else backup
+    w0 = start.to(dtype)
     g = _final_grad(grad, center, ghat_coef, center_coef, maximize, dtype)
     if weight_decay != 0:
         if decoupled_weight_decay:
@@ -258,4 +264,35 @@ def adam_step_(
     if amsgrad:
         v = _write_state(found_inf, max_exp_avg_sq, torch.maximum(max_exp_avg_sq.to(dtype), v))
     denom = v.sqrt() / bias2_sqrt + eps
-    _skip_or(found_inf, param, backup, w0 - step_size * (m / denom))
+    _skip_or(found_inf, param, start, w0 - step_size * (m / denom))
+
+
+# ---------------------------------------------------------------------------------------- LookSAM
+def look_dots(grads: Sequence[Tensor], centers: Sequence[Tensor]) -> Tensor:
+    """[g_hat . g, ||g||^2] summed over buckets, g_hat the gradient at the perturbed point (grads),
+    g the first one (centers): a (2,) tensor on the buckets' device, fp32 (fp64 if any bucket is fp64)."""
+    out_dtype = sum_dtype(grads)
+    sums = []
+    for grad, center in zip(grads, centers):
+        dtype = acc_dtype(grad.dtype)
+        g_hat = grad.to(dtype)
+        g = center.to(dtype)
+        sums.append(torch.stack([torch.dot(g_hat, g), torch.dot(g, g)]).to(out_dtype))
+    return torch.stack(sums).sum(0)
+
+
+def look_store_(look_dir: Tensor, grad: Tensor, center: Tensor, coef: Tensor, found_inf: Tensor) -> None:
+    """look_dir <- g_hat - coef * g (g_hat = grad, g = center), unless ``found_inf`` (0-d float32 on
+    the device, nonzero: the step is skipped and look_dir keeps its value bit-exactly).
+
+    ``coef`` is the 0-d float32/float64 tensor of `look_projection`."""
+    dtype = acc_dtype(grad.dtype)
+    new = grad.to(dtype) - center.to(dtype) * coef.to(dtype)
+    look_dir.copy_(torch.where(found_inf != 0, look_dir, new.to(look_dir.dtype)))
+
+
+def look_add_(grad: Tensor, look_dir: Tensor, coef: Tensor) -> None:
+    """g <- g + coef * look_dir, LookSAM's gradient on a reuse step; ``coef`` (0-d float32/float64 on
+    the device) is `look_reuse_coefficient`."""
+    dtype = acc_dtype(grad.dtype)
+    grad.copy_(grad.to(dtype) + look_dir.to(dtype) * coef.to(dtype))

@@ -10,9 +10,12 @@ kernels, over flat buckets:
 - ``restore_``: the bit-exact restore, with the LE-SAM+ combine fused in.
 - XSAM: ``xsam_dots`` (three partial sums per chunk, then three fixed-order sums),
   ``xsam_restore_`` and ``xsam_probe_`` (one pass each; the coefficients read from device memory).
+- LookSAM: ``look_dots`` (two partial sums per chunk, then two fixed-order sums), ``look_store_``
+  and ``look_add_`` (one pass each; the coefficient and found_inf read from device memory).
 - The base update fused into the restore: ``sgd_step_`` and ``adam_step_`` (one pass each: w0, the
   final gradient and the state in, the weights and the state out; found_inf and Adam's step read
-  from device memory, the bias corrections computed in fp64 by every program).
+  from device memory, the bias corrections computed in fp64 by every program). Without a backup
+  (a step that perturbed nothing) w0 is param: each program loads its elements before it stores them.
 
 Arithmetic is fp32 for fp32/bf16/fp16 buckets (loaded, converted, computed, converted back once),
 with correctly rounded divisions and square roots (``div_rn``, ``sqrt_rn``) where the spec
@@ -502,6 +505,126 @@ def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coef
     )
 
 
+# ---------------------------------------------------------------------------------------- LookSAM
+@triton.jit
+def _look_dots_partials_kernel(ghat_ptr, g_ptr, n, partials_ptr, total, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """partials[j * total + pid] for j = sum g_hat g, sum g^2 over chunk pid."""
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * CHUNK
+    acc_type = partials_ptr.dtype.element_ty
+    hg = tl.zeros([BLOCK], dtype=acc_type)
+    gg = tl.zeros([BLOCK], dtype=acc_type)
+    for i in tl.static_range(0, CHUNK, BLOCK):
+        offsets = start + i + tl.arange(0, BLOCK)
+        mask = offsets < n
+        h = tl.load(ghat_ptr + offsets, mask=mask, other=0.0).to(acc_type)
+        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(acc_type)
+        hg += h * g
+        gg += g * g
+    tl.store(partials_ptr + pid, tl.sum(hg, axis=0))
+    tl.store(partials_ptr + total + pid, tl.sum(gg, axis=0))
+
+
+@triton.jit
+def _look_store_kernel(dir_ptr, ghat_ptr, g_ptr, coef_ptr, found_inf_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    taken = tl.load(found_inf_ptr) == 0.0  # false for a nonzero or NaN found_inf: g_v is kept
+    write = _and_taken(offsets < n, taken)
+    coef = tl.load(coef_ptr).to(tl.float32)
+    ghat = tl.load(ghat_ptr + offsets, mask=write)
+    g = tl.load(g_ptr + offsets, mask=write).to(tl.float32)
+    tl.store(dir_ptr + offsets, _narrow(ghat.to(tl.float32) - g * coef, ghat.dtype), mask=write)
+
+
+@triton.jit
+def _look_add_kernel(g_ptr, dir_ptr, coef_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    coef = tl.load(coef_ptr).to(tl.float32)
+    g = tl.load(g_ptr + offsets, mask=mask)
+    d = tl.load(dir_ptr + offsets, mask=mask).to(tl.float32)
+    tl.store(g_ptr + offsets, _narrow(g.to(tl.float32) + d * coef, g.dtype), mask=mask)
+
+
+def _check_look_coef(op: str, coef: Tensor, bucket: Tensor) -> None:
+    if coef.dim() != 0 or coef.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(
+            f"fused_lesam_triton::{op}: coef must be a 0-d float32/float64 tensor, got a {coef.dtype} "
+            f"tensor of shape {tuple(coef.shape)}"
+        )
+    if coef.device != bucket.device:
+        raise RuntimeError(f"fused_lesam_triton::{op}: coef is on {coef.device} but the buckets are on {bucket.device}")
+
+
+@triton_op("fused_lesam_triton::look_dots", mutates_args=())
+def look_dots(grads: list[Tensor], centers: list[Tensor]) -> Tensor:
+    if len(grads) != len(centers):
+        raise RuntimeError(
+            f"fused_lesam_triton::look_dots: got {len(grads)} grad and {len(centers)} center buckets; "
+            f"they must match one to one"
+        )
+    if not grads:
+        raise RuntimeError("fused_lesam_triton::look_dots: needs at least one bucket")
+    for i, (grad, center) in enumerate(zip(grads, centers)):
+        _check("look_dots", f"grads[{i}]", grad)
+        _check("look_dots", f"centers[{i}]", center, grad, f"grads[{i}]")
+    out_dtype = sum_dtype(grads)
+    chunks = [triton.cdiv(g.numel(), CHUNK) for g in grads]
+    total = sum(chunks)
+    partials = torch.zeros(2 * max(total, 1), dtype=out_dtype, device=grads[0].device)
+    first = 0
+    for grad, center, count in zip(grads, centers, chunks):
+        if count:
+            _launch(
+                _look_dots_partials_kernel,
+                (count,),
+                grad.device,
+                grad,
+                center,
+                grad.numel(),
+                partials[first:],
+                total,
+                CHUNK=CHUNK,
+                BLOCK=REDUCE_BLOCK,
+            )
+        first += count
+    out = torch.empty(2, dtype=out_dtype, device=grads[0].device)
+    for j in range(2):
+        _launch(_sum_kernel, (1,), out.device, partials[j * total :], total, out[j:], BLOCK=REDUCE_BLOCK)
+    return out
+
+
+@triton_op("fused_lesam_triton::look_store_", mutates_args=("look_dir",))
+def look_store_(look_dir: Tensor, grad: Tensor, center: Tensor, coef: Tensor, found_inf: Tensor) -> None:
+    for name, t in (("look_dir", look_dir), ("grad", grad), ("center", center)):
+        _check("look_store_", name, t, None if t is look_dir else look_dir, "look_dir")
+    _check_look_coef("look_store_", coef, look_dir)
+    if found_inf.dim() != 0 or found_inf.dtype != torch.float32:
+        raise RuntimeError(
+            f"fused_lesam_triton::look_store_: found_inf must be a 0-d float32 tensor, got a {found_inf.dtype} "
+            f"tensor of shape {tuple(found_inf.shape)}"
+        )
+    if found_inf.device != look_dir.device:
+        raise RuntimeError(
+            f"fused_lesam_triton::look_store_: found_inf is on {found_inf.device} but look_dir is on {look_dir.device}"
+        )
+    if look_dir.dtype == torch.float64:
+        spec.look_store_(look_dir=look_dir, grad=grad, center=center, coef=coef, found_inf=found_inf)
+        return
+    _launch_elementwise(_look_store_kernel, look_dir, look_dir, grad, center, coef, found_inf, look_dir.numel())
+
+
+@triton_op("fused_lesam_triton::look_add_", mutates_args=("grad",))
+def look_add_(grad: Tensor, look_dir: Tensor, coef: Tensor) -> None:
+    _check("look_add_", "grad", grad)
+    _check("look_add_", "look_dir", look_dir, grad, "grad")
+    _check_look_coef("look_add_", coef, grad)
+    if grad.dtype == torch.float64:
+        spec.look_add_(grad=grad, look_dir=look_dir, coef=coef)
+        return
+    _launch_elementwise(_look_add_kernel, grad, grad, look_dir, coef, grad.numel())
+
+
 # ------------------------------------------------------------------ the base update, fused into the restore
 # One pass ends a step: read w0 (backup), the final gradient and the optimizer state, write the
 # weights and the state (spec.sgd_step_ / adam_step_, torch.optim's SGD and Adam/AdamW).
@@ -694,7 +817,7 @@ def _check_device_scalar(op: str, name: str, t: Tensor, param: Tensor) -> None:
 @triton_op("fused_lesam_triton::sgd_step_", mutates_args=("param", "momentum_buffer"))
 def sgd_step_(
     param: Tensor,
-    backup: Tensor,
+    backup: Tensor | None,
     grad: Tensor,
     momentum_buffer: Tensor | None,
     center: Tensor | None,
@@ -737,7 +860,7 @@ def sgd_step_(
         _sgd_step_kernel,
         param,
         param,
-        backup,
+        param if backup is None else backup,
         grad,
         param if momentum_buffer is None else momentum_buffer,
         grad if center is None else center,
@@ -761,7 +884,7 @@ def sgd_step_(
 @triton_op("fused_lesam_triton::adam_step_", mutates_args=("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
 def adam_step_(
     param: Tensor,
-    backup: Tensor,
+    backup: Tensor | None,
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
@@ -824,7 +947,7 @@ def adam_step_(
         _adam_step_kernel,
         param,
         param,
-        backup,
+        param if backup is None else backup,
         grad,
         exp_avg,
         exp_avg_sq,
