@@ -472,6 +472,13 @@ def test_refused_where_there_is_no_flat_momentum(base, hyper, extra, match):
         FusedSAM(make_net().parameters(), base, momentum_sam=True, **hyper, **extra)
 
 
+@pytest.mark.parametrize("mode", [dict(sam_interval=2), dict(sam_start=3), dict(look_k=5)], ids=str)
+def test_the_interval_options_are_refused(mode):
+    # Momentum-SAM is one pass per step already; the options choose which steps pay SAM's second pass.
+    with pytest.raises(ValueError, match="already takes one forward/backward per step"):
+        FusedSAM(make_net().parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, momentum_sam=True, **mode)
+
+
 def test_a_group_without_momentum_is_refused():
     model = make_net()
     groups = [{"params": model.body.parameters()}, {"params": model.head.parameters(), "momentum": 0.0}]
