@@ -464,10 +464,17 @@ class SharpnessAware(torch.optim.Optimizer):
             self._store_look_dir(found_inf)
         if max_grad_norm is not None:
             self._clip_final_grads(final_sq, max_grad_norm)
+        self._update(found_inf, zero_grad)
+
+    def _update(self, found_inf: Tensor, zero_grad: bool) -> None:
+        """The end of every step: the restore (a full step's; a one-pass step perturbed nothing) and
+        the base step unless ``found_inf``, in one pass of the fused base update where it can run,
+        else restore, then torch's own step."""
         fused = self._fused_update
         if fused is not None and not fused.why_not():
             self.skipped_steps.add_(found_inf)
-            fused.step(self._ops, self._progress.combine, self._on_devices(found_inf.to(torch.float32)))
+            restore = needs_pass(self._progress.kind)
+            fused.step(self._ops, self._progress.combine, self._on_devices(found_inf.to(torch.float32)), restore)
             self._progress.perturbed = False
             self._progress.ascents = 0
             self._count_step(zero_grad)
@@ -533,17 +540,8 @@ class SharpnessAware(torch.optim.Optimizer):
         found_inf = skip.skip_flag([self._progress.first_sq, final_sq], self._progress.device_hypers)
         if max_grad_norm is not None:
             self._clip_final_grads(final_sq, max_grad_norm)
-        self._progress.perturbed = False
         self._progress.refresh = False
-        fused = self._fused_update
-        if fused is not None and not fused.why_not():
-            self.skipped_steps.add_(found_inf)
-            fused.step(self._ops, self._progress.combine, self._on_devices(found_inf.to(torch.float32)), restore=False)
-            self._count_step(zero_grad)
-            return
-        self._finish_step(found_inf, zero_grad)
-        if fused is not None:  # torch's own step may have created state that is not in the flat buffers
-            fused.stale = True
+        self._update(found_inf, zero_grad)
 
     def _clip_final_grads(self, final_sq: Tensor, max_norm: float) -> None:
         """g_hat *= min(1, max_norm / (||g_hat|| + CLIP_EPS)) in every bucket (torch's clip_grad_norm_ rule)."""
