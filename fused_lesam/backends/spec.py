@@ -296,3 +296,109 @@ def look_add_(grad: Tensor, look_dir: Tensor, coef: Tensor) -> None:
     the device) is `look_reuse_coefficient`."""
     dtype = acc_dtype(grad.dtype)
     grad.copy_(grad.to(dtype) + look_dir.to(dtype) * coef.to(dtype))
+
+
+# ------------------------------------------------------------------------------ multi-tensor forms
+# One call per (device, dtype) over a list of buckets that share the scalars: the form the engine
+# uses, so that sharded (FSDP2) parameters, one bucket each, cost one call (one kernel launch on
+# CUDA and Triton, one op call on CPU) per op instead of one per shard. Each element of the lists is
+# exactly the per-bucket op's argument; every tensor of one call has the same device and dtype, and a
+# list has at least one bucket. Optional lists (``backups``, ``centers``, ``deltas``) are given for
+# every bucket or for none.
+
+
+def _same_length(op: str, **lists: Sequence[Tensor] | None) -> int:
+    """The number of buckets in a multi-tensor call, after checking the lists agree with each other:
+    one length (at least 1), one device and one dtype over all their tensors."""
+    given = {name: value for name, value in lists.items() if value is not None}
+    lengths = {name: len(value) for name, value in given.items()}
+    count = next(iter(lengths.values()))
+    if count == 0 or any(n != count for n in lengths.values()):
+        raise RuntimeError(f"fused_lesam::{op}: the lists must have one length, at least 1; got {lengths}")
+    first_name, first = next(iter(given.items()))
+    for name, tensors in given.items():
+        for i, t in enumerate(tensors):
+            if t.dtype != first[0].dtype or t.device != first[0].device:
+                raise RuntimeError(
+                    f"fused_lesam::{op}: {name}[{i}] is {t.dtype} on {t.device} but {first_name}[0] is "
+                    f"{first[0].dtype} on {first[0].device}; one call takes one dtype on one device"
+                )
+    return count
+
+
+def multi_perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor] | None,
+    sq: Tensor,
+    sigma: float,
+    rho_max: float,
+    varrho: float,
+    adaptive: bool,
+    centers: Sequence[Tensor] | None = None,
+    sigma_t: Tensor | None = None,
+) -> Tensor:
+    """`perturb_` on every bucket of the lists, with one radius; returns it (0-d, on the device)."""
+    count = _same_length("multi_perturb_", params=params, grads=grads, backups=backups, centers=centers)
+    for i in range(count):
+        backup = None if backups is None else backups[i]
+        center = None if centers is None else centers[i]
+        rho = perturb_(params[i], grads[i], backup, sq, sigma, rho_max, varrho, adaptive, center, sigma_t)
+    return rho
+
+
+def multi_restore_(
+    params: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    centers: Sequence[Tensor] | None,
+    ghat_coef: float,
+    center_coef: float,
+) -> None:
+    """`restore_` on every bucket of the lists."""
+    count = _same_length("multi_restore_", params=params, backups=backups, grads=grads, centers=centers)
+    for i in range(count):
+        restore_(params[i], backups[i], grads[i], None if centers is None else centers[i], ghat_coef, center_coef)
+
+
+def multi_xsam_restore_(
+    params: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    deltas: Sequence[Tensor] | None,
+    coefs: Tensor,
+) -> None:
+    """`xsam_restore_` on every bucket of the lists."""
+    count = _same_length("multi_xsam_restore_", params=params, backups=backups, grads=grads, deltas=deltas)
+    for i in range(count):
+        xsam_restore_(params[i], backups[i], grads[i], None if deltas is None else deltas[i], coefs)
+
+
+def multi_xsam_probe_(
+    params: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    deltas: Sequence[Tensor],
+    coefs: Tensor,
+    save_delta: bool,
+) -> None:
+    """`xsam_probe_` on every bucket of the lists."""
+    count = _same_length("multi_xsam_probe_", params=params, backups=backups, grads=grads, deltas=deltas)
+    for i in range(count):
+        xsam_probe_(params[i], backups[i], grads[i], deltas[i], coefs, save_delta)
+
+
+def multi_look_store_(
+    look_dirs: Sequence[Tensor], grads: Sequence[Tensor], centers: Sequence[Tensor], coef: Tensor, found_inf: Tensor
+) -> None:
+    """`look_store_` on every bucket of the lists."""
+    count = _same_length("multi_look_store_", look_dirs=look_dirs, grads=grads, centers=centers)
+    for i in range(count):
+        look_store_(look_dirs[i], grads[i], centers[i], coef, found_inf)
+
+
+def multi_look_add_(grads: Sequence[Tensor], look_dirs: Sequence[Tensor], coef: Tensor) -> None:
+    """`look_add_` on every bucket of the lists."""
+    count = _same_length("multi_look_add_", grads=grads, look_dirs=look_dirs)
+    for i in range(count):
+        look_add_(grads[i], look_dirs[i], coef)
