@@ -187,15 +187,16 @@ class FusedBaseUpdate:
 
     @torch.no_grad()
     def step(self, ops_of: dict, combine: list, found_inf: dict[torch.device, Tensor], restore: bool = True) -> None:
-        """The restore and the base step of every bucket. ``combine[b]`` is bucket b's LE-SAM+
+        """The restore and the base step of every bucket. ``combine[i]`` is param group i's LE-SAM+
         (ghat_coef, center_coef) or None; ``found_inf`` a 0-d float32 per device (nonzero: skip).
         ``restore=False``: the step starts from w itself (a one-pass step perturbed nothing), and
         the ops are given no backup (reading w0 from param, not from an alias of it)."""
         if self.stale:
             self.adopt([s.bucket for s in self._states])
         init_runs = []
-        for flat, coefs in zip(self._states, combine):
+        for flat in self._states:
             bucket = flat.bucket
+            coefs = combine[bucket.group_index]
             group = self.base.param_groups[bucket.group_index]
             runs = self._runs(flat, group)
             for start, stop, init in runs:

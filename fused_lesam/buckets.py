@@ -21,6 +21,7 @@ the compiled extension), not a Python loop over the parameters.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from operator import attrgetter, is_
 
 import torch
@@ -307,3 +308,27 @@ def build_buckets(param_groups: list[dict]) -> list:
             "would count the unsharded ones once per rank"
         )
     return buckets
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The buckets that one call of a multi-tensor op takes (backends/spec.py, "multi-tensor
+    forms"): those of one param group on one device with one dtype, so they share the op's scalars.
+    That is one ParamBucket, or every shard of the group under FSDP2, which then costs one call (one
+    kernel launch on a GPU) per op instead of one per parameter."""
+
+    device: torch.device
+    group_index: int
+    buckets: tuple
+
+    def tensors(self, role: str) -> list[Tensor]:
+        """Each bucket's ``param``, ``grad``, ``backup``, ... (``role``), in the buckets' order."""
+        return [getattr(bucket, role) for bucket in self.buckets]
+
+
+def group_launches(buckets: list) -> list[Launch]:
+    """The buckets grouped by (param group, device, dtype), in the order each key first appears."""
+    by_key: dict[tuple[int, torch.device, torch.dtype], list] = {}
+    for bucket in buckets:
+        by_key.setdefault((bucket.group_index, bucket.device, bucket.param.dtype), []).append(bucket)
+    return [Launch(device, index, tuple(members)) for (index, device, _), members in by_key.items()]

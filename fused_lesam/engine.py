@@ -35,7 +35,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from . import backends, checkpoint, distributed, momentum_sam, skip
 from .base_update import FusedBaseUpdate, fused_kind
-from .buckets import ParamBucket, ShardBucket, build_buckets
+from .buckets import Launch, ParamBucket, ShardBucket, build_buckets, group_launches
 from .checks import (
     check_base_hypers,
     check_max_grad_norm,
@@ -63,7 +63,7 @@ class _Progress:
         self.ascents = 0  # perturbation (ascent) steps taken in the current step: 1 for SAM and LE-SAM
         self.first_sq: Tensor | None = None  # the first pass's squared norm, for the skip decision
         self.device_hypers: list[Tensor] = []  # base hyperparameters held as accelerator tensors, for the skip
-        self.combine: list[tuple[float, float] | None] = []  # LE-SAM+ coefficients per bucket
+        self.combine: list[tuple[float, float] | None] = []  # LE-SAM+ coefficients per param group
         self.local_pending = False  # set by local_first_pass, taken by the next first_step
         self.local = False
         self.in_step = False  # inside step(closure), whose hooks torch's wrapper fires
@@ -160,6 +160,7 @@ class SharpnessAware(torch.optim.Optimizer):
     # ------------------------------------------------------------------ set-up
     def _build(self) -> None:
         self._buckets: list[ParamBucket | ShardBucket] = build_buckets(self.param_groups)
+        self._launches: list[Launch] = group_launches(self._buckets)  # what each multi-tensor op call takes
         if not hasattr(self, "_replaced_params"):
             self._replaced_params: list = []  # (module, name, old parameter), appended by checks.watch_params' hook
             self._superseded_by: str | None = None  # set by checks.watch_params: a newer optimizer took the params
@@ -260,9 +261,9 @@ class SharpnessAware(torch.optim.Optimizer):
             )
 
     # ------------------------------------------------------------------ the step
-    def _adaptive(self, bucket: ParamBucket | ShardBucket) -> bool:
-        """ASAM-style perturbation in this bucket's group (kinds without the option never are)."""
-        return bool(self.param_groups[bucket.group_index].get("adaptive", False))
+    def _adaptive(self, group_index: int) -> bool:
+        """ASAM-style perturbation in this param group (kinds without the option never are)."""
+        return bool(self.param_groups[group_index].get("adaptive", False))
 
     def _reduce_buckets(self, partial: Callable[[Any, list], Tensor]) -> Tensor:
         """``partial(ops, buckets)`` over every bucket: the value of the whole model, 0-d or (k,), on
@@ -273,7 +274,8 @@ class SharpnessAware(torch.optim.Optimizer):
         """Squared norm of the gradients (of |w| g in adaptive groups) over every bucket: 0-d, main device."""
         return self._reduce_buckets(
             lambda ops, mine: ops.sq_norm(
-                [b.grad for b in mine], [b.param if adaptive_aware and self._adaptive(b) else None for b in mine]
+                [b.grad for b in mine],
+                [b.param if adaptive_aware and self._adaptive(b.group_index) else None for b in mine],
             )
         )
 
@@ -327,26 +329,28 @@ class SharpnessAware(torch.optim.Optimizer):
         else:
             directions = [bucket.grad for bucket in self._buckets]
             sq = self._global_sq_norm(adaptive_aware=True)
+        direction_of = {id(bucket): direction for bucket, direction in zip(self._buckets, directions)}
         sq_on = self._on_devices(sq)
         radius_args = [self._radius_args(group) for group in self.param_groups]
         # Decided here, once: second_step must combine with the center gradient saved now.
-        self._progress.combine = [self._center_coefs(self.param_groups[b.group_index]) for b in self._buckets]
+        self._progress.combine = [self._center_coefs(group) for group in self.param_groups]
         rho_of_group: dict[int, Tensor] = {}
-        for bucket, direction, coefs in zip(self._buckets, directions, self._progress.combine):
-            sigma, rho_max, varrho = radius_args[bucket.group_index]
-            sigma_t = sigma.to(bucket.device) if isinstance(sigma, Tensor) else None
+        for launch in self._launches:
+            index = launch.group_index
+            sigma, rho_max, varrho = radius_args[index]
+            sigma_t = sigma.to(launch.device) if isinstance(sigma, Tensor) else None
             # LookSAM keeps g too: second_step projects it out of g_hat.
-            center = bucket.ensure_center() if coefs is not None or self._modes.looksam else None
-            rho_of_group[bucket.group_index] = self._ops[bucket.device].perturb_(
-                param=bucket.param,
-                grad=direction,
-                backup=bucket.ensure_backup(),
-                sq=sq_on[bucket.device],
+            keep_center = self._progress.combine[index] is not None or self._modes.looksam
+            rho_of_group[index] = self._ops[launch.device].multi_perturb_(
+                params=launch.tensors("param"),
+                grads=[direction_of[id(bucket)] for bucket in launch.buckets],
+                backups=[bucket.ensure_backup() for bucket in launch.buckets],
+                sq=sq_on[launch.device],
                 sigma=0.0 if sigma_t is not None else sigma,
                 rho_max=rho_max,
                 varrho=varrho,
-                adaptive=self._adaptive(bucket),
-                center=center,
+                adaptive=self._adaptive(index),
+                centers=[bucket.ensure_center() for bucket in launch.buckets] if keep_center else None,
                 sigma_t=sigma_t,
             )
         self._progress.perturbed = True
@@ -372,7 +376,7 @@ class SharpnessAware(torch.optim.Optimizer):
         the skip decision, the clipping and LookSAM's coefficient, is of g itself."""
         sq = self._global_sq_norm(adaptive_aware=False)
         self._progress.first_sq = sq
-        self._progress.combine = [None] * len(self._buckets)
+        self._progress.combine = [None] * len(self.param_groups)
         self._progress.perturbed = True
         self._progress.ascents = 0
         self._progress.refresh = False
@@ -387,14 +391,14 @@ class SharpnessAware(torch.optim.Optimizer):
         if not needs_pass(self._progress.kind):
             self._progress.perturbed = False
             return
-        for bucket, coefs in zip(self._buckets, self._progress.combine):
-            center = bucket.center if combine and coefs is not None else None
-            ghat_coef, center_coef = coefs if center is not None else (1.0, 0.0)
-            self._ops[bucket.device].restore_(
-                param=bucket.param,
-                backup=bucket.backup,
-                grad=bucket.grad,
-                center=center,
+        for launch in self._launches:
+            coefs = self._progress.combine[launch.group_index] if combine else None
+            ghat_coef, center_coef = (1.0, 0.0) if coefs is None else coefs
+            self._ops[launch.device].multi_restore_(
+                params=launch.tensors("param"),
+                backups=launch.tensors("backup"),
+                grads=launch.tensors("grad"),
+                centers=None if coefs is None else launch.tensors("center"),
                 ghat_coef=ghat_coef,
                 center_coef=center_coef,
             )
@@ -451,9 +455,9 @@ class SharpnessAware(torch.optim.Optimizer):
         if self.momentum_sam:
             momentum_sam.restore_idle(self)
         if self._progress.local:
-            centered = zip(self._buckets, self._progress.combine)
+            combine = self._progress.combine
             distributed.average_over_ranks(
-                [b.center for b, coefs in centered if coefs is not None or self._modes.looksam]
+                [b.center for b in self._buckets if combine[b.group_index] is not None or self._modes.looksam]
             )
         # The final gradient's check reads it once more (4 B per parameter): a skip must be known
         # before the update writes anything, and the update is one pass over every bucket.
@@ -466,20 +470,22 @@ class SharpnessAware(torch.optim.Optimizer):
             self._clip_final_grads(final_sq, max_grad_norm)
         self._update(found_inf, zero_grad)
 
-    def _update(self, found_inf: Tensor, zero_grad: bool) -> None:
+    def _update(self, found_inf: Tensor, zero_grad: bool, restored: bool = False) -> None:
         """The end of every step: the restore (a full step's; a one-pass step perturbed nothing) and
         the base step unless ``found_inf``, in one pass of the fused base update where it can run,
-        else restore, then torch's own step."""
+        else restore, then torch's own step. ``restored``: w_0 is back already (XSAM's
+        xsam_restore_ restores it as it writes the update gradient), the base step starts there."""
         fused = self._fused_update
         if fused is not None and not fused.why_not():
             self.skipped_steps.add_(found_inf)
-            restore = needs_pass(self._progress.kind)
-            fused.step(self._ops, self._progress.combine, self._on_devices(found_inf.to(torch.float32)), restore)
+            from_backup = needs_pass(self._progress.kind) and not restored
+            fused.step(self._ops, self._progress.combine, self._on_devices(found_inf.to(torch.float32)), from_backup)
             self._progress.perturbed = False
             self._progress.ascents = 0
             self._count_step(zero_grad)
             return
-        self._restore(combine=True)
+        if not restored:
+            self._restore(combine=True)
         self._finish_step(found_inf, zero_grad)
         if fused is not None:  # torch's own step may have created state that is not in the flat buffers
             fused.stale = True
@@ -491,13 +497,13 @@ class SharpnessAware(torch.optim.Optimizer):
         dots = self._reduce_buckets(lambda ops, mine: ops.look_dots([b.grad for b in mine], [b.center for b in mine]))
         coef_on = self._on_devices(look_projection(dots))
         skip_on = self._on_devices(found_inf.to(torch.float32))
-        for bucket in self._buckets:
-            self._ops[bucket.device].look_store_(
-                look_dir=bucket.ensure_look_dir(),
-                grad=bucket.grad,
-                center=bucket.center,
-                coef=coef_on[bucket.device],
-                found_inf=skip_on[bucket.device],
+        for launch in self._launches:
+            self._ops[launch.device].multi_look_store_(
+                look_dirs=[bucket.ensure_look_dir() for bucket in launch.buckets],
+                grads=launch.tensors("grad"),
+                centers=launch.tensors("center"),
+                coef=coef_on[launch.device],
+                found_inf=skip_on[launch.device],
             )
         self._look_norm.copy_(self._look_dir_sq().sqrt())
 
@@ -532,9 +538,11 @@ class SharpnessAware(torch.optim.Optimizer):
         if self._progress.kind == REUSE:
             coef = look_reuse_coefficient(final_sq, self._look_norm, self._modes.look_alpha)
             coef_on = self._on_devices(coef)
-            for bucket in self._buckets:
-                self._ops[bucket.device].look_add_(
-                    grad=bucket.grad, look_dir=bucket.ensure_look_dir(), coef=coef_on[bucket.device]
+            for launch in self._launches:
+                self._ops[launch.device].multi_look_add_(
+                    grads=launch.tensors("grad"),
+                    look_dirs=[bucket.ensure_look_dir() for bucket in launch.buckets],
+                    coef=coef_on[launch.device],
                 )
             final_sq = self._global_sq_norm(adaptive_aware=False)
         found_inf = skip.skip_flag([self._progress.first_sq, final_sq], self._progress.device_hypers)
@@ -547,8 +555,9 @@ class SharpnessAware(torch.optim.Optimizer):
         """g_hat *= min(1, max_norm / (||g_hat|| + CLIP_EPS)) in every bucket (torch's clip_grad_norm_ rule)."""
         coef = clip_coefficient(final_sq, max_norm)
         coef_on = self._on_devices(coef)
-        for bucket in self._buckets:
-            bucket.grad.mul_(coef_on[bucket.device].to(bucket.grad.dtype))
+        for launch in self._launches:
+            grads = launch.tensors("grad")
+            torch._foreach_mul_(grads, coef_on[launch.device].to(grads[0].dtype))
 
     def _take_final_grads(self, grad_scaler: torch.amp.GradScaler | None) -> None:
         """The last backward's gradients, unscaled (through the base optimizer, see second_step) and

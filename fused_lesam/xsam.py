@@ -45,7 +45,9 @@ class FusedXSAM(SharpnessAware):
         alpha_max, alpha_delta: the search grid {0, delta, 2 delta, ..., alpha_max}.
         eps: added to ||w_k - w_0|| and ||g_hat|| before dividing by them. The ascent steps use
             the engine's perturbation (the same guard, 1e-12, as FusedSAM), the default here.
-        base_update: "generic" only: the base optimizer steps after ``xsam_restore_``.
+        base_update: as for `FusedLESAM`: "auto" runs torch.optim.SGD/Adam/AdamW's step in the
+            backends' fused update after ``xsam_restore_`` (which restores w_0 and writes the update
+            gradient), "generic" runs the base optimizer's own step there.
         sam_interval, sam_start: the throughput modes of `FusedSAM` (README "Throughput modes"):
             the other steps are plain base steps with the gradient at w_0 (one pass; no ascent, no
             alpha search: ``search_alpha`` is not called on them). LookSAM (``look_k``) is refused.
@@ -72,7 +74,7 @@ class FusedXSAM(SharpnessAware):
         eps: float = 1e-12,
         backend: str = "auto",
         capturable: bool = False,
-        base_update: str = "generic",
+        base_update: str = "auto",
         sam_interval: int = 1,
         sam_start: int = 0,
         **base_kwargs,
@@ -120,11 +122,6 @@ class FusedXSAM(SharpnessAware):
         self.steps, self.dynamic, self.eps = steps, dynamic, eps
         self.alpha_grid = [i * alpha_delta for i in range(round(points) + 1)]
         self._initial_alpha = alpha
-        if base_update != "generic":
-            raise ValueError(
-                f"FusedXSAM takes base_update='generic' only (its update gradient is built by xsam_restore_, "
-                f"and the base optimizer steps after it), got {base_update!r}"
-            )
         super().__init__(
             params,
             base,
@@ -186,13 +183,13 @@ class FusedXSAM(SharpnessAware):
             bucket.bind_grads()
         sq = self._global_sq_norm(adaptive_aware=False)
         sq_on = self._on_devices(sq)
-        for bucket in self._buckets:
-            _, step_length, _ = self._radius_args(self.param_groups[bucket.group_index])
-            self._ops[bucket.device].perturb_(
-                param=bucket.param,
-                grad=bucket.grad,
-                backup=None,
-                sq=sq_on[bucket.device],
+        for launch in self._launches:
+            _, step_length, _ = self._radius_args(self.param_groups[launch.group_index])
+            self._ops[launch.device].multi_perturb_(
+                params=launch.tensors("param"),
+                grads=launch.tensors("grad"),
+                backups=None,
+                sq=sq_on[launch.device],
                 sigma=math.inf,
                 rho_max=step_length,
                 varrho=1.0,
@@ -224,18 +221,18 @@ class FusedXSAM(SharpnessAware):
         """Dynamic alpha: w <- w_0 + rho_max d(alpha) for each alpha of the grid, keep the one with
         the largest loss (on the device; a non-finite loss never wins, and when all are, alpha stays).
         Under torch.distributed the losses are summed over the ranks (one all-reduce per search)."""
-        deltas = [bucket.ensure_delta() for bucket in self._buckets]  # D = w_k - w_0, saved by the first probe
+        for bucket in self._buckets:
+            bucket.ensure_delta()  # D = w_k - w_0, saved by the first probe
         losses = []
         for i, alpha in enumerate(self.alpha_grid):
             by_group = [slerp_coefficients(dots, alpha, group["rho_max"], self.eps)[0] for group in self.param_groups]
-            for bucket, delta in zip(self._buckets, deltas):
-                coefs = by_group[bucket.group_index].to(bucket.device)
-                self._ops[bucket.device].xsam_probe_(
-                    param=bucket.param,
-                    backup=bucket.backup,
-                    grad=bucket.grad,
-                    delta=delta,
-                    coefs=coefs,
+            for launch in self._launches:
+                self._ops[launch.device].multi_xsam_probe_(
+                    params=launch.tensors("param"),
+                    backups=launch.tensors("backup"),
+                    grads=launch.tensors("grad"),
+                    deltas=launch.tensors("delta"),
+                    coefs=by_group[launch.group_index].to(launch.device),
                     save_delta=i == 0,
                 )
             loss = search_alpha()
@@ -293,14 +290,13 @@ class FusedXSAM(SharpnessAware):
                 self.last_alpha[index].copy_(alpha)
             else:
                 self.last_alpha[index].fill_(alpha)
-        for bucket in self._buckets:
-            delta = bucket.delta if searched else None  # the probes overwrote w_k
-            self._ops[bucket.device].xsam_restore_(
-                param=bucket.param,
-                backup=bucket.backup,
-                grad=bucket.grad,
-                delta=delta,
-                coefs=by_group[bucket.group_index].to(bucket.device),
+        for launch in self._launches:
+            self._ops[launch.device].multi_xsam_restore_(
+                params=launch.tensors("param"),
+                backups=launch.tensors("backup"),
+                grads=launch.tensors("grad"),
+                deltas=launch.tensors("delta") if searched else None,  # the probes overwrote w_k
+                coefs=by_group[launch.group_index].to(launch.device),
             )
         self._progress.perturbed = False
         self._progress.ascents = 0
@@ -308,7 +304,7 @@ class FusedXSAM(SharpnessAware):
         self.last_ascent_norm.copy_(dots[0].sqrt())
         self.last_ghat_norm.copy_(ghat_norm)
         found_inf = skip.skip_flag([self._progress.first_sq, dots], self._progress.device_hypers)
-        self._finish_step(found_inf, zero_grad)
+        self._update(found_inf, zero_grad, restored=True)
 
     def local_first_pass(self, model: torch.nn.Module):
         raise RuntimeError(

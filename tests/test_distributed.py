@@ -258,3 +258,84 @@ def test_sharded_and_unsharded_parameters_together_are_refused(tmp_path):
             FusedLESAM([sharded, nn.Parameter(torch.randn(3))], lr=0.1)
     finally:
         dist.destroy_process_group()
+
+
+class CountingOps:
+    """A backend whose ops count their calls (by name), then run the real op."""
+
+    def __init__(self, ops):
+        self.ops = ops
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        attr = getattr(self.ops, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return attr(*args, **kwargs)
+
+        return counted
+
+
+def op_calls_in_two_steps(make_opt, layers, step):
+    """The bucket-op calls of two ``step(model, opt, x)`` (after one warm-up step: LookSAM with
+    look_k=2 then takes a reuse and a full step), on a sharded (FSDP2, one process) model of
+    ``layers`` linear layers: 2 * layers parameters, one bucket each."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(layers)])
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    opt = make_opt(model.parameters())
+    assert len(opt._buckets) == 2 * layers
+    x = torch.randn(4, 6)
+    step(model, opt, x)
+    counting = {device: CountingOps(ops) for device, ops in opt._ops.items()}
+    opt._ops = counting
+    step(model, opt, x)
+    step(model, opt, x)
+    return counting[torch.device("cpu")].calls
+
+
+def sam_step(model, opt, x):
+    model(x).square().mean().backward()
+    opt.step(lambda: model(x).square().mean().backward())
+    opt.zero_grad()
+
+
+def xsam_step(model, opt, x):
+    loss = lambda: model(x).square().mean()  # noqa: E731
+    loss().backward()
+    opt.first_step(zero_grad=True)
+    loss().backward()
+    opt.ascent_step(zero_grad=True)
+    loss().backward()
+    opt.second_step(zero_grad=True, search_alpha=loss)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize(
+    "kind,make,step",
+    [
+        ("LE-SAM+", lambda params, backend: FusedLESAM(params, backend=backend, **HYPER), sam_step),
+        ("LookSAM", lambda params, backend: FusedLESAM(params, backend=backend, look_k=2, **HYPER), sam_step),
+        ("XSAM", lambda params, backend: FusedXSAM(params, backend=backend, **XSAM_HYPER), xsam_step),
+    ],
+)
+def test_sharded_step_calls_each_op_once_whatever_the_parameter_count(tmp_path, backend, kind, make, step):
+    """Under FSDP2 every parameter's shard is its own bucket; the multi-tensor ops take them all in
+    one call per op (one kernel launch on a GPU), so a step's op calls do not grow with the model."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        calls = {layers: op_calls_in_two_steps(lambda p: make(p, backend), layers, step) for layers in (1, 8)}
+    finally:
+        dist.destroy_process_group()
+    assert calls[1] == calls[8], f"{kind}: op calls per step grew with the parameter count"
+    if kind == "LE-SAM+":  # per step: the norms of the first and the final gradient, one perturb, one restore
+        assert calls[8] == {"sq_norm": 4, "multi_perturb_": 2, "multi_restore_": 2}
+    per_bucket = {"perturb_", "restore_", "xsam_restore_", "xsam_probe_", "look_store_", "look_add_"}
+    assert not per_bucket & set(calls[8]), f"{kind}: a per-bucket op was called: {calls[8]}"
