@@ -51,7 +51,8 @@ def test_narrow_rounds_like_torch(dtype):
 
 # ---------------------------------------------------------------------- launches
 def launch_every_op(device):
-    """Each op of the backend once, on small fp32 buckets on ``device``."""
+    """Each op of the backend once, on small fp32 buckets on ``device``, then each multi-tensor op
+    and reduction over many buckets (on DEVICE)."""
     gen = torch.Generator().manual_seed(0)
     w0, g, center, buf, m, v = (torch.randn(100, generator=gen).to(device) for _ in range(6))
     w, coefs = w0.clone(), torch.tensor([0.5, 0.25], device=device)
@@ -69,6 +70,8 @@ def launch_every_op(device):
     triton_backend.adam_step_(
         w, w0, g, m, v.square(), None, None, t, zero, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, False, 1.0, 0.0
     )
+    for _, _, call in multi_calls(torch.float32):
+        call()
 
 
 def test_every_launch_runs_under_its_buckets_device_guard(monkeypatch):
@@ -95,9 +98,9 @@ def test_every_launch_runs_under_its_buckets_device_guard(monkeypatch):
     monkeypatch.setattr(triton_backend, "_device_guard", recording_guard)
     monkeypatch.setattr(triton_backend, "wrap_triton", checking_wrap)
     launch_every_op(DEVICE)
-    # sq_norm 2, perturb_, restore_, xsam_dots 4, xsam_restore_, xsam_probe_, look_dots 3, look_store_,
-    # look_add_, the steps
-    assert len(launches) >= 16
+    # sq_norm 2, perturb_, restore_, xsam_dots 2, xsam_restore_, xsam_probe_, look_dots 2, look_store_,
+    # look_add_, the steps 2; then the multi-tensor calls 12
+    assert len(launches) == 26
     bucket_device = torch.empty(0, device=DEVICE).device
     assert all(guards == [bucket_device] for guards in launches), f"not each under one guard of {bucket_device}"
 
@@ -156,7 +159,22 @@ COMPILED_KERNELS = [
         ),
     ),
 ]
-DIVIDING = {"_perturb_kernel", "_adam_step_kernel"}
+# The multi-tensor kernels: their pointers are addresses read from the table and cast (int_to_ptr),
+# which compiled Triton must accept as the interpreter does.
+COMPILED_KERNELS += [
+    (
+        "_multi_perturb_kernel",
+        dict(ADAPTIVE=True, SAVE_BACKUP=True, SAVE_CENTER=True, SIGMA_ON_DEVICE=True, BLOCK=2048),
+    ),
+    ("_multi_restore_kernel", dict(COMBINE=True, BLOCK=1024)),
+    ("_multi_xsam_restore_kernel", dict(HAS_DELTA=False, BLOCK=1024)),
+    ("_multi_xsam_probe_kernel", dict(SAVE_DELTA=True, BLOCK=2048)),
+    ("_multi_look_store_kernel", dict(BLOCK=1024)),
+    ("_multi_look_add_kernel", dict(BLOCK=2048)),
+    ("_sq_partials_kernel", dict(WEIGHTED=True, CHUNK=triton_backend.CHUNK, BLOCK=triton_backend.REDUCE_BLOCK)),
+    ("_dots_partials_kernel", dict(CHUNK=triton_backend.CHUNK, BLOCK=triton_backend.REDUCE_BLOCK)),
+]
+DIVIDING = {"_perturb_kernel", "_adam_step_kernel", "_multi_perturb_kernel"}
 
 _COMPILE_FOR_SM90 = textwrap.dedent("""
     import json, re, sys
@@ -167,12 +185,14 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
     from triton.compiler import ASTSource
     from fused_lesam.backends import triton as backend
 
-    SCALAR_POINTERS = {"found_inf_ptr", "step_ptr", "sq_ptr", "sigma_ptr", "rho_ptr"}
+    SCALAR_POINTERS = {"found_inf_ptr", "step_ptr", "sq_ptr", "sigma_ptr", "rho_ptr", "partials_ptr"}
+    TABLES = {"table_ptr", "programs_ptr"}
     found = []
     for name, constexprs in json.loads(sys.argv[1]):
         kernel = getattr(backend, name)
         signature = {arg: "constexpr" if arg in constexprs else "*fp32" if arg in SCALAR_POINTERS else
-                     "*bf16" if arg.endswith("_ptr") else "i64" if arg == "n" else "fp32" for arg in kernel.arg_names}
+                     "*i64" if arg in TABLES else "*bf16" if arg.endswith("_ptr") else "i64" if arg == "n" else
+                     "i32" if arg == "total" else "fp32" for arg in kernel.arg_names}
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", 90, 32))
         found.append(sorted(set(re.findall(r"\\b(?:div|sqrt)\\.[a-z0-9.]+", compiled.asm["ptx"]))))
@@ -202,3 +222,132 @@ def test_kernels_compile_for_sm90_with_correctly_rounded_division_and_sqrt():
         assert bool(instructions) == (name in DIVIDING), f"{name}: divisions and square roots: {instructions}"
         approximate = [i for i in instructions if ".rn." not in i]
         assert not approximate, f"{name} uses approximate {approximate}"
+
+
+# ---------------------------------------------------------------------- multi-tensor launches
+def many_buckets(dtype, seed, sizes=(0, 1, 17, 1025, 0, 2049, 3)):
+    """Buckets as a sharded model gives them: empty ones, tiny ones, several blocks; every other one
+    3 elements into its storage (unaligned)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(sizes):
+        storage = torch.randn(n + 3 * (i % 2), generator=gen).to(dtype).to(DEVICE)
+        out.append(storage[3 * (i % 2) :])
+    return out
+
+
+@contextlib.contextmanager
+def recorded_launches(monkeypatch):
+    """The names of the kernels launched inside the block, in order (every launch goes through
+    wrap_triton: `_launch`)."""
+    launched = []
+    real_wrap = triton_backend.wrap_triton
+
+    def recording_wrap(kernel):
+        launched.append(kernel.fn.__name__)
+        return real_wrap(kernel)
+
+    monkeypatch.setattr(triton_backend, "wrap_triton", recording_wrap)
+    yield launched
+    monkeypatch.setattr(triton_backend, "wrap_triton", real_wrap)
+
+
+def multi_calls(dtype):
+    """(op, kernels it must launch, call) for each multi-tensor op and reduction over 7 buckets."""
+    p, b, g, c, d = (many_buckets(dtype, seed) for seed in range(5))
+    sq = torch.tensor(2.0, device=DEVICE)
+    coefs, coef = torch.tensor([0.5, 0.25], device=DEVICE), torch.tensor(0.5, device=DEVICE)
+    flag = torch.zeros((), device=DEVICE)
+    return [
+        ("sq_norm", ["_sq_partials_kernel", "_sum_kernel"], lambda: triton_backend.sq_norm(g, p)),
+        ("xsam_dots", ["_dots_partials_kernel", "_sum_kernel"], lambda: triton_backend.xsam_dots(p, b, g)),
+        ("look_dots", ["_look_dots_partials_kernel", "_sum_kernel"], lambda: triton_backend.look_dots(g, c)),
+        (
+            "multi_perturb_",
+            ["_multi_perturb_kernel"],
+            lambda: triton_backend.multi_perturb_(p, g, b, sq, 0.35, 0.4, 1e-12, True, c),
+        ),
+        ("multi_restore_", ["_multi_restore_kernel"], lambda: triton_backend.multi_restore_(p, b, g, c, 1.5, 0.5)),
+        (
+            "multi_xsam_restore_",
+            ["_multi_xsam_restore_kernel"],
+            lambda: triton_backend.multi_xsam_restore_(p, b, g, d, coefs),
+        ),
+        (
+            "multi_xsam_probe_",
+            ["_multi_xsam_probe_kernel"],
+            lambda: triton_backend.multi_xsam_probe_(p, b, g, d, coefs, True),
+        ),
+        (
+            "multi_look_store_",
+            ["_multi_look_store_kernel"],
+            lambda: triton_backend.multi_look_store_(d, g, c, coef, flag),
+        ),
+        ("multi_look_add_", ["_multi_look_add_kernel"], lambda: triton_backend.multi_look_add_(g, d, coef)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_ops_launch_once_whatever_the_number_of_buckets(monkeypatch, dtype):
+    """Issue 14: one launch per element-wise op and two per reduction (partials, then the sums),
+    over 7 buckets, two of them empty."""
+    for op, kernels, call in multi_calls(dtype):
+        with recorded_launches(monkeypatch) as launched:
+            call()
+        assert launched == kernels, f"{op} launched {launched}"
+
+
+def test_a_reduction_launches_its_partials_once_per_kind_of_bucket(monkeypatch):
+    """Buckets of two dtypes (or sq_norm's weighted and plain buckets) cannot share typed pointers:
+    one partials launch per kind, still one launch of the sums."""
+    f32, bf16 = many_buckets(torch.float32, 0), many_buckets(torch.bfloat16, 1)
+    with recorded_launches(monkeypatch) as launched:
+        triton_backend.xsam_dots(f32 + bf16, f32 + bf16, f32 + bf16)
+        triton_backend.sq_norm(f32, [None, *f32[1:4], None, None, f32[6]])
+    assert launched == ["_dots_partials_kernel"] * 2 + ["_sum_kernel"] + ["_sq_partials_kernel"] * 2 + ["_sum_kernel"]
+
+
+def test_a_multi_op_keeps_its_table_for_the_same_buckets(monkeypatch):
+    """A table is built for a list of buckets once and read again by the next steps' launches; a
+    list at the same addresses but of other sizes (a bucket resized in place) gets its own."""
+    storage = [torch.randn(3000).to(DEVICE) for _ in range(4)]
+    monkeypatch.setattr(triton_backend, "_TABLES", triton_backend.OrderedDict())
+    coef = torch.tensor(0.75, device=DEVICE)
+    for sizes in ([1500, 17], [1500, 17], [2049, 5]):
+        grads = [storage[0][: sizes[0]], storage[1][: sizes[1]]]
+        dirs = [storage[2][: sizes[0]], storage[3][: sizes[1]]]
+        expected = [g + d * 0.75 for g, d in zip(grads, dirs)]
+        triton_backend.multi_look_add_(grads, dirs, coef)
+        for got, want in zip(grads, expected):
+            assert torch.equal(got, want)
+    assert len(triton_backend._TABLES) == 2
+
+
+def test_the_kept_tables_are_bounded(monkeypatch):
+    monkeypatch.setattr(triton_backend, "_TABLES", triton_backend.OrderedDict())
+    monkeypatch.setattr(triton_backend, "TABLES_KEPT", 3)
+    coef = torch.tensor(0.5, device=DEVICE)
+    for n in range(1, 7):
+        triton_backend.multi_look_add_([torch.ones(n, device=DEVICE)] * 2, [torch.ones(n, device=DEVICE)] * 2, coef)
+    assert len(triton_backend._TABLES) == 3
+
+
+def test_multi_ops_are_one_call_in_a_compiled_graph():
+    """torch.compile keeps each multi-tensor op whole (its table needs real addresses): the graph
+    gives the eager bits."""
+
+    def step(params, grads, backups, sq):
+        rho = triton_backend.multi_perturb_(params, grads, backups, sq, 0.35, 0.4, 1e-12, False)
+        triton_backend.multi_restore_(params, backups, grads, None, 1.0, 0.0)
+        return rho
+
+    results = []
+    for run in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        params, grads = many_buckets(torch.float32, 0), many_buckets(torch.float32, 1)
+        backups = [torch.empty_like(p) for p in params]
+        sq = triton_backend.sq_norm(grads, [None] * len(grads))
+        rho = run(params, grads, backups, sq)
+        results.append((rho, params, backups))
+    (rho, params, backups), (rho_ref, params_ref, backups_ref) = results
+    assert torch.equal(rho, rho_ref) and rho > 0
+    assert all(torch.equal(a, b) for a, b in zip(params + backups, params_ref + backups_ref))
