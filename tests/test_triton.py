@@ -351,3 +351,13 @@ def test_multi_ops_are_one_call_in_a_compiled_graph():
     (rho, params, backups), (rho_ref, params_ref, backups_ref) = results
     assert torch.equal(rho, rho_ref) and rho > 0
     assert all(torch.equal(a, b) for a, b in zip(params + backups, params_ref + backups_ref))
+
+
+def test_multi_perturb_of_empty_buckets_still_gives_the_radius():
+    """An FSDP2 rank whose shards of a parameter group are all empty still returns rho_t (one
+    program runs and stores it, taking no element), the same as perturb_ on an empty bucket."""
+    params = [torch.empty(0, device=DEVICE) for _ in range(3)]
+    sq = torch.tensor(4.0, device=DEVICE)
+    rho = triton_backend.multi_perturb_(params, params, None, sq, 0.35, 0.4, 1e-12, False)
+    assert torch.equal(rho, triton_backend.perturb_(params[0], params[0], None, sq, 0.35, 0.4, 1e-12, False))
+    assert torch.equal(rho, torch.tensor(0.35 / 2, device=DEVICE))
