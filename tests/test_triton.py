@@ -332,25 +332,47 @@ def test_the_kept_tables_are_bounded(monkeypatch):
     assert len(triton_backend._TABLES) == 3
 
 
-def test_multi_ops_are_one_call_in_a_compiled_graph():
-    """torch.compile keeps each multi-tensor op whole (its table needs real addresses): the graph
-    gives the eager bits."""
+def test_table_ops_are_one_call_in_a_compiled_graph():
+    """torch.compile keeps each op that launches multi-tensor kernels whole (its tables need real
+    addresses, which fake tensors lack): one fullgraph graph gives the eager bits."""
 
-    def step(params, grads, backups, sq):
+    def step(params, grads, backups, ghats):
+        sq = triton_backend.sq_norm(grads, [None] * len(grads))
         rho = triton_backend.multi_perturb_(params, grads, backups, sq, 0.35, 0.4, 1e-12, False)
-        triton_backend.multi_restore_(params, backups, grads, None, 1.0, 0.0)
-        return rho
+        dots = triton_backend.xsam_dots(params, backups, ghats)
+        look = triton_backend.look_dots(ghats, grads)
+        triton_backend.multi_restore_(params, backups, ghats, grads, 1.5, 0.5)
+        return sq, rho, dots, look
 
     results = []
     for run in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
-        params, grads = many_buckets(torch.float32, 0), many_buckets(torch.float32, 1)
+        params, grads, ghats = (many_buckets(torch.float32, seed) for seed in range(3))
         backups = [torch.empty_like(p) for p in params]
-        sq = triton_backend.sq_norm(grads, [None] * len(grads))
-        rho = run(params, grads, backups, sq)
-        results.append((rho, params, backups))
-    (rho, params, backups), (rho_ref, params_ref, backups_ref) = results
-    assert torch.equal(rho, rho_ref) and rho > 0
-    assert all(torch.equal(a, b) for a, b in zip(params + backups, params_ref + backups_ref))
+        results.append((run(params, grads, backups, ghats), params + backups + ghats))
+    (outputs, buckets), (outputs_ref, buckets_ref) = results
+    assert outputs[1] > 0 and outputs[2][0] > 0
+    assert all(torch.equal(a, b) for a, b in zip(outputs + tuple(buckets), outputs_ref + tuple(buckets_ref)))
+
+
+def test_opcheck_of_the_table_ops():
+    """torch.library.opcheck with the fake kernels and AOT dispatch, what torch.compile goes through:
+    those ops never give fake tensors to Triton, so this runs on the CPU too (the per-bucket ops'
+    are checked on the GPU, tests/test_ops*.py)."""
+    p, b, g, c = (many_buckets(torch.float32, seed, sizes=(0, 17, 1025)) for seed in range(4))
+    sq, coefs = torch.tensor(2.0, device=DEVICE), torch.tensor([0.5, 0.25], device=DEVICE)
+    samples = [
+        (triton_backend.sq_norm, (g, [None, *p[1:]])),
+        (triton_backend.xsam_dots, (p, b, g)),
+        (triton_backend.look_dots, (g, c)),
+        (triton_backend._multi_perturb, (p, g, b, sq, 0.35, 0.4, 1e-12, True, c, None)),
+        (triton_backend.multi_restore_, (p, b, g, c, 1.5, 0.5)),
+        (triton_backend.multi_xsam_restore_, (p, b, g, None, coefs)),
+        (triton_backend.multi_xsam_probe_, (p, b, g, c, coefs, True)),
+        (triton_backend.multi_look_store_, (c, g, b, coefs[0], torch.zeros((), device=DEVICE))),
+        (triton_backend.multi_look_add_, (g, c, coefs[1])),
+    ]
+    for op, args in samples:
+        torch.library.opcheck(op, args)
 
 
 def test_multi_perturb_of_empty_buckets_still_gives_the_radius():

@@ -464,6 +464,20 @@ def _launch_partials(kernel, roles: list[list[Tensor]], indices: list[int], firs
     )
 
 
+def _opaque_to_compile(op, fake) -> None:
+    """torch.compile keeps an op that launches multi-tensor kernels whole, one call in its graph: its
+    tables need the buckets' addresses, which fake and functional tensors do not have, so its body
+    is not traced.
+    ``fake`` gives its output's metadata; functionalization treats it as a mutating custom op
+    (as torch.export does triton_ops) instead of decomposing it into its kernel launches."""
+    op.register_fake(fake)
+    op.register_torch_dispatch(FunctionalTensorMode, _undecomposed)
+
+
+def _undecomposed(mode, func, types, args, kwargs):
+    return mode.__torch_dispatch__(func, types, args, kwargs)
+
+
 @triton_op("fused_lesam_triton::sq_norm", mutates_args=())
 def sq_norm(grads: list[Tensor], weights: list[Tensor | None]) -> Tensor:
     if len(grads) != len(weights):
@@ -481,6 +495,13 @@ def sq_norm(grads: list[Tensor], weights: list[Tensor | None]) -> Tensor:
     out = torch.empty((), dtype=out_dtype, device=grads[0].device)
     _launch(_sum_kernel, (1,), out.device, partials, total, out, BLOCK=REDUCE_BLOCK)
     return out
+
+
+def _sq_norm_fake(grads, weights):
+    return grads[0].new_empty((), dtype=sum_dtype(grads))
+
+
+_opaque_to_compile(sq_norm, _sq_norm_fake)
 
 
 def _check_radius_args(op: str, sq: Tensor, sigma_t: Tensor | None, param: Tensor) -> None:
@@ -737,6 +758,13 @@ def xsam_dots(params: list[Tensor], backups: list[Tensor], grads: list[Tensor]) 
     return out
 
 
+def _xsam_dots_fake(params, backups, grads):
+    return params[0].new_empty(3, dtype=sum_dtype(params))
+
+
+_opaque_to_compile(xsam_dots, _xsam_dots_fake)
+
+
 @triton_op("fused_lesam_triton::xsam_restore_", mutates_args=("param", "grad"))
 def xsam_restore_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor | None, coefs: Tensor) -> None:
     _check_buckets("xsam_restore_", param, backup=backup, grad=grad, delta=delta)
@@ -889,6 +917,13 @@ def look_dots(grads: list[Tensor], centers: list[Tensor]) -> Tensor:
     return out
 
 
+def _look_dots_fake(grads, centers):
+    return grads[0].new_empty(2, dtype=sum_dtype(grads))
+
+
+_opaque_to_compile(look_dots, _look_dots_fake)
+
+
 @triton_op("fused_lesam_triton::look_store_", mutates_args=("look_dir",))
 def look_store_(look_dir: Tensor, grad: Tensor, center: Tensor, coef: Tensor, found_inf: Tensor) -> None:
     for name, t in (("look_dir", look_dir), ("grad", grad), ("center", center)):
@@ -940,19 +975,6 @@ def _check_lists(op: str, **lists: list[Tensor] | None) -> int:
             for i, t in enumerate(tensors):
                 _check(op, f"{name}[{i}]", t, first[i], f"{first_name}[{i}]")
     return len(first)
-
-
-def _opaque_to_compile(op, fake) -> None:
-    """torch.compile keeps a multi-tensor op whole, one call in its graph: its table needs the
-    buckets' addresses, which fake and functional tensors do not have, so its body is not traced.
-    ``fake`` gives its output's metadata; functionalization treats it as a mutating custom op
-    (as torch.export does triton_ops) instead of decomposing it into its kernel launches."""
-    op.register_fake(fake)
-    op.register_torch_dispatch(FunctionalTensorMode, _undecomposed)
-
-
-def _undecomposed(mode, func, types, args, kwargs):
-    return mode.__torch_dispatch__(func, types, args, kwargs)
 
 
 def _stand_in(buckets: list[Tensor] | None, instead: list[Tensor]) -> list[Tensor]:
