@@ -16,6 +16,12 @@ kernels, over flat buckets:
   final gradient and the state in, the weights and the state out; found_inf and Adam's step read
   from device memory, the bias corrections computed in fp64 by every program). Without a backup
   (a step that perturbed nothing) w0 is param: each program loads its elements before it stores them.
+- The multi-tensor forms ``multi_perturb_``, ``multi_restore_``, ``multi_xsam_restore_``,
+  ``multi_xsam_probe_``, ``multi_look_store_`` and ``multi_look_add_``: one launch over a list of
+  buckets (FSDP2 makes each parameter's shard a bucket), each program finding its bucket's
+  addresses in a table ("multi-tensor launches" below); the per-element maths are the per-bucket
+  kernels' own (the ``_*_block`` functions). The reductions' partials go through such tables too:
+  one launch over all the buckets (per dtype), then one launch of the sums.
 
 Arithmetic is fp32 for fp32/bf16/fp16 buckets (loaded, converted, computed, converted back once),
 with correctly rounded divisions and square roots (``div_rn``, ``sqrt_rn``) where the spec
@@ -23,7 +29,8 @@ divides or takes a root: plain ``/`` and ``sqrt`` are approximate on the GPU.
 Float arguments are not specialised by Triton, so one compiled kernel serves every sigma_t of an
 annealing. Triton passes float scalars as fp32, which would cost fp64 buckets precision: those
 take the spec ops. The ops are ``torch.library.triton_op``s (namespace ``fused_lesam_triton``),
-so ``torch.compile`` traces into them. Every launch goes through `_launch`: ``wrap_triton``
+so ``torch.compile`` traces into them; those whose tables hold the buckets' addresses (the
+reductions and the multi-tensor forms) it keeps whole, with fake kernels. Every launch goes through `_launch`: ``wrap_triton``
 under a guard of the buckets' device (Triton launches on the current device).
 
 On CUDA tensors this runs compiled kernels. With ``TRITON_INTERPRET=1`` set before Triton is
