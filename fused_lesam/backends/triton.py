@@ -30,8 +30,9 @@ Float arguments are not specialised by Triton, so one compiled kernel serves eve
 annealing. Triton passes float scalars as fp32, which would cost fp64 buckets precision: those
 take the spec ops. The ops are ``torch.library.triton_op``s (namespace ``fused_lesam_triton``),
 so ``torch.compile`` traces into them; those whose tables hold the buckets' addresses (the
-reductions and the multi-tensor forms) it keeps whole, with fake kernels. Every launch goes through `_launch`: ``wrap_triton``
-under a guard of the buckets' device (Triton launches on the current device).
+reductions and the multi-tensor forms) it keeps whole, with fake kernels. Every launch goes
+through `_launch`: ``wrap_triton`` under a guard of the buckets' device (Triton launches on the
+current device).
 
 On CUDA tensors this runs compiled kernels. With ``TRITON_INTERPRET=1`` set before Triton is
 imported, it runs them through Triton's interpreter on CPU tensors too: that is how the tests
