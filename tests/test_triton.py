@@ -161,18 +161,23 @@ COMPILED_KERNELS = [
 ]
 # The multi-tensor kernels: their pointers are addresses read from the table and cast (int_to_ptr),
 # which compiled Triton must accept as the interpreter does.
+# ALIGNED (a table of 16-byte addresses and sizes that are multiples of 16) must make them load and
+# store 16 bytes at a time, as the per-bucket kernels do with aligned arguments.
 COMPILED_KERNELS += [
     (
         "_multi_perturb_kernel",
-        dict(ADAPTIVE=True, SAVE_BACKUP=True, SAVE_CENTER=True, SIGMA_ON_DEVICE=True, BLOCK=2048),
+        dict(ADAPTIVE=True, SAVE_BACKUP=True, SAVE_CENTER=True, SIGMA_ON_DEVICE=True, ALIGNED=True, BLOCK=2048),
     ),
-    ("_multi_restore_kernel", dict(COMBINE=True, BLOCK=1024)),
-    ("_multi_xsam_restore_kernel", dict(HAS_DELTA=False, BLOCK=1024)),
-    ("_multi_xsam_probe_kernel", dict(SAVE_DELTA=True, BLOCK=2048)),
-    ("_multi_look_store_kernel", dict(BLOCK=1024)),
-    ("_multi_look_add_kernel", dict(BLOCK=2048)),
-    ("_sq_partials_kernel", dict(WEIGHTED=True, CHUNK=triton_backend.CHUNK, BLOCK=triton_backend.REDUCE_BLOCK)),
-    ("_dots_partials_kernel", dict(CHUNK=triton_backend.CHUNK, BLOCK=triton_backend.REDUCE_BLOCK)),
+    ("_multi_restore_kernel", dict(COMBINE=True, ALIGNED=False, BLOCK=1024)),
+    ("_multi_xsam_restore_kernel", dict(HAS_DELTA=False, ALIGNED=True, BLOCK=1024)),
+    ("_multi_xsam_probe_kernel", dict(SAVE_DELTA=True, ALIGNED=False, BLOCK=2048)),
+    ("_multi_look_store_kernel", dict(ALIGNED=True, BLOCK=1024)),
+    ("_multi_look_add_kernel", dict(ALIGNED=False, BLOCK=2048)),
+    (
+        "_sq_partials_kernel",
+        dict(WEIGHTED=True, CHUNK=triton_backend.CHUNK, ALIGNED=True, BLOCK=triton_backend.REDUCE_BLOCK),
+    ),
+    ("_dots_partials_kernel", dict(CHUNK=triton_backend.CHUNK, ALIGNED=False, BLOCK=triton_backend.REDUCE_BLOCK)),
 ]
 DIVIDING = {"_perturb_kernel", "_adam_step_kernel", "_multi_perturb_kernel"}
 
@@ -195,7 +200,9 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
                      "i32" if arg == "total" else "fp32" for arg in kernel.arg_names}
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", 90, 32))
-        found.append(sorted(set(re.findall(r"\\b(?:div|sqrt)\\.[a-z0-9.]+", compiled.asm["ptx"]))))
+        ptx = compiled.asm["ptx"]
+        vector = bool(re.search(r"\\bld\\.global(?:\\.[a-z]+)*\\.v[24]\\.b32", ptx))
+        found.append([sorted(set(re.findall(r"\\b(?:div|sqrt)\\.[a-z0-9.]+", ptx))), vector])
     print(json.dumps(found))
 """)
 
@@ -218,10 +225,12 @@ def test_kernels_compile_for_sm90_with_correctly_rounded_division_and_sqrt():
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(found) == len(COMPILED_KERNELS)
-    for (name, _), instructions in zip(COMPILED_KERNELS, found):
+    for (name, constexprs), (instructions, vector) in zip(COMPILED_KERNELS, found):
         assert bool(instructions) == (name in DIVIDING), f"{name}: divisions and square roots: {instructions}"
         approximate = [i for i in instructions if ".rn." not in i]
         assert not approximate, f"{name} uses approximate {approximate}"
+        if "ALIGNED" in constexprs:
+            assert vector == constexprs["ALIGNED"], f"{name} (ALIGNED={constexprs['ALIGNED']}): 16-byte loads {vector}"
 
 
 # ---------------------------------------------------------------------- multi-tensor launches
@@ -383,3 +392,23 @@ def test_multi_perturb_of_empty_buckets_still_gives_the_radius():
     rho = triton_backend.multi_perturb_(params, params, None, sq, 0.35, 0.4, 1e-12, False)
     assert torch.equal(rho, triton_backend.perturb_(params[0], params[0], None, sq, 0.35, 0.4, 1e-12, False))
     assert torch.equal(rho, torch.tensor(0.35 / 2, device=DEVICE))
+
+
+def test_multi_ops_on_aligned_buckets_take_the_aligned_table():
+    """Buckets at 16-byte addresses with sizes that are multiples of 16 (the common case) give an
+    ALIGNED table, and its kernels (told so: `_table_pointer`) the per-bucket ops' bits."""
+    gen = torch.Generator().manual_seed(0)
+    params, grads, backups = (
+        [torch.randn(n, generator=gen).to(torch.bfloat16).to(DEVICE) for n in (1024, 0, 16, 4096)] for _ in range(3)
+    )
+    assert triton_backend._table([params, grads, backups, params], 2048)[3]
+    assert not triton_backend._table([params[:2], many_buckets(torch.bfloat16, 0, sizes=(0, 1024))], 2048)[3]
+    assert not triton_backend._table([params[:2] + [params[3][:17]]], 2048)[3]
+    sq = torch.tensor(3.0, device=DEVICE)
+    w, w_ref = [p.clone() for p in params], [p.clone() for p in params]
+    b_ref = [torch.empty_like(p) for p in params]
+    rho = triton_backend.multi_perturb_(w, grads, backups, sq, 0.35, 0.4, 1e-12, True)
+    for i in range(len(w_ref)):
+        rho_ref = triton_backend.perturb_(w_ref[i], grads[i], b_ref[i], sq, 0.35, 0.4, 1e-12, True)
+    assert torch.equal(rho, rho_ref)
+    assert all(torch.equal(a, b) for a, b in zip(w + backups, w_ref + b_ref))

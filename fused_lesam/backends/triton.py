@@ -96,38 +96,57 @@ def _own_block(n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _table_program(table_ptr, programs_ptr, ROW: tl.constexpr):
-    """A multi-tensor kernel's work (`_Table`): this program's bucket (its row of the table), the
-    first element it takes, the bucket's size, and the program's index (the reductions' partial)."""
+def _table_program(table_ptr, programs_ptr, ROW: tl.constexpr, ALIGNED: tl.constexpr):
+    """A multi-tensor kernel's work (`_table`): this program's bucket (its row of the table), the
+    first element it takes, the bucket's size, and the program's index (the reductions' partial).
+    ALIGNED: every size in the table is a multiple of 16 (see `_table_pointer`)."""
     program = programs_ptr + 3 * tl.program_id(0)
     row = table_ptr + ROW * tl.load(program)
-    return row, tl.load(program + 1), tl.load(row + ROW - 1), tl.load(program + 2)
+    start = tl.load(program + 1)
+    n = tl.load(row + ROW - 1)
+    if ALIGNED:  # the start, a multiple of the block, always is
+        start = tl.multiple_of(start, 16)
+        n = tl.multiple_of(n, 16)
+    return row, start, n, tl.load(program + 2)
 
 
 @triton.jit
-def _table_block(table_ptr, programs_ptr, ROW: tl.constexpr, BLOCK: tl.constexpr):
+def _table_block(table_ptr, programs_ptr, ROW: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """A multi-tensor element-wise kernel's block: its bucket's row of the table, offsets, mask."""
-    row, start, n, _ = _table_program(table_ptr, programs_ptr, ROW)
+    row, start, n, _ = _table_program(table_ptr, programs_ptr, ROW, ALIGNED)
     offsets = start + tl.arange(0, BLOCK)
     return row, offsets, offsets < n
 
 
 @triton.jit
-def _table_pointer(row, role: tl.constexpr, like_ptr):
+def _table_pointer(row, role: tl.constexpr, like_ptr, ALIGNED: tl.constexpr):
     """The bucket's ``role`` pointer, read from its row of the table as an int64 address and cast
-    to the type of ``like_ptr`` (a bucket of the call: one dtype for all)."""
-    return tl.load(row + role).to(like_ptr.dtype)
+    to the type of ``like_ptr`` (a bucket of the call: one dtype for all). ALIGNED: every address
+    in the table is a multiple of 16 bytes. Told that of the pointers and the sizes (what Triton
+    assumes of a kernel's own pointer and integer arguments when they are), the compiler loads and
+    stores 16 bytes at a time; of an address read from memory it knows nothing otherwise."""
+    pointer = tl.load(row + role).to(like_ptr.dtype)
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
 
 
 @triton.jit
 def _sq_partials_kernel(
-    table_ptr, programs_ptr, like_ptr, partials_ptr, WEIGHTED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr
+    table_ptr,
+    programs_ptr,
+    like_ptr,
+    partials_ptr,
+    WEIGHTED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """partials[index] = sum of g^2 (or (w g)^2) over the program's chunk (its bucket's elements
     [start, start + CHUNK)), accumulated in the partials' dtype. Table roles: grad, weight."""
-    row, start, n, index = _table_program(table_ptr, programs_ptr, 3)
-    g_ptr = _table_pointer(row, 0, like_ptr)
-    w_ptr = _table_pointer(row, 1, like_ptr)
+    row, start, n, index = _table_program(table_ptr, programs_ptr, 3, ALIGNED)
+    g_ptr = _table_pointer(row, 0, like_ptr, ALIGNED)
+    w_ptr = _table_pointer(row, 1, like_ptr, ALIGNED)
     acc_type = partials_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK], dtype=acc_type)
     for i in tl.static_range(0, CHUNK, BLOCK):
@@ -258,15 +277,16 @@ def _multi_perturb_kernel(
     SAVE_CENTER: tl.constexpr,
     SIGMA_ON_DEVICE: tl.constexpr,
     NORM_EPS: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # Table roles: param, grad, backup, center.
-    row, offsets, mask = _table_block(table_ptr, programs_ptr, 5, BLOCK)
+    row, offsets, mask = _table_block(table_ptr, programs_ptr, 5, BLOCK, ALIGNED)
     _perturb_block(
-        _table_pointer(row, 0, like_ptr),
-        _table_pointer(row, 1, like_ptr),
-        _table_pointer(row, 2, like_ptr),
-        _table_pointer(row, 3, like_ptr),
+        _table_pointer(row, 0, like_ptr, ALIGNED),
+        _table_pointer(row, 1, like_ptr, ALIGNED),
+        _table_pointer(row, 2, like_ptr, ALIGNED),
+        _table_pointer(row, 3, like_ptr, ALIGNED),
         sq_ptr,
         sigma_ptr,
         rho_ptr,
@@ -303,15 +323,22 @@ def _restore_kernel(
 
 @triton.jit
 def _multi_restore_kernel(
-    table_ptr, programs_ptr, like_ptr, ghat_coef, center_coef, COMBINE: tl.constexpr, BLOCK: tl.constexpr
+    table_ptr,
+    programs_ptr,
+    like_ptr,
+    ghat_coef,
+    center_coef,
+    COMBINE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # Table roles: param, backup, grad, center.
-    row, offsets, mask = _table_block(table_ptr, programs_ptr, 5, BLOCK)
+    row, offsets, mask = _table_block(table_ptr, programs_ptr, 5, BLOCK, ALIGNED)
     _restore_block(
-        _table_pointer(row, 0, like_ptr),
-        _table_pointer(row, 1, like_ptr),
-        _table_pointer(row, 2, like_ptr),
-        _table_pointer(row, 3, like_ptr),
+        _table_pointer(row, 0, like_ptr, ALIGNED),
+        _table_pointer(row, 1, like_ptr, ALIGNED),
+        _table_pointer(row, 2, like_ptr, ALIGNED),
+        _table_pointer(row, 3, like_ptr, ALIGNED),
         offsets,
         mask,
         ghat_coef,
@@ -388,17 +415,18 @@ def _launch_elementwise(kernel, bucket: Tensor, *args, min_programs: int = 0, **
 # CUDA graph is being captured is never let go (`_CAPTURED_TABLES`): the graph's copy reads its
 # pinned host memory at every replay.
 TABLES_KEPT = 64
-_TABLES: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, int]] = OrderedDict()
-_CAPTURED_TABLES: dict[tuple, tuple[Tensor, Tensor, Tensor, int]] = {}
+_TABLES: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, int, bool]] = OrderedDict()
+_CAPTURED_TABLES: dict[tuple, tuple[Tensor, Tensor, Tensor, int, bool]] = {}
 
 
 def _table(
     roles: list[list[Tensor]], block: int, first_indices: list[int] | None = None, one_at_least: bool = False
-) -> tuple[Tensor, Tensor, int]:
-    """(table, programs, number of programs) for a launch over the buckets of ``roles`` (a list of
-    buckets per role; the first role's sizes set the programs), ``block`` elements per program.
-    A bucket's programs are indexed from its entry of ``first_indices`` (None: from 0). With
-    ``one_at_least``, buckets all empty still get a program (it takes no element)."""
+) -> tuple[Tensor, Tensor, int, bool]:
+    """(table, programs, number of programs, ALIGNED: see `_table_pointer`) for a launch over the
+    buckets of ``roles`` (a list of buckets per role; the first role's sizes set the programs),
+    ``block`` elements per program. A bucket's programs are indexed from its entry of
+    ``first_indices`` (None: from 0). With ``one_at_least``, buckets all empty still get a program
+    (it takes no element)."""
     buckets = roles[0]
     device = buckets[0].device
     rows = [value for i, bucket in enumerate(buckets) for value in (*(r[i].data_ptr() for r in roles), bucket.numel())]
@@ -420,7 +448,8 @@ def _table(
             on_device = host.to(device, non_blocking=True)
         else:
             capturing, on_device = False, host
-        kept = (host, on_device[: len(rows)], on_device[len(rows) :], len(programs) // 3)
+        aligned = all(value % 16 == 0 for value in rows)  # the addresses in bytes, the sizes in elements
+        kept = (host, on_device[: len(rows)], on_device[len(rows) :], len(programs) // 3, aligned)
         if capturing:
             _CAPTURED_TABLES[key] = kept
         else:
@@ -438,10 +467,10 @@ def _launch_multi(kernel, roles: list[list[Tensor]], *args, one_at_least: bool =
     table, the programs and a bucket that types the pointers."""
     buckets = roles[0]
     block = ELEMENTWISE_BLOCK[buckets[0].dtype]
-    table, programs, count = _table(roles, block, one_at_least=one_at_least)
+    table, programs, count, aligned = _table(roles, block, one_at_least=one_at_least)
     if count:
         like = max(buckets, key=Tensor.numel)
-        _launch(kernel, (count,), like.device, table, programs, like, *args, BLOCK=block, **meta)
+        _launch(kernel, (count,), like.device, table, programs, like, *args, ALIGNED=aligned, BLOCK=block, **meta)
 
 
 def _chunk_groups(buckets: list[Tensor], kinds: list) -> tuple[int, dict]:
@@ -465,10 +494,21 @@ def _launch_partials(kernel, roles: list[list[Tensor]], indices: list[int], firs
     """One launch of a partials kernel over the buckets ``indices`` of ``roles`` (a group of
     `_chunk_groups`), writing ``partials``; ``args`` and ``meta`` are the kernel's own after them."""
     group = [[role[i] for i in indices] for role in roles]
-    table, programs, count = _table(group, CHUNK, firsts)
+    table, programs, count, aligned = _table(group, CHUNK, firsts)
     like = max(group[0], key=Tensor.numel)
     _launch(
-        kernel, (count,), like.device, table, programs, like, partials, *args, CHUNK=CHUNK, BLOCK=REDUCE_BLOCK, **meta
+        kernel,
+        (count,),
+        like.device,
+        table,
+        programs,
+        like,
+        partials,
+        *args,
+        CHUNK=CHUNK,
+        ALIGNED=aligned,
+        BLOCK=REDUCE_BLOCK,
+        **meta,
     )
 
 
@@ -621,14 +661,21 @@ def restore_(
 # ---------------------------------------------------------------------------------------- XSAM
 @triton.jit
 def _dots_partials_kernel(
-    table_ptr, programs_ptr, like_ptr, partials_ptr, total, CHUNK: tl.constexpr, BLOCK: tl.constexpr
+    table_ptr,
+    programs_ptr,
+    like_ptr,
+    partials_ptr,
+    total,
+    CHUNK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """partials[j * total + index] for j = sum D^2, sum g^2, sum D g over the program's chunk
     (D = w - b). Table roles: param, backup, grad."""
-    row, start, n, index = _table_program(table_ptr, programs_ptr, 4)
-    w_ptr = _table_pointer(row, 0, like_ptr)
-    b_ptr = _table_pointer(row, 1, like_ptr)
-    g_ptr = _table_pointer(row, 2, like_ptr)
+    row, start, n, index = _table_program(table_ptr, programs_ptr, 4, ALIGNED)
+    w_ptr = _table_pointer(row, 0, like_ptr, ALIGNED)
+    b_ptr = _table_pointer(row, 1, like_ptr, ALIGNED)
+    g_ptr = _table_pointer(row, 2, like_ptr, ALIGNED)
     acc_type = partials_ptr.dtype.element_ty
     dd = tl.zeros([BLOCK], dtype=acc_type)
     gg = tl.zeros([BLOCK], dtype=acc_type)
@@ -677,15 +724,15 @@ def _xsam_restore_kernel(
 
 @triton.jit
 def _multi_xsam_restore_kernel(
-    table_ptr, programs_ptr, like_ptr, coefs_ptr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr
+    table_ptr, programs_ptr, like_ptr, coefs_ptr, HAS_DELTA: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr
 ):
     # Table roles: param, backup, grad, delta.
-    row, offsets, mask = _table_block(table_ptr, programs_ptr, 5, BLOCK)
+    row, offsets, mask = _table_block(table_ptr, programs_ptr, 5, BLOCK, ALIGNED)
     _xsam_restore_block(
-        _table_pointer(row, 0, like_ptr),
-        _table_pointer(row, 1, like_ptr),
-        _table_pointer(row, 2, like_ptr),
-        _table_pointer(row, 3, like_ptr),
+        _table_pointer(row, 0, like_ptr, ALIGNED),
+        _table_pointer(row, 1, like_ptr, ALIGNED),
+        _table_pointer(row, 2, like_ptr, ALIGNED),
+        _table_pointer(row, 3, like_ptr, ALIGNED),
         coefs_ptr,
         offsets,
         mask,
@@ -717,15 +764,15 @@ def _xsam_probe_kernel(
 
 @triton.jit
 def _multi_xsam_probe_kernel(
-    table_ptr, programs_ptr, like_ptr, coefs_ptr, SAVE_DELTA: tl.constexpr, BLOCK: tl.constexpr
+    table_ptr, programs_ptr, like_ptr, coefs_ptr, SAVE_DELTA: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr
 ):
     # Table roles: param, backup, grad, delta.
-    row, offsets, mask = _table_block(table_ptr, programs_ptr, 5, BLOCK)
+    row, offsets, mask = _table_block(table_ptr, programs_ptr, 5, BLOCK, ALIGNED)
     _xsam_probe_block(
-        _table_pointer(row, 0, like_ptr),
-        _table_pointer(row, 1, like_ptr),
-        _table_pointer(row, 2, like_ptr),
-        _table_pointer(row, 3, like_ptr),
+        _table_pointer(row, 0, like_ptr, ALIGNED),
+        _table_pointer(row, 1, like_ptr, ALIGNED),
+        _table_pointer(row, 2, like_ptr, ALIGNED),
+        _table_pointer(row, 3, like_ptr, ALIGNED),
         coefs_ptr,
         offsets,
         mask,
@@ -808,13 +855,20 @@ def xsam_probe_(param: Tensor, backup: Tensor, grad: Tensor, delta: Tensor, coef
 # ---------------------------------------------------------------------------------------- LookSAM
 @triton.jit
 def _look_dots_partials_kernel(
-    table_ptr, programs_ptr, like_ptr, partials_ptr, total, CHUNK: tl.constexpr, BLOCK: tl.constexpr
+    table_ptr,
+    programs_ptr,
+    like_ptr,
+    partials_ptr,
+    total,
+    CHUNK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """partials[j * total + index] for j = sum g_hat g, sum g^2 over the program's chunk. Table
     roles: g_hat (grad), g (center)."""
-    row, start, n, index = _table_program(table_ptr, programs_ptr, 3)
-    ghat_ptr = _table_pointer(row, 0, like_ptr)
-    g_ptr = _table_pointer(row, 1, like_ptr)
+    row, start, n, index = _table_program(table_ptr, programs_ptr, 3, ALIGNED)
+    ghat_ptr = _table_pointer(row, 0, like_ptr, ALIGNED)
+    g_ptr = _table_pointer(row, 1, like_ptr, ALIGNED)
     acc_type = partials_ptr.dtype.element_ty
     hg = tl.zeros([BLOCK], dtype=acc_type)
     gg = tl.zeros([BLOCK], dtype=acc_type)
@@ -846,13 +900,15 @@ def _look_store_kernel(dir_ptr, ghat_ptr, g_ptr, coef_ptr, found_inf_ptr, n, BLO
 
 
 @triton.jit
-def _multi_look_store_kernel(table_ptr, programs_ptr, like_ptr, coef_ptr, found_inf_ptr, BLOCK: tl.constexpr):
+def _multi_look_store_kernel(
+    table_ptr, programs_ptr, like_ptr, coef_ptr, found_inf_ptr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr
+):
     # Table roles: look_dir, grad, center.
-    row, offsets, mask = _table_block(table_ptr, programs_ptr, 4, BLOCK)
+    row, offsets, mask = _table_block(table_ptr, programs_ptr, 4, BLOCK, ALIGNED)
     _look_store_block(
-        _table_pointer(row, 0, like_ptr),
-        _table_pointer(row, 1, like_ptr),
-        _table_pointer(row, 2, like_ptr),
+        _table_pointer(row, 0, like_ptr, ALIGNED),
+        _table_pointer(row, 1, like_ptr, ALIGNED),
+        _table_pointer(row, 2, like_ptr, ALIGNED),
         coef_ptr,
         found_inf_ptr,
         offsets,
@@ -875,10 +931,12 @@ def _look_add_kernel(g_ptr, dir_ptr, coef_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _multi_look_add_kernel(table_ptr, programs_ptr, like_ptr, coef_ptr, BLOCK: tl.constexpr):
+def _multi_look_add_kernel(table_ptr, programs_ptr, like_ptr, coef_ptr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     # Table roles: grad, look_dir.
-    row, offsets, mask = _table_block(table_ptr, programs_ptr, 3, BLOCK)
-    _look_add_block(_table_pointer(row, 0, like_ptr), _table_pointer(row, 1, like_ptr), coef_ptr, offsets, mask)
+    row, offsets, mask = _table_block(table_ptr, programs_ptr, 3, BLOCK, ALIGNED)
+    _look_add_block(
+        _table_pointer(row, 0, like_ptr, ALIGNED), _table_pointer(row, 1, like_ptr, ALIGNED), coef_ptr, offsets, mask
+    )
 
 
 def _check_look_coef(op: str, coef: Tensor, bucket: Tensor) -> None:
