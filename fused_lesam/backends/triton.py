@@ -515,9 +515,8 @@ def _launch_partials(kernel, roles: list[list[Tensor]], indices: list[int], firs
 def _opaque_to_compile(op, fake) -> None:
     """torch.compile keeps an op that launches multi-tensor kernels whole, one call in its graph: its
     tables need the buckets' addresses, which fake and functional tensors do not have, so its body
-    is not traced.
-    ``fake`` gives its output's metadata; functionalization treats it as a mutating custom op
-    (as torch.export does triton_ops) instead of decomposing it into its kernel launches."""
+    is not traced. ``fake`` gives its output's metadata; functionalization treats it as any custom
+    op (as torch.export does triton_ops) instead of decomposing it into its kernel launches."""
     op.register_fake(fake)
     op.register_torch_dispatch(FunctionalTensorMode, _undecomposed)
 
