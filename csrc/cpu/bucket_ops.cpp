@@ -52,6 +52,25 @@ acc_t chunk_sq_sum(const scalar_t* __restrict__ g, const scalar_t* __restrict__ 
   return sum;
 }
 
+// chunk(b, c) for every reduction chunk c of every bucket b, in one at::parallel_for over all the
+// layout's chunks: a list of many small buckets (FSDP2's shards) shares tasks instead of paying for
+// one parallel_for per bucket. Each chunk's partial is a function of its elements alone and the
+// partials are summed in a fixed order after, so the tasks change no bit.
+template <typename Chunk>
+void parallel_over_chunks(const ReduceLayout& layout, const Chunk& chunk) {
+  at::parallel_for(0, layout.total(), 1, [&](int64_t begin, int64_t end) {
+    // The bucket of chunk `begin`: the last one starting at or before it (an empty bucket has none).
+    size_t b = std::upper_bound(layout.first_chunk.begin(), layout.first_chunk.end(), begin) -
+               layout.first_chunk.begin() - 1;
+    for (int64_t c = begin; c < end; ++c) {
+      while (c >= layout.first_chunk[b + 1]) {
+        ++b;
+      }
+      chunk(b, c - layout.first_chunk[b]);
+    }
+  });
+}
+
 at::Tensor sq_norm_cpu(at::TensorList grads, const c10::List<std::optional<at::Tensor>>& weights) {
   check_sq_norm_args(grads, weights);
   const ReduceLayout layout = reduce_layout(grads);
@@ -59,23 +78,21 @@ at::Tensor sq_norm_cpu(at::TensorList grads, const c10::List<std::optional<at::T
   AT_DISPATCH_FLOATING_TYPES(layout.out_type, "fused_lesam::sq_norm", [&] {
     using out_t = scalar_t;
     std::vector<out_t> partials(layout.total());
+    std::vector<const void*> weight_data(grads.size(), nullptr);  // c10::List hands out copies: read once
     for (size_t b = 0; b < grads.size(); ++b) {
       const std::optional<at::Tensor> weight = weights[b];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[b].scalar_type(), "fused_lesam::sq_norm", [&] {
-        const scalar_t* g = grads[b].const_data_ptr<scalar_t>();
-        const scalar_t* w = weight.has_value() ? weight->const_data_ptr<scalar_t>() : nullptr;
-        const int64_t n = grads[b].numel();
-        out_t* part = partials.data() + layout.first_chunk[b];
-        at::parallel_for(0, layout.chunks(b), 1, [&](int64_t begin, int64_t end) {
-          for (int64_t c = begin; c < end; ++c) {
-            const int64_t start = c * math::kReduceChunk;
-            const int64_t len = std::min(math::kReduceChunk, n - start);
-            part[c] = w ? chunk_sq_sum<scalar_t, out_t, true>(g + start, w + start, len)
-                        : chunk_sq_sum<scalar_t, out_t, false>(g + start, nullptr, len);
-          }
-        });
-      });
+      weight_data[b] = weight.has_value() ? weight->const_data_ptr() : nullptr;
     }
+    parallel_over_chunks(layout, [&](size_t b, int64_t c) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[b].scalar_type(), "fused_lesam::sq_norm", [&] {
+        const int64_t start = c * math::kReduceChunk;
+        const int64_t len = std::min(math::kReduceChunk, grads[b].numel() - start);
+        const scalar_t* g = grads[b].const_data_ptr<scalar_t>() + start;
+        const auto* w = static_cast<const scalar_t*>(weight_data[b]);
+        partials[layout.first_chunk[b] + c] = w ? chunk_sq_sum<scalar_t, out_t, true>(g, w + start, len)
+                                                : chunk_sq_sum<scalar_t, out_t, false>(g, nullptr, len);
+      });
+    });
     out_t total = 0;  // second stage, in a fixed order: the result does not depend on the threads
     for (const out_t p : partials) {
       total += p;
@@ -290,22 +307,16 @@ at::Tensor xsam_dots_cpu(at::TensorList params, at::TensorList backups, at::Tens
   AT_DISPATCH_FLOATING_TYPES(layout.out_type, "fused_lesam::xsam_dots", [&] {
     using out_t = scalar_t;
     std::vector<math::Dots<out_t>> partials(layout.total());
-    for (size_t k = 0; k < params.size(); ++k) {
+    parallel_over_chunks(layout, [&](size_t k, int64_t c) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[k].scalar_type(), "fused_lesam::xsam_dots", [&] {
-        const scalar_t* w = params[k].const_data_ptr<scalar_t>();
-        const scalar_t* b = backups[k].const_data_ptr<scalar_t>();
-        const scalar_t* g = grads[k].const_data_ptr<scalar_t>();
-        const int64_t n = params[k].numel();
-        math::Dots<out_t>* part = partials.data() + layout.first_chunk[k];
-        at::parallel_for(0, layout.chunks(k), 1, [&](int64_t begin, int64_t end) {
-          for (int64_t c = begin; c < end; ++c) {
-            const int64_t start = c * math::kReduceChunk;
-            const int64_t len = std::min(math::kReduceChunk, n - start);
-            part[c] = chunk_dots<scalar_t, out_t>(w + start, b + start, g + start, len);
-          }
-        });
+        const int64_t start = c * math::kReduceChunk;
+        const int64_t len = std::min(math::kReduceChunk, params[k].numel() - start);
+        partials[layout.first_chunk[k] + c] =
+            chunk_dots<scalar_t, out_t>(params[k].const_data_ptr<scalar_t>() + start,
+                                        backups[k].const_data_ptr<scalar_t>() + start,
+                                        grads[k].const_data_ptr<scalar_t>() + start, len);
       });
-    }
+    });
     math::Dots<out_t> total{0, 0, 0};  // second stage, in a fixed order, as in sq_norm
     for (const auto& p : partials) {
       total.dd += p.dd;
@@ -432,21 +443,14 @@ at::Tensor look_dots_cpu(at::TensorList grads, at::TensorList centers) {
   AT_DISPATCH_FLOATING_TYPES(layout.out_type, "fused_lesam::look_dots", [&] {
     using out_t = scalar_t;
     std::vector<math::LookDots<out_t>> partials(layout.total());
-    for (size_t k = 0; k < grads.size(); ++k) {
+    parallel_over_chunks(layout, [&](size_t k, int64_t c) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[k].scalar_type(), "fused_lesam::look_dots", [&] {
-        const scalar_t* ghat = grads[k].const_data_ptr<scalar_t>();
-        const scalar_t* g = centers[k].const_data_ptr<scalar_t>();
-        const int64_t n = grads[k].numel();
-        math::LookDots<out_t>* part = partials.data() + layout.first_chunk[k];
-        at::parallel_for(0, layout.chunks(k), 1, [&](int64_t begin, int64_t end) {
-          for (int64_t c = begin; c < end; ++c) {
-            const int64_t start = c * math::kReduceChunk;
-            const int64_t len = std::min(math::kReduceChunk, n - start);
-            part[c] = chunk_look_dots<scalar_t, out_t>(ghat + start, g + start, len);
-          }
-        });
+        const int64_t start = c * math::kReduceChunk;
+        const int64_t len = std::min(math::kReduceChunk, grads[k].numel() - start);
+        partials[layout.first_chunk[k] + c] = chunk_look_dots<scalar_t, out_t>(
+            grads[k].const_data_ptr<scalar_t>() + start, centers[k].const_data_ptr<scalar_t>() + start, len);
       });
-    }
+    });
     math::LookDots<out_t> total{0, 0};  // second stage, in a fixed order, as in sq_norm
     for (const auto& p : partials) {
       total.hg += p.hg;
