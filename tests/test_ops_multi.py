@@ -257,10 +257,10 @@ def multi_calls(ops, device, seed=0):
     ]
 
 
-@pytest.mark.parametrize("backend,device", [t for t in targets() if t.values[0] != "triton"])
+@pytest.mark.parametrize("backend,device", targets())
 def test_multi_opcheck(backend, device):
-    """torch.library.opcheck of the extension's multi forms: the schemas declare what they write,
-    and (where fake tensors can run) the fake kernels and AOT dispatch agree with the real ones."""
+    """torch.library.opcheck of the multi forms: the schemas declare what they write, and (where
+    fake tensors can run) the fake kernels and AOT dispatch agree with the real ones."""
     ops = resolve(backend, torch.device(device))
     checks = ("test_schema", "test_autograd_registration")
     if any(t.values[:2] == (backend, device) for t in TRACEABLE):
