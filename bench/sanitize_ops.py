@@ -3,10 +3,12 @@ compute-sanitizer (memcheck, racecheck, initcheck) to check the CUDA kernels' me
 
 The buckets cover what the kernels treat apart: empty, one element, around the 16-byte vector
 width, more than one reduction chunk, views 3 elements into their storage (not 16-byte aligned),
-every dtype, a NaN gradient, several buckets in one norm, the adaptive form, sigma_t read from the
-device and the optional outputs (center, delta) present and absent. Inputs are made on the CPU and
-copied over, so the sanitizer sees few kernels besides ours. Each restore is checked to be
-bit-exact, as a smoke test that the ops ran; the numbers themselves are tested by tests/test_ops*.py.
+every dtype, a NaN gradient, several buckets in one norm (of one dtype and of two), the adaptive
+form, sigma_t read from the device and the optional outputs (center, delta) present and absent. The
+multi-tensor forms run on a list of three buckets: the case's, an empty one and an unaligned one.
+Inputs are made on the CPU and copied over, so the sanitizer sees few kernels besides ours. Each
+restore is checked to be bit-exact, as a smoke test that the ops ran; the numbers themselves are
+tested by tests/test_ops*.py.
 
     python bench/sanitize_ops.py [--backend cuda|cpp|torch|triton]
 
@@ -65,6 +67,8 @@ class Case:
 def run_norm(ops, case: Case) -> None:
     ops.sq_norm([case.put(case.g)], [None])
     ops.sq_norm([case.put(case.g), case.put(case.ghat)], [case.put(case.w), None])  # adaptive + two buckets
+    other = torch.float64 if case.dtype == torch.float32 else torch.float32  # a list of two dtypes
+    ops.sq_norm([case.put(case.g), case.put(case.ghat.to(other))], [None, None])
 
 
 def run_perturb(ops, case: Case) -> None:
@@ -128,6 +132,70 @@ def run_look_store(ops, case: Case) -> None:
 
 def run_look_add(ops, case: Case) -> None:
     ops.look_add_(case.put(case.g), case.put(case.ghat), look_coef(ops, case))
+
+
+def listed(case: Case) -> list[Case]:
+    """The case and two more buckets of its dtype, for the multi-tensor forms: empty, and 33
+    elements 3 into their storage (unaligned, a vector and a tail)."""
+    return [case, Case(case.dtype, 0, 0, case.device, seed=1), Case(case.dtype, 33, 3, case.device, seed=2)]
+
+
+def run_multi_perturb(ops, case: Case) -> None:
+    cases = listed(case)
+    for adaptive, with_center, sigma_on_device in ((False, True, False), (True, False, True)):
+        params, grads = [c.put(c.w) for c in cases], [c.put(c.g) for c in cases]
+        sq = ops.sq_norm(grads, [p if adaptive else None for p in params])
+        centers = [c.scratch() for c in cases] if with_center else None
+        sigma_t = torch.tensor(LESAM[0], dtype=torch.float64).to(case.device) if sigma_on_device else None
+        ops.multi_perturb_(params, grads, [c.scratch() for c in cases], sq, *LESAM, adaptive, centers, sigma_t)
+
+
+def run_multi_restore(ops, case: Case) -> None:
+    cases = listed(case)
+    for with_center in (False, True):
+        params = [c.put(c.g) for c in cases]
+        centers = [c.put(c.g) for c in cases] if with_center else None
+        ops.multi_restore_(params, [c.put(c.w) for c in cases], [c.put(c.ghat) for c in cases], centers, 1.5, 0.5)
+        for param, c in zip(params, cases):
+            check_restored(param, c.w, "multi_restore_")
+
+
+def run_multi_xsam_probe(ops, case: Case) -> None:
+    cases = listed(case)
+    coefs = xsam_coefs(ops, case)
+    deltas = [c.scratch() for c in cases]
+    for save_delta in (True, False):  # the second call reads the deltas the first one saved
+        params = [c.put(c.ghat) for c in cases]
+        ops.multi_xsam_probe_(
+            params, [c.put(c.w) for c in cases], [c.put(c.g) for c in cases], deltas, coefs, save_delta
+        )
+
+
+def run_multi_xsam_restore(ops, case: Case) -> None:
+    cases = listed(case)
+    coefs = xsam_coefs(ops, case)
+    for deltas in (None, [c.put(c.ghat - c.w) for c in cases]):
+        params = [c.put(c.ghat) for c in cases]
+        ops.multi_xsam_restore_(params, [c.put(c.w) for c in cases], [c.put(c.g) for c in cases], deltas, coefs)
+        for param, c in zip(params, cases):
+            check_restored(param, c.w, "multi_xsam_restore_")
+
+
+def run_multi_look_store(ops, case: Case) -> None:
+    cases = listed(case)
+    coef = look_coef(ops, case)
+    for skip in (0.0, 1.0):
+        look_dirs = [c.put(c.w) for c in cases]
+        grads, centers = [c.put(c.ghat) for c in cases], [c.put(c.g) for c in cases]
+        ops.multi_look_store_(look_dirs, grads, centers, coef, case.scalar(skip))
+        if skip:
+            for look_dir, c in zip(look_dirs, cases):
+                check_restored(look_dir, c.w, "multi_look_store_ (skipped)")
+
+
+def run_multi_look_add(ops, case: Case) -> None:
+    cases = listed(case)
+    ops.multi_look_add_([c.put(c.g) for c in cases], [c.put(c.ghat) for c in cases], look_coef(ops, case))
 
 
 # (momentum or amsgrad, center, found_inf, backup): the last rows step from param itself (no backup).
@@ -204,6 +272,12 @@ RUNNERS: dict[str, Callable[[object, Case], None]] = {
     "look_add_": run_look_add,
     "sgd_step_": run_sgd_step,
     "adam_step_": run_adam_step,
+    "multi_perturb_": run_multi_perturb,
+    "multi_restore_": run_multi_restore,
+    "multi_xsam_probe_": run_multi_xsam_probe,
+    "multi_xsam_restore_": run_multi_xsam_restore,
+    "multi_look_store_": run_multi_look_store,
+    "multi_look_add_": run_multi_look_add,
 }
 
 

@@ -6,7 +6,9 @@
 #include <ATen/core/List.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
 #include <optional>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -19,7 +21,20 @@ inline at::ScalarType acc_scalar_type(at::ScalarType bucket) {
   return bucket == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline void check_bucket(const at::Tensor& t, const char* op, const char* name) {
+// A tensor argument's name in the messages: `name` for a per-bucket op's argument; in a multi form,
+// bucket `index` of the list of them (param -> params[3]). Written only when a check fails.
+struct ArgName {
+  // Implicit, so that a plain name (a per-bucket op's argument) is one.
+  ArgName(const char* name, int64_t index = -1) : name(name), index(index) {}
+  const char* name;
+  int64_t index;
+};
+
+inline std::ostream& operator<<(std::ostream& out, const ArgName& arg) {
+  return arg.index < 0 ? out << arg.name : out << arg.name << "s[" << arg.index << "]";
+}
+
+inline void check_bucket(const at::Tensor& t, const char* op, const ArgName& name) {
   const auto dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "fused_lesam::", op, ": ", name, " has dtype ", dtype,
@@ -29,8 +44,8 @@ inline void check_bucket(const at::Tensor& t, const char* op, const char* name) 
 }
 
 // `t` is a bucket of the same dtype, size and device as `like`.
-inline void check_same_bucket(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name,
-                              const char* like_name) {
+inline void check_same_bucket(const at::Tensor& t, const at::Tensor& like, const char* op, const ArgName& name,
+                              const ArgName& like_name) {
   check_bucket(t, op, name);
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fused_lesam::", op, ": ", name, " has dtype ",
               t.scalar_type(), " but ", like_name, " has ", like.scalar_type());
@@ -76,38 +91,44 @@ inline void check_sq_norm_args(at::TensorList grads, const c10::List<std::option
   }
 }
 
+// The per-bucket checks take the op's name and, in a multi form, the bucket's index in its lists
+// (the names in the messages are then the lists' elements: params[3]).
 inline void check_perturb_args(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& backup,
                                const at::Tensor& sq, const std::optional<at::Tensor>& center,
-                               const std::optional<at::Tensor>& sigma_t) {
-  check_bucket(param, "perturb_", "param");
-  check_same_bucket(grad, param, "perturb_", "grad", "param");
+                               const std::optional<at::Tensor>& sigma_t, const char* op = "perturb_",
+                               int64_t index = -1) {
+  const ArgName param_name{"param", index};
+  check_bucket(param, op, param_name);
+  check_same_bucket(grad, param, op, {"grad", index}, param_name);
   if (backup.has_value()) {
-    check_same_bucket(*backup, param, "perturb_", "backup", "param");
+    check_same_bucket(*backup, param, op, {"backup", index}, param_name);
   }
   if (center.has_value()) {
-    check_same_bucket(*center, param, "perturb_", "center", "param");
+    check_same_bucket(*center, param, op, {"center", index}, param_name);
   }
-  TORCH_CHECK(sq.dim() == 0 && (sq.scalar_type() == at::kFloat || sq.scalar_type() == at::kDouble),
-              "fused_lesam::perturb_: sq must be the 0-d float32/float64 tensor sq_norm returns, got a ",
-              sq.scalar_type(), " tensor of shape ", sq.sizes());
-  TORCH_CHECK(sq.device() == param.device(), "fused_lesam::perturb_: sq is on ", sq.device(), " but param is on ",
-              param.device());
+  TORCH_CHECK(sq.dim() == 0 && (sq.scalar_type() == at::kFloat || sq.scalar_type() == at::kDouble), "fused_lesam::", op,
+              ": sq must be the 0-d float32/float64 tensor sq_norm returns, got a ", sq.scalar_type(),
+              " tensor of shape ", sq.sizes());
+  TORCH_CHECK(sq.device() == param.device(), "fused_lesam::", op, ": sq is on ", sq.device(), " but ", param_name,
+              " is on ", param.device());
   if (sigma_t.has_value()) {
-    TORCH_CHECK(sigma_t->dim() == 0 && sigma_t->scalar_type() == at::kDouble,
-                "fused_lesam::perturb_: sigma_t must be a 0-d float64 tensor, got a ", sigma_t->scalar_type(),
-                " tensor of shape ", sigma_t->sizes());
-    TORCH_CHECK(sigma_t->device() == param.device(), "fused_lesam::perturb_: sigma_t is on ", sigma_t->device(),
-                " but param is on ", param.device());
+    TORCH_CHECK(sigma_t->dim() == 0 && sigma_t->scalar_type() == at::kDouble, "fused_lesam::", op,
+                ": sigma_t must be a 0-d float64 tensor, got a ", sigma_t->scalar_type(), " tensor of shape ",
+                sigma_t->sizes());
+    TORCH_CHECK(sigma_t->device() == param.device(), "fused_lesam::", op, ": sigma_t is on ", sigma_t->device(),
+                " but ", param_name, " is on ", param.device());
   }
 }
 
 inline void check_restore_args(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
-                               const std::optional<at::Tensor>& center) {
-  check_bucket(param, "restore_", "param");
-  check_same_bucket(backup, param, "restore_", "backup", "param");
-  check_same_bucket(grad, param, "restore_", "grad", "param");
+                               const std::optional<at::Tensor>& center, const char* op = "restore_",
+                               int64_t index = -1) {
+  const ArgName param_name{"param", index};
+  check_bucket(param, op, param_name);
+  check_same_bucket(backup, param, op, {"backup", index}, param_name);
+  check_same_bucket(grad, param, op, {"grad", index}, param_name);
   if (center.has_value()) {
-    check_same_bucket(*center, param, "restore_", "center", "param");
+    check_same_bucket(*center, param, op, {"center", index}, param_name);
   }
 }
 
@@ -127,33 +148,37 @@ inline void check_xsam_dots_args(at::TensorList params, at::TensorList backups, 
   }
 }
 
-inline void check_coefs(const at::Tensor& coefs, const at::Tensor& param, const char* op) {
+inline void check_coefs(const at::Tensor& coefs, const at::Tensor& param, const char* op, const ArgName& param_name) {
   TORCH_CHECK(coefs.dim() == 1 && coefs.numel() == 2 &&
                   (coefs.scalar_type() == at::kFloat || coefs.scalar_type() == at::kDouble),
               "fused_lesam::", op, ": coefs must be a (2,) float32/float64 tensor, got a ", coefs.scalar_type(),
               " tensor of shape ", coefs.sizes());
-  TORCH_CHECK(coefs.device() == param.device(), "fused_lesam::", op, ": coefs is on ", coefs.device(),
-              " but param is on ", param.device());
+  TORCH_CHECK(coefs.device() == param.device(), "fused_lesam::", op, ": coefs is on ", coefs.device(), " but ",
+              param_name, " is on ", param.device());
 }
 
 inline void check_xsam_restore_args(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
-                                    const std::optional<at::Tensor>& delta, const at::Tensor& coefs) {
-  check_bucket(param, "xsam_restore_", "param");
-  check_same_bucket(backup, param, "xsam_restore_", "backup", "param");
-  check_same_bucket(grad, param, "xsam_restore_", "grad", "param");
+                                    const std::optional<at::Tensor>& delta, const at::Tensor& coefs,
+                                    const char* op = "xsam_restore_", int64_t index = -1) {
+  const ArgName param_name{"param", index};
+  check_bucket(param, op, param_name);
+  check_same_bucket(backup, param, op, {"backup", index}, param_name);
+  check_same_bucket(grad, param, op, {"grad", index}, param_name);
   if (delta.has_value()) {
-    check_same_bucket(*delta, param, "xsam_restore_", "delta", "param");
+    check_same_bucket(*delta, param, op, {"delta", index}, param_name);
   }
-  check_coefs(coefs, param, "xsam_restore_");
+  check_coefs(coefs, param, op, param_name);
 }
 
 inline void check_xsam_probe_args(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
-                                  const at::Tensor& delta, const at::Tensor& coefs) {
-  check_bucket(param, "xsam_probe_", "param");
-  check_same_bucket(backup, param, "xsam_probe_", "backup", "param");
-  check_same_bucket(grad, param, "xsam_probe_", "grad", "param");
-  check_same_bucket(delta, param, "xsam_probe_", "delta", "param");
-  check_coefs(coefs, param, "xsam_probe_");
+                                  const at::Tensor& delta, const at::Tensor& coefs, const char* op = "xsam_probe_",
+                                  int64_t index = -1) {
+  const ArgName param_name{"param", index};
+  check_bucket(param, op, param_name);
+  check_same_bucket(backup, param, op, {"backup", index}, param_name);
+  check_same_bucket(grad, param, op, {"grad", index}, param_name);
+  check_same_bucket(delta, param, op, {"delta", index}, param_name);
+  check_coefs(coefs, param, op, param_name);
 }
 
 // ------------------------------------------------------------------------------------------ LookSAM
@@ -181,22 +206,126 @@ inline void check_look_coef(const at::Tensor& coef, const at::Tensor& bucket, co
 }
 
 inline void check_look_store_args(const at::Tensor& look_dir, const at::Tensor& grad, const at::Tensor& center,
-                                  const at::Tensor& coef, const at::Tensor& found_inf) {
-  check_bucket(look_dir, "look_store_", "look_dir");
-  check_same_bucket(grad, look_dir, "look_store_", "grad", "look_dir");
-  check_same_bucket(center, look_dir, "look_store_", "center", "look_dir");
-  check_look_coef(coef, look_dir, "look_store_");
-  TORCH_CHECK(found_inf.dim() == 0 && found_inf.scalar_type() == at::kFloat,
-              "fused_lesam::look_store_: found_inf must be a 0-d float32 tensor, got a ", found_inf.scalar_type(),
-              " tensor of shape ", found_inf.sizes());
-  TORCH_CHECK(found_inf.device() == look_dir.device(), "fused_lesam::look_store_: found_inf is on ",
-              found_inf.device(), " but look_dir is on ", look_dir.device());
+                                  const at::Tensor& coef, const at::Tensor& found_inf, const char* op = "look_store_",
+                                  int64_t index = -1) {
+  const ArgName dir_name{"look_dir", index};
+  check_bucket(look_dir, op, dir_name);
+  check_same_bucket(grad, look_dir, op, {"grad", index}, dir_name);
+  check_same_bucket(center, look_dir, op, {"center", index}, dir_name);
+  check_look_coef(coef, look_dir, op);
+  TORCH_CHECK(found_inf.dim() == 0 && found_inf.scalar_type() == at::kFloat, "fused_lesam::", op,
+              ": found_inf must be a 0-d float32 tensor, got a ", found_inf.scalar_type(), " tensor of shape ",
+              found_inf.sizes());
+  TORCH_CHECK(found_inf.device() == look_dir.device(), "fused_lesam::", op, ": found_inf is on ", found_inf.device(),
+              " but ", dir_name, " is on ", look_dir.device());
 }
 
-inline void check_look_add_args(const at::Tensor& grad, const at::Tensor& look_dir, const at::Tensor& coef) {
-  check_bucket(grad, "look_add_", "grad");
-  check_same_bucket(look_dir, grad, "look_add_", "look_dir", "grad");
-  check_look_coef(coef, grad, "look_add_");
+inline void check_look_add_args(const at::Tensor& grad, const at::Tensor& look_dir, const at::Tensor& coef,
+                                const char* op = "look_add_", int64_t index = -1) {
+  const ArgName grad_name{"grad", index};
+  check_bucket(grad, op, grad_name);
+  check_same_bucket(look_dir, grad, op, {"look_dir", index}, grad_name);
+  check_look_coef(coef, grad, op);
+}
+
+// ------------------------------------------------------------------------------ multi-tensor forms
+// One call over a list of buckets that share the scalars (fused_lesam/backends/spec.py, "multi-tensor
+// forms"): every bucket is checked as the per-bucket op checks it, after the lists themselves.
+
+// A list argument of a multi form, by name; an optional list that is None is not given.
+struct NamedList {
+  const char* name;
+  std::optional<at::TensorList> tensors;
+};
+
+// The given lists have one length, at least 1, and all their tensors one dtype on one device.
+inline void check_multi_lists(const char* op, std::initializer_list<NamedList> lists) {
+  const NamedList& first = *lists.begin();
+  bool same_length = true;
+  for (const NamedList& list : lists) {
+    same_length = same_length && (!list.tensors.has_value() || list.tensors->size() == first.tensors->size());
+  }
+  if (!same_length || first.tensors->empty()) {
+    std::string lengths;
+    for (const NamedList& list : lists) {
+      if (list.tensors.has_value()) {
+        lengths += (lengths.empty() ? "" : ", ") + std::string(list.name) + ": " + std::to_string(list.tensors->size());
+      }
+    }
+    TORCH_CHECK(false, "fused_lesam::", op, ": the lists must have one length, at least 1; got ", lengths);
+  }
+  const at::Tensor& like = (*first.tensors)[0];
+  for (const NamedList& list : lists) {
+    if (!list.tensors.has_value()) {
+      continue;
+    }
+    for (size_t i = 0; i < list.tensors->size(); ++i) {
+      const at::Tensor& t = (*list.tensors)[i];
+      TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.device() == like.device(), "fused_lesam::", op, ": ",
+                  list.name, "[", i, "] is ", t.scalar_type(), " on ", t.device(), " but ", first.name, "[0] is ",
+                  like.scalar_type(), " on ", like.device(), "; one call takes one dtype on one device");
+    }
+  }
+}
+
+// Bucket i of an optional list (None when the list is).
+inline std::optional<at::Tensor> bucket_of(const std::optional<at::TensorList>& list, size_t i) {
+  return list.has_value() ? std::optional<at::Tensor>((*list)[i]) : std::nullopt;
+}
+
+inline void check_multi_perturb_args(at::TensorList params, at::TensorList grads,
+                                     const std::optional<at::TensorList>& backups, const at::Tensor& sq,
+                                     const std::optional<at::TensorList>& centers,
+                                     const std::optional<at::Tensor>& sigma_t) {
+  constexpr const char* op = "multi_perturb_";
+  check_multi_lists(op, {{"params", params}, {"grads", grads}, {"backups", backups}, {"centers", centers}});
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_perturb_args(params[i], grads[i], bucket_of(backups, i), sq, bucket_of(centers, i), sigma_t, op, static_cast<int64_t>(i));
+  }
+}
+
+inline void check_multi_restore_args(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                                     const std::optional<at::TensorList>& centers) {
+  constexpr const char* op = "multi_restore_";
+  check_multi_lists(op, {{"params", params}, {"backups", backups}, {"grads", grads}, {"centers", centers}});
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_restore_args(params[i], backups[i], grads[i], bucket_of(centers, i), op, static_cast<int64_t>(i));
+  }
+}
+
+inline void check_multi_xsam_restore_args(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                                          const std::optional<at::TensorList>& deltas, const at::Tensor& coefs) {
+  constexpr const char* op = "multi_xsam_restore_";
+  check_multi_lists(op, {{"params", params}, {"backups", backups}, {"grads", grads}, {"deltas", deltas}});
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_xsam_restore_args(params[i], backups[i], grads[i], bucket_of(deltas, i), coefs, op, static_cast<int64_t>(i));
+  }
+}
+
+inline void check_multi_xsam_probe_args(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                                        at::TensorList deltas, const at::Tensor& coefs) {
+  constexpr const char* op = "multi_xsam_probe_";
+  check_multi_lists(op, {{"params", params}, {"backups", backups}, {"grads", grads}, {"deltas", deltas}});
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_xsam_probe_args(params[i], backups[i], grads[i], deltas[i], coefs, op, static_cast<int64_t>(i));
+  }
+}
+
+inline void check_multi_look_store_args(at::TensorList look_dirs, at::TensorList grads, at::TensorList centers,
+                                        const at::Tensor& coef, const at::Tensor& found_inf) {
+  constexpr const char* op = "multi_look_store_";
+  check_multi_lists(op, {{"look_dirs", look_dirs}, {"grads", grads}, {"centers", centers}});
+  for (size_t i = 0; i < look_dirs.size(); ++i) {
+    check_look_store_args(look_dirs[i], grads[i], centers[i], coef, found_inf, op, static_cast<int64_t>(i));
+  }
+}
+
+inline void check_multi_look_add_args(at::TensorList grads, at::TensorList look_dirs, const at::Tensor& coef) {
+  constexpr const char* op = "multi_look_add_";
+  check_multi_lists(op, {{"grads", grads}, {"look_dirs", look_dirs}});
+  for (size_t i = 0; i < grads.size(); ++i) {
+    check_look_add_args(grads[i], look_dirs[i], coef, op, static_cast<int64_t>(i));
+  }
 }
 
 // ------------------------------------------------------ the base update, fused into the restore

@@ -38,6 +38,24 @@ TORCH_LIBRARY(fused_lesam, m) {
   m.def("look_store_(Tensor(a!) look_dir, Tensor grad, Tensor center, Tensor coef, Tensor found_inf) -> ()");
   // g <- g + coef * look_dir (LookSAM's reuse step); coef as in look_store_.
   m.def("look_add_(Tensor(a!) grad, Tensor look_dir, Tensor coef) -> ()");
+  // The multi-tensor forms: multi_X is X on every bucket of the lists, in one call (one kernel
+  // launch on CUDA) per device and dtype, for FSDP2's one bucket per parameter shard. The lists have
+  // one length (at least 1); every tensor of a call has one dtype and one device; an optional list
+  // is given for every bucket or is None. Each computes on every element exactly what the
+  // per-bucket op computes there (fused_lesam/backends/spec.py, "multi-tensor forms").
+  // multi_perturb_ uses one radius for all buckets and returns it (0-d) as perturb_ does.
+  m.def(
+      "multi_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[]? backups, Tensor sq, float sigma, "
+      "float rho_max, float varrho, bool adaptive, Tensor(c!)[]? centers=None, Tensor? sigma_t=None) -> Tensor");
+  m.def("multi_restore_(Tensor(a!)[] params, Tensor[] backups, Tensor(b!)[] grads, Tensor[]? centers, "
+        "float ghat_coef, float center_coef) -> ()");
+  m.def("multi_xsam_restore_(Tensor(a!)[] params, Tensor[] backups, Tensor(b!)[] grads, Tensor[]? deltas, "
+        "Tensor coefs) -> ()");
+  m.def("multi_xsam_probe_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] deltas, "
+        "Tensor coefs, bool save_delta) -> ()");
+  m.def("multi_look_store_(Tensor(a!)[] look_dirs, Tensor[] grads, Tensor[] centers, Tensor coef, "
+        "Tensor found_inf) -> ()");
+  m.def("multi_look_add_(Tensor(a!)[] grads, Tensor[] look_dirs, Tensor coef) -> ()");
   // The base update fused into the restore: w <- torch.optim.SGD's step from w0 = backup (None: w0
   // is param itself, a step that perturbed nothing; no aliasing of param) with the
   // final gradient (combined with center as in restore_ when given, negated with maximize), and

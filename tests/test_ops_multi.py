@@ -11,7 +11,7 @@ element, sizes around the vector width and over several blocks, aligned and unal
 import pytest
 import torch
 from helpers.asserts import assert_bits_equal
-from helpers.op_cases import DTYPES, RADII, TARGETS, clone_at, random_bucket, targets
+from helpers.op_cases import DTYPES, RADII, TARGETS, TRACEABLE, clone_at, random_bucket, targets
 
 from fused_lesam.backends import resolve
 
@@ -224,3 +224,119 @@ def test_multi_misuse_is_refused(backend, device):
         with pytest.raises(RuntimeError, match=op) as caught:
             call(ops)
         assert problem in str(caught.value), f"{op}: the message should name the problem ({problem!r})"
+
+
+# ------------------------------------------------------------------ schemas, fakes, torch.compile
+def multi_calls(ops, device, seed=0):
+    """Every multi form once, on fresh lists (an empty, an unaligned and a two-vector bucket) that
+    it writes: (op, args) pairs for torch.library.opcheck and for a traced function."""
+    sizes = [0, 17, 32]
+
+    def fresh(offset_seed):
+        return [
+            random_bucket(n, torch.float32, device, seed=seed + offset_seed + i, offset=3 * (i % 2))
+            for i, n in enumerate(sizes)
+        ]
+
+    w, g, bak, ctr, delta, dirs = (fresh(k) for k in (0, 10, 20, 30, 40, 50))
+    sq = torch.tensor(2.5, device=device)
+    coefs, coef, flag = coefs_for(device), torch.tensor(-0.37, device=device), torch.tensor(0.0, device=device)
+    return [
+        (ops.multi_perturb_, (w, g, bak, sq, 0.35, 0.4, 1e-12, True, ctr)),
+        (
+            ops.multi_perturb_,
+            (w, g, None, sq, 0.35, 0.4, 1e-12, False, None, torch.tensor(0.2, dtype=torch.float64, device=device)),
+        ),
+        (ops.multi_restore_, (w, bak, g, ctr, 1.5, 0.5)),
+        (ops.multi_restore_, (w, bak, g, None, 1.0, 0.0)),
+        (ops.multi_xsam_restore_, (w, bak, g, delta, coefs)),
+        (ops.multi_xsam_restore_, (w, bak, g, None, coefs)),
+        (ops.multi_xsam_probe_, (w, bak, g, delta, coefs, True)),
+        (ops.multi_look_store_, (dirs, g, ctr, coef, flag)),
+        (ops.multi_look_add_, (g, dirs, coef)),
+    ]
+
+
+@pytest.mark.parametrize("backend,device", targets())
+def test_multi_opcheck(backend, device):
+    """torch.library.opcheck of the multi forms: the schemas declare what they write, and (where
+    fake tensors can run) the fake kernels and AOT dispatch agree with the real ones."""
+    ops = resolve(backend, torch.device(device))
+    checks = ("test_schema", "test_autograd_registration")
+    if any(t.values[:2] == (backend, device) for t in TRACEABLE):
+        checks += ("test_faketensor", "test_aot_dispatch_dynamic")
+    for op, args in multi_calls(ops, device):
+        torch.library.opcheck(op, args, test_utils=checks)
+
+
+@pytest.mark.parametrize("backend,device", TRACEABLE)
+def test_multi_ops_trace_whole_graph(backend, device):
+    """Every multi form in one torch.compile(fullgraph=True) graph (through their fake kernels)
+    gives the eager results bit for bit: the returned radius and every list they write."""
+    ops = resolve(backend, torch.device(device))
+
+    def all_multi_ops(calls):
+        rho = None
+        for op, args in calls:
+            out = op(*args)
+            rho = out if out is not None else rho
+        return rho
+
+    eager_calls, compiled_calls = multi_calls(ops, device, seed=5), multi_calls(ops, device, seed=5)
+    eager_rho = all_multi_ops(eager_calls)
+    compiled_rho = torch.compile(all_multi_ops, fullgraph=True, backend="aot_eager")(compiled_calls)
+    assert_bits_equal(compiled_rho, eager_rho, "rho")
+    for (op, eager_args), (_, compiled_args) in zip(eager_calls, compiled_calls):
+        for i, (e, c) in enumerate(zip(eager_args, compiled_args)):
+            if isinstance(e, list):
+                assert_lists_equal(c, e, f"{op} argument {i}")
+
+
+# ------------------------------------------------------------------ one launch per op on the GPU
+LAUNCH_TARGETS = [t for t in targets() if t.values == ("cuda", "cuda") or t.values == ("triton", "cuda")]
+REDUCTIONS = ("sq_norm", "xsam_dots", "look_dots")
+
+
+def kernels_launched(call):
+    """The names of the GPU kernels ``call()`` launches (copies and memsets are not kernels)."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return [
+        event.name
+        for event in prof.events()
+        if event.device_type == torch.autograd.DeviceType.CUDA and not event.name.startswith(("Memcpy", "Memset"))
+    ]
+
+
+@pytest.mark.parametrize("backend,device", LAUNCH_TARGETS)
+def test_one_launch_per_multi_op_over_64_buckets(backend, device):
+    """Over 64 buckets of one dtype (FSDP2's shards: sizes from empty to several blocks, every other
+    one unaligned) each multi form is one kernel launch, and each reduction two (its partial sums,
+    then their sum), not one per bucket."""
+    ops = resolve(backend, torch.device(device))
+    sizes = [(i * 997) % 5000 for i in range(64)]  # 0 first, then sizes up to several blocks
+
+    def fresh(seed):
+        return [random_bucket(n, torch.float32, device, seed=seed + i, offset=3 * (i % 2)) for i, n in enumerate(sizes)]
+
+    w, g, bak, ctr, delta, dirs = (fresh(k) for k in (100, 200, 300, 400, 500, 600))
+    sq = ops.sq_norm(g, [None] * len(g))
+    coefs, coef, flag = coefs_for(device), torch.tensor(0.5, device=device), torch.tensor(0.0, device=device)
+    calls = {
+        "multi_perturb_": lambda: ops.multi_perturb_(w, g, bak, sq, 0.35, 0.4, 1e-12, False, ctr),
+        "multi_restore_": lambda: ops.multi_restore_(w, bak, g, ctr, 1.5, 0.5),
+        "multi_xsam_restore_": lambda: ops.multi_xsam_restore_(w, bak, g, delta, coefs),
+        "multi_xsam_probe_": lambda: ops.multi_xsam_probe_(w, bak, g, delta, coefs, True),
+        "multi_look_store_": lambda: ops.multi_look_store_(dirs, g, ctr, coef, flag),
+        "multi_look_add_": lambda: ops.multi_look_add_(g, dirs, coef),
+        "sq_norm": lambda: ops.sq_norm(g, [None] * len(g)),
+        "xsam_dots": lambda: ops.xsam_dots(w, bak, g),
+        "look_dots": lambda: ops.look_dots(g, ctr),
+    }
+    for name, call in calls.items():
+        call()  # Triton compiles its kernels on a first call
+        launched = kernels_launched(call)
+        expected = 2 if name in REDUCTIONS else 1
+        assert len(launched) == expected, f"{backend} {name} over 64 buckets launched {len(launched)}: {launched}"

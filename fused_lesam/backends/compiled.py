@@ -34,6 +34,12 @@ _OPS = (
     "look_dots",
     "look_store_",
     "look_add_",
+    "multi_perturb_",
+    "multi_restore_",
+    "multi_xsam_restore_",
+    "multi_xsam_probe_",
+    "multi_look_store_",
+    "multi_look_add_",
     "sgd_step_",
     "adam_step_",
 )
@@ -92,6 +98,38 @@ def _look_store_fake(look_dir, grad, center, coef, found_inf) -> None:
 
 @torch.library.register_fake("fused_lesam::look_add_")
 def _look_add_fake(grad, look_dir, coef) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_lesam::multi_perturb_")
+def _multi_perturb_fake(
+    params, grads, backups, sq, sigma, rho_max, varrho, adaptive, centers=None, sigma_t=None
+) -> Tensor:
+    return params[0].new_empty((), dtype=acc_dtype(params[0].dtype))
+
+
+@torch.library.register_fake("fused_lesam::multi_restore_")
+def _multi_restore_fake(params, backups, grads, centers, ghat_coef, center_coef) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_lesam::multi_xsam_restore_")
+def _multi_xsam_restore_fake(params, backups, grads, deltas, coefs) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_lesam::multi_xsam_probe_")
+def _multi_xsam_probe_fake(params, backups, grads, deltas, coefs, save_delta) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_lesam::multi_look_store_")
+def _multi_look_store_fake(look_dirs, grads, centers, coef, found_inf) -> None:
+    return None
+
+
+@torch.library.register_fake("fused_lesam::multi_look_add_")
+def _multi_look_add_fake(grads, look_dirs, coef) -> None:
     return None
 
 
