@@ -75,28 +75,36 @@ __device__ acc_t block_sum(acc_t x) {
 // stage of the reductions), in the style of ATen's and apex's multi-tensor kernels: each block
 // works on one chunk of one bucket, which it finds in a table built on the host for the call.
 //
-// The table, one int64 array in device memory: per bucket its first block (a prefix sum of the
-// buckets' chunk counts; an empty bucket has no block), its size, where its partial sums start
-// (the reductions: reduce_layout's first chunk), whether every pointer it has is 16-byte aligned
-// (the vectorized path), and its pointers, `roles` of them (0 for an absent optional).
+// The table, one int64 array: per bucket its first block (a prefix sum of the buckets' chunk
+// counts; an empty bucket has no block), its size, where its partial sums start (the reductions:
+// reduce_layout's first chunk), whether every pointer it has is 16-byte aligned (the vectorized
+// path), and its pointers, `roles` of them (0 for an absent optional). A table that fits in
+// kInlineWords travels in the kernel's arguments, as ATen's and apex's do (a flat bucket, or a few
+// shards: no copy, nothing outside the launch for a CUDA graph to capture); a longer one is copied
+// to device memory, so that any number of buckets still takes one launch.
+constexpr int64_t kInlineWords = 96;  // 768 bytes of kernel arguments: 8 buckets of 5 roles
+
 struct MultiTable {
-  const int64_t* first_block;  // [count + 1]: bucket b has blocks [first_block[b], first_block[b + 1])
-  const int64_t* numel;        // [count]
-  const int64_t* first_out;    // [count]
-  const int64_t* vectorized;   // [count]
-  const int64_t* ptrs;         // [count * roles]: role r of bucket b at b * roles + r
+  const int64_t* on_device;  // the table in device memory, or nullptr: it is inline_words
+  int64_t inline_words[kInlineWords];
   int64_t count;
   int64_t roles;
 
-  __device__ int64_t blocks() const { return first_block[count]; }
+  __device__ int64_t word(int64_t i) const { return on_device != nullptr ? on_device[i] : inline_words[i]; }
+  // bucket b has blocks [first_block(b), first_block(b + 1))
+  __device__ int64_t first_block(int64_t b) const { return word(b); }
+  __device__ int64_t numel(int64_t b) const { return word(count + 1 + b); }
+  __device__ int64_t first_out(int64_t b) const { return word(2 * count + 1 + b); }
+  __device__ bool vectorized(int64_t b) const { return word(3 * count + 1 + b) != 0; }
+  __device__ int64_t blocks() const { return first_block(count); }
 
   // The bucket that block `block` (< blocks()) works on: the one whose blocks hold it, found by
   // binary search over the first blocks (an empty bucket's range of blocks is empty: never found).
   __device__ int64_t bucket_of(int64_t block) const {
-    int64_t lo = 0, hi = count;  // first_block[lo] <= block < first_block[hi]
+    int64_t lo = 0, hi = count;  // first_block(lo) <= block < first_block(hi)
     while (hi - lo > 1) {
       const int64_t mid = lo + (hi - lo) / 2;
-      if (first_block[mid] <= block) {
+      if (first_block(mid) <= block) {
         lo = mid;
       } else {
         hi = mid;
@@ -107,7 +115,7 @@ struct MultiTable {
 
   template <typename T>
   __device__ T* ptr(int64_t b, int role) const {
-    return reinterpret_cast<T*>(static_cast<std::uintptr_t>(ptrs[b * roles + role]));
+    return reinterpret_cast<T*>(static_cast<std::uintptr_t>(word(4 * count + 1 + b * roles + role)));
   }
 };
 
@@ -133,23 +141,32 @@ class TableBuilder {
   // The grid of the launch: one block per chunk of every bucket.
   int64_t blocks() const { return first_block_.back(); }
 
-  // The table in device memory, from one non-blocking copy out of pinned memory (torch's caching
-  // host allocator keeps the pinned block until the copy has run, and during a CUDA graph capture
-  // for good). `memory` holds the device copy: kept until the launch is queued (the caching
-  // allocator reuses freed memory in stream order).
+  // The table for the kernel: inline when it fits, else in device memory, from one non-blocking
+  // copy out of pinned memory (torch's caching host allocator keeps the pinned block until the copy
+  // has run, and during a CUDA graph capture for good). `memory` then holds the device copy: kept
+  // until the launch is queued (the caching allocator reuses freed memory in stream order).
   MultiTable upload(at::Device device, at::Tensor& memory) const {
     TORCH_CHECK(blocks() <= std::numeric_limits<int32_t>::max(), "fused_lesam: a multi-tensor launch of ", blocks(),
                 " blocks is more than one grid holds");
     const int64_t count = static_cast<int64_t>(numel_.size());
-    at::Tensor host = at::empty({(count + 1) + 3 * count + roles_ * count},
-                                at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-    int64_t* out = host.data_ptr<int64_t>();
+    const int64_t words = (count + 1) + 3 * count + roles_ * count;
+    MultiTable table{};
+    table.count = count;
+    table.roles = roles_;
+    at::Tensor host;
+    int64_t* out = table.inline_words;
+    if (words > kInlineWords) {
+      host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+      out = host.data_ptr<int64_t>();
+    }
     for (const std::vector<int64_t>* part : {&first_block_, &numel_, &first_out_, &vectorized_, &ptrs_}) {
       out = std::copy(part->begin(), part->end(), out);
     }
-    memory = host.to(device, at::kLong, /*non_blocking=*/true);
-    const int64_t* d = memory.const_data_ptr<int64_t>();
-    return MultiTable{d, d + count + 1, d + 2 * count + 1, d + 3 * count + 1, d + 4 * count + 1, count, roles_};
+    if (host.defined()) {
+      memory = host.to(device, at::kLong, /*non_blocking=*/true);
+      table.on_device = memory.const_data_ptr<int64_t>();
+    }
+    return table;
   }
 
  private:
@@ -205,17 +222,17 @@ __device__ acc_t thread_sq_sum(const scalar_t* __restrict__ g, const scalar_t* _
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) sq_partials_kernel(MultiTable table, acc_t* __restrict__ partials) {
   const int64_t b = table.bucket_of(blockIdx.x);
-  const int64_t chunk = blockIdx.x - table.first_block[b];
+  const int64_t chunk = blockIdx.x - table.first_block(b);
   const int64_t start = chunk * math::kReduceChunk;
-  const int64_t len = table.numel[b] - start < math::kReduceChunk ? table.numel[b] - start : math::kReduceChunk;
+  const int64_t len = table.numel(b) - start < math::kReduceChunk ? table.numel(b) - start : math::kReduceChunk;
   const scalar_t* g = table.ptr<const scalar_t>(b, 0) + start;
   const scalar_t* w = table.ptr<const scalar_t>(b, 1);
-  const bool vectorized = table.vectorized[b] != 0;
+  const bool vectorized = table.vectorized(b);
   acc_t sum = w != nullptr ? thread_sq_sum<scalar_t, acc_t, true>(g, w + start, len, vectorized)
                            : thread_sq_sum<scalar_t, acc_t, false>(g, nullptr, len, vectorized);
   sum = block_sum(sum);
   if (threadIdx.x == 0) {
-    partials[table.first_out[b] + chunk] = sum;
+    partials[table.first_out(b) + chunk] = sum;
   }
 }
 
@@ -335,11 +352,11 @@ __device__ void run_chunk(const MultiTable& table, const OpOf& op_of) {
     return;
   }
   const int64_t b = table.bucket_of(block);
-  const int64_t begin = (block - table.first_block[b]) * kMultiChunk;
-  const int64_t end = table.numel[b] - begin < kMultiChunk ? table.numel[b] : begin + kMultiChunk;
+  const int64_t begin = (block - table.first_block(b)) * kMultiChunk;
+  const int64_t end = table.numel(b) - begin < kMultiChunk ? table.numel(b) : begin + kMultiChunk;
   const auto op = op_of(b);
   constexpr int V = vec_len<scalar_t>();
-  const int64_t vec_end = table.vectorized[b] != 0 ? begin + (end - begin) / V * V : begin;
+  const int64_t vec_end = table.vectorized(b) ? begin + (end - begin) / V * V : begin;
   for (int64_t k = begin / V + threadIdx.x; k < vec_end / V; k += kThreads) {
     op.vec(k);
   }
@@ -647,11 +664,11 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     dots_partials_kernel(MultiTable table, acc_t* __restrict__ partials, int64_t total) {
   const int64_t bucket = table.bucket_of(blockIdx.x);
-  const int64_t chunk = blockIdx.x - table.first_block[bucket];
+  const int64_t chunk = blockIdx.x - table.first_block(bucket);
   const int64_t start = chunk * math::kReduceChunk;
-  const int64_t n = table.numel[bucket];
+  const int64_t n = table.numel(bucket);
   const int64_t len = n - start < math::kReduceChunk ? n - start : math::kReduceChunk;
-  const bool vectorized = table.vectorized[bucket] != 0;
+  const bool vectorized = table.vectorized(bucket);
   const scalar_t* __restrict__ w = table.ptr<const scalar_t>(bucket, 0) + start;
   const scalar_t* __restrict__ b = table.ptr<const scalar_t>(bucket, 1) + start;
   const scalar_t* __restrict__ g = table.ptr<const scalar_t>(bucket, 2) + start;
@@ -684,7 +701,7 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t gg = block_sum(sum.gg);
   const acc_t dg = block_sum(sum.dg);
   if (threadIdx.x == 0) {
-    const int64_t c = table.first_out[bucket] + chunk;
+    const int64_t c = table.first_out(bucket) + chunk;
     partials[c] = dd;
     partials[total + c] = gg;
     partials[2 * total + c] = dg;
@@ -951,11 +968,11 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     look_dots_partials_kernel(MultiTable table, acc_t* __restrict__ partials, int64_t total) {
   const int64_t bucket = table.bucket_of(blockIdx.x);
-  const int64_t chunk = blockIdx.x - table.first_block[bucket];
+  const int64_t chunk = blockIdx.x - table.first_block(bucket);
   const int64_t start = chunk * math::kReduceChunk;
-  const int64_t n = table.numel[bucket];
+  const int64_t n = table.numel(bucket);
   const int64_t len = n - start < math::kReduceChunk ? n - start : math::kReduceChunk;
-  const bool vectorized = table.vectorized[bucket] != 0;
+  const bool vectorized = table.vectorized(bucket);
   const scalar_t* __restrict__ ghat = table.ptr<const scalar_t>(bucket, 0) + start;
   const scalar_t* __restrict__ g = table.ptr<const scalar_t>(bucket, 1) + start;
   math::LookDots<acc_t> sum{0, 0};
@@ -983,7 +1000,7 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t hg = block_sum(sum.hg);
   const acc_t gg = block_sum(sum.gg);
   if (threadIdx.x == 0) {
-    const int64_t c = table.first_out[bucket] + chunk;
+    const int64_t c = table.first_out(bucket) + chunk;
     partials[c] = hg;
     partials[total + c] = gg;
   }
