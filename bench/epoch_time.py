@@ -348,6 +348,9 @@ def main(argv=None) -> list[dict]:
     if modes:
         print("\nThe throughput modes (default backend): time per epoch over SGD's in this run, against the targets")
         print(report.mode_table(modes))
+    shares = report.share_verdicts(results)
+    if shares:
+        print(report.share_lines(shares))
     for r in results:
         if "alpha_search_s" in r:
             print(
@@ -362,6 +365,7 @@ def main(argv=None) -> list[dict]:
             config=vars(args),
             results=results,
             modes=modes,
+            optimizer_share=shares,
             paper_table6={f"{m}/{o}": s for (m, o), s in PAPER_TABLE6.items()},
         ),
     )

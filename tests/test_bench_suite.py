@@ -86,6 +86,10 @@ def test_epoch_table(results_in_tmp, capsys):
     assert (results_in_tmp / "epoch_time.png").stat().st_size > 0
     table = capsys.readouterr().out
     assert "| ResNet-18 | SAM (per-tensor loop) |" in table and "(extrapolated)" in table and "synthetic" in table
+    [share] = saved["optimizer_share"]  # the FusedLESAM row's share against the 1% target, with its batch
+    assert share["row"] == "FusedLESAM (cpp)" and share["batch"] == 4
+    assert share["share"] == results[2]["optimizer_share"] and share["ok"] == (share["share"] <= 0.01)
+    assert f"ResNet-18, FusedLESAM (cpp), batch 4: optimizer share {100 * share['share']:.2f}%" in table
 
 
 def test_radius_dynamics_logs_the_telemetry(results_in_tmp):
