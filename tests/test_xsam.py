@@ -112,13 +112,15 @@ def test_dynamic_alpha_chooses_what_the_loop_chooses(backend, steps):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_alpha_one_is_sam_bit_for_bit(backend):
+@pytest.mark.parametrize("base_update", ["fused", "generic"])
+def test_alpha_one_is_sam_bit_for_bit(backend, base_update):
+    """alpha = 1 writes g_hat itself as the update gradient: the same base step as SAM's, on either path."""
     torch.manual_seed(0)
     model = SmallConvNet()
     sam_model = copy.deepcopy(model)
-    opt = FusedXSAM(model.parameters(), rho=0.1, steps=1, alpha=1.0, backend=backend, **BASE)
-    # XSAM's base step is torch's own (generic); SAM's must be too for the bits to agree.
-    sam = FusedSAM(sam_model.parameters(), rho=0.1, backend=backend, base_update="generic", **BASE)
+    opt = FusedXSAM(model.parameters(), rho=0.1, steps=1, alpha=1.0, backend=backend, base_update=base_update, **BASE)
+    sam = FusedSAM(sam_model.parameters(), rho=0.1, backend=backend, base_update=base_update, **BASE)
+    assert opt.base_update == sam.base_update == base_update
     for x, y in make_batches(6):
         xsam_step(model, opt, x, y)
         sam_step(sam_model, sam, x, y)
