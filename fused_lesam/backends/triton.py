@@ -30,7 +30,9 @@ Float arguments are not specialised by Triton, so one compiled kernel serves eve
 annealing. Triton passes float scalars as fp32, which would cost fp64 buckets precision: those
 take the spec ops. The ops are ``torch.library.triton_op``s (namespace ``fused_lesam_triton``),
 so ``torch.compile`` traces into them; those whose tables hold the buckets' addresses (the
-reductions and the multi-tensor forms) it keeps whole, with fake kernels. Every launch goes
+reductions and the multi-tensor forms) it keeps whole, with fake kernels. The multi-tensor forms
+are ``torch.library.custom_op``s with written schemas: their optional lists have no annotation
+that schema inference takes, and torch 2.11's ``triton_op`` infers the schema whatever it is given. Every launch goes
 through `_launch`: ``wrap_triton`` under a guard of the buckets' device (Triton launches on the
 current device).
 
@@ -1048,7 +1050,7 @@ def _stand_in(buckets: list[Tensor] | None, instead: list[Tensor]) -> list[Tenso
     return instead if buckets is None else buckets
 
 
-@triton_op(
+@torch.library.custom_op(
     "fused_lesam_triton::multi_perturb_",
     mutates_args=("params", "backups", "centers"),
     schema="(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[]? backups, Tensor sq, float sigma, float rho_max, "
@@ -1102,7 +1104,7 @@ def multi_perturb_(
     return _multi_perturb(params, grads, backups, sq, sigma, rho_max, varrho, adaptive, centers, sigma_t)
 
 
-@triton_op(
+@torch.library.custom_op(
     "fused_lesam_triton::multi_restore_",
     mutates_args=("params", "grads"),
     schema="(Tensor(a!)[] params, Tensor[] backups, Tensor(b!)[] grads, Tensor[]? centers, float ghat_coef, "
@@ -1124,7 +1126,7 @@ def multi_restore_(params, backups, grads, centers, ghat_coef, center_coef):
         )
 
 
-@triton_op(
+@torch.library.custom_op(
     "fused_lesam_triton::multi_xsam_restore_",
     mutates_args=("params", "grads"),
     schema="(Tensor(a!)[] params, Tensor[] backups, Tensor(b!)[] grads, Tensor[]? deltas, Tensor coefs) -> ()",
@@ -1145,7 +1147,7 @@ def multi_xsam_restore_(params, backups, grads, deltas, coefs):
         )
 
 
-@triton_op(
+@torch.library.custom_op(
     "fused_lesam_triton::multi_xsam_probe_",
     mutates_args=("params", "deltas"),
     schema="(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] deltas, Tensor coefs, "
@@ -1162,7 +1164,7 @@ def multi_xsam_probe_(params, backups, grads, deltas, coefs, save_delta):
         _launch_multi(_multi_xsam_probe_kernel, [params, backups, grads, deltas], coefs, SAVE_DELTA=save_delta)
 
 
-@triton_op(
+@torch.library.custom_op(
     "fused_lesam_triton::multi_look_store_",
     mutates_args=("look_dirs",),
     schema="(Tensor(a!)[] look_dirs, Tensor[] grads, Tensor[] centers, Tensor coef, Tensor found_inf) -> ()",
@@ -1179,7 +1181,7 @@ def multi_look_store_(look_dirs, grads, centers, coef, found_inf):
         _launch_multi(_multi_look_store_kernel, [look_dirs, grads, centers], coef, found_inf)
 
 
-@triton_op(
+@torch.library.custom_op(
     "fused_lesam_triton::multi_look_add_",
     mutates_args=("grads",),
     schema="(Tensor(a!)[] grads, Tensor[] look_dirs, Tensor coef) -> ()",
